@@ -1,0 +1,260 @@
+"""Measurement: latency, size, FLOPs and fidelity.
+
+Every claim torchfast makes rests on these functions. Latency on shared 2-core machines is noisy,
+so comparisons are always interleaved (baseline and candidate alternate run by run) and reported as
+medians and a ratio of medians.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from .modules import Batch, batches_list, call_model, first_tensor
+
+__all__ = [
+    "Latency", "Comparison", "Size", "Fidelity",
+    "latency", "compare_latency", "size_of", "count_flops", "fidelity", "accuracy",
+    "fixed_threads",
+]
+
+
+# ---------------------------------------------------------------- latency
+@dataclass(frozen=True)
+class Latency:
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    min_ms: float
+    runs: int
+    threads: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Baseline vs candidate, timed interleaved in one run. ``speedup`` > 1 means the candidate is faster."""
+    baseline: Latency
+    candidate: Latency
+
+    @property
+    def speedup(self) -> float:
+        return self.baseline.median_ms / self.candidate.median_ms if self.candidate.median_ms > 0 else math.inf
+
+    def to_dict(self) -> dict:
+        return {"baseline": self.baseline.to_dict(), "candidate": self.candidate.to_dict(), "speedup": self.speedup}
+
+
+@contextlib.contextmanager
+def fixed_threads(threads: int | None):
+    """Pin torch's intra-op thread count for the block (None: leave as is)."""
+    old = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)
+
+
+def _sync(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _input_device(batch: Batch) -> torch.device | None:
+    if isinstance(batch, torch.Tensor):
+        return batch.device
+    if isinstance(batch, dict):
+        batch = list(batch.values())
+    if isinstance(batch, (tuple, list)):
+        for x in batch:
+            d = _input_device(x)
+            if d is not None:
+                return d
+    return None
+
+
+def _summarize(times_s: list[float], threads: int) -> Latency:
+    ms = sorted(t * 1e3 for t in times_s)
+    p90 = ms[min(len(ms) - 1, int(math.ceil(0.9 * len(ms))) - 1)]
+    return Latency(median_ms=statistics.median(ms), p90_ms=p90, mean_ms=statistics.fmean(ms),
+                   min_ms=ms[0], runs=len(ms), threads=threads)
+
+
+def _timer(model: Callable, batch: Batch, device: torch.device | None) -> Callable[[], float]:
+    def once() -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        call_model(model, batch)
+        _sync(device)
+        return time.perf_counter() - t0
+    return once
+
+
+def latency(model: Callable, batch: Batch, *, warmup: int = 3, runs: int = 20, threads: int | None = None,
+            min_time_s: float = 0.0) -> Latency:
+    """Median/p90 latency of ``model(batch)`` under ``inference_mode`` with a fixed thread count."""
+    device = _input_device(batch)
+    with fixed_threads(threads) as n, torch.inference_mode():
+        once = _timer(model, batch, device)
+        for _ in range(warmup):
+            once()
+        times = []
+        t_start = time.perf_counter()
+        while len(times) < runs or (time.perf_counter() - t_start) < min_time_s:
+            times.append(once())
+    return _summarize(times, n)
+
+
+def compare_latency(baseline: Callable, candidate: Callable, batch: Batch, candidate_batch: Batch | None = None, *,
+                    warmup: int = 3, runs: int = 20, threads: int | None = None) -> Comparison:
+    """Time baseline and candidate alternately (A B B A ...) so machine noise hits both alike."""
+    cbatch = batch if candidate_batch is None else candidate_batch
+    device = _input_device(batch)
+    with fixed_threads(threads) as n, torch.inference_mode():
+        a, b = _timer(baseline, batch, device), _timer(candidate, cbatch, _input_device(cbatch))
+        for _ in range(warmup):
+            a(), b()
+        ta, tb = [], []
+        for i in range(runs):
+            if i % 2 == 0:
+                ta.append(a()); tb.append(b())
+            else:
+                tb.append(b()); ta.append(a())
+    return Comparison(_summarize(ta, n), _summarize(tb, n))
+
+
+# ---------------------------------------------------------------- size
+@dataclass(frozen=True)
+class Size:
+    params: int          # number of parameter elements (packed/quantized weights counted by element)
+    buffers: int         # number of buffer elements
+    bytes: int           # serialized state_dict size
+    @property
+    def mb(self) -> float:
+        return self.bytes / 1e6
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "mb": self.mb}
+
+
+def serialized_bytes(model: nn.Module) -> int:
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.tell()
+
+
+def size_of(model: nn.Module) -> Size:
+    """Parameter/buffer element counts and the bytes of the serialized state_dict.
+
+    Quantized modules keep weights in packed params that are neither parameters nor buffers; the
+    serialized size still counts them, which is what users pay on disk.
+    """
+    params = sum(p.numel() for p in model.parameters())
+    bufs = sum(b.numel() for b in model.buffers())
+    return Size(params=params, buffers=bufs, bytes=serialized_bytes(model))
+
+
+# ---------------------------------------------------------------- FLOPs
+def count_flops(model: Callable, batch: Batch, per_module: bool = False) -> int | tuple[int, dict[str, int]]:
+    """FLOPs of one forward (a multiply-add counts 2) via ``torch.utils.flop_counter.FlopCounterMode``.
+
+    Returns the total, or (total, {module name: flops}) with ``per_module``. Quantized kernels are not
+    counted by FlopCounterMode; callers compare FLOPs before quantization.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        call_model(model, batch)
+    total = counter.get_total_flops()
+    if not per_module:
+        return total
+    per = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+    return total, per
+
+
+# ---------------------------------------------------------------- fidelity
+@dataclass(frozen=True)
+class Fidelity:
+    max_abs_err: float
+    rel_err: float          # ||a - b|| / ||a|| over all outputs
+    cosine: float           # mean per-sample cosine similarity of flattened outputs
+    top1_agreement: float | None  # for outputs with a class dimension; None for one-column outputs
+    samples: int
+    metric: float | None = None          # task metric of the candidate, via eval_fn
+    baseline_metric: float | None = None  # the same metric of the reference
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _outputs(model: Callable, batches: list[Batch], output_fn: Callable[[Any], torch.Tensor] | None) -> list[torch.Tensor]:
+    outs = []
+    with torch.inference_mode():
+        for b in batches:
+            o = call_model(model, b)
+            o = output_fn(o) if output_fn is not None else first_tensor(o)
+            outs.append(o.detach().float().cpu())
+    return outs
+
+
+def fidelity(reference: Callable, candidate: Callable, batches: Iterable[Batch] | Batch, *,
+             output_fn: Callable[[Any], torch.Tensor] | None = None,
+             candidate_batches: Iterable[Batch] | Batch | None = None,
+             eval_fn: Callable[[Callable], float] | None = None) -> Fidelity:
+    """How closely ``candidate`` reproduces ``reference`` on real inputs.
+
+    ``output_fn`` maps a raw model output to the tensor to compare (default: the first tensor, or
+    ``logits``/``last_hidden_state``). The first dimension is the sample dimension. ``eval_fn(model)``
+    returns a task metric (e.g. accuracy), reported for both models.
+    """
+    bl = batches_list(batches)
+    if not bl:
+        raise ValueError("fidelity needs at least one input batch")
+    cbl = bl if candidate_batches is None else batches_list(candidate_batches)
+    ref, cand = _outputs(reference, bl, output_fn), _outputs(candidate, cbl, output_fn)
+    for i, (r, c) in enumerate(zip(ref, cand)):
+        if r.shape != c.shape:
+            raise ValueError(f"output shapes differ on batch {i}: reference {tuple(r.shape)}, candidate {tuple(c.shape)}")
+    r = torch.cat([x.reshape(x.shape[0], -1) if x.dim() else x.reshape(1, 1) for x in ref])
+    c = torch.cat([x.reshape(x.shape[0], -1) if x.dim() else x.reshape(1, 1) for x in cand])
+    diff = (r - c)
+    max_abs = diff.abs().max().item()
+    rel = (diff.norm() / r.norm().clamp_min(1e-12)).item()
+    cos = torch.nn.functional.cosine_similarity(r.double(), c.double(), dim=1, eps=1e-12).mean().item()
+    top1 = None
+    last_ref = ref[0]
+    if last_ref.dim() >= 2 and last_ref.shape[-1] > 1 and last_ref.dim() == 2:
+        ra = torch.cat([x.argmax(-1) for x in ref])
+        ca = torch.cat([x.argmax(-1) for x in cand])
+        top1 = (ra == ca).float().mean().item()
+    metric = base_metric = None
+    if eval_fn is not None:
+        metric = float(eval_fn(candidate))
+        base_metric = float(eval_fn(reference))
+    return Fidelity(max_abs_err=max_abs, rel_err=rel, cosine=cos, top1_agreement=top1, samples=r.shape[0],
+                    metric=metric, baseline_metric=base_metric)
+
+
+def accuracy(model: Callable, batches: Iterable[tuple[Batch, torch.Tensor]]) -> float:
+    """Top-1 accuracy over (inputs, labels) pairs; a ready ``eval_fn`` building block."""
+    correct = total = 0
+    with torch.inference_mode():
+        for x, y in batches:
+            pred = first_tensor(call_model(model, x)).argmax(-1)
+            correct += (pred.cpu() == y.cpu()).sum().item()
+            total += y.numel()
+    if total == 0:
+        raise ValueError("accuracy needs at least one labelled sample")
+    return correct / total

@@ -1,0 +1,144 @@
+"""Walking and swapping submodules by qualified name, filters, and calling a model on a batch.
+
+Every transform needs the same three things: find the layers it may touch, replace one by its
+qualified name, and run the model on a user batch whatever its form (tensor, tuple, dict).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def check_module(model: Any, what: str = "model") -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what} must be a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def get_submodule(model: nn.Module, name: str) -> nn.Module:
+    if name == "":
+        return model
+    try:
+        return model.get_submodule(name)
+    except AttributeError as e:
+        raise KeyError(f"no submodule named {name!r} in {type(model).__name__}") from e
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at ``name`` (dotted path, list indices allowed) with ``new``."""
+    if name == "":
+        raise ValueError("cannot replace the root module in place; use the returned model instead")
+    parent_name, _, child = name.rpartition(".")
+    parent = get_submodule(model, parent_name)
+    if not hasattr(parent, child) and child not in parent._modules:
+        raise KeyError(f"no submodule named {name!r} in {type(model).__name__}")
+    setattr(parent, child, new)
+
+
+def named_leaf_modules(model: nn.Module, types: tuple[type, ...] | None = None,
+                       filter_fn: FilterFn | None = None) -> Iterator[tuple[str, nn.Module]]:
+    """Yield (qualified name, module) for modules of ``types`` accepted by ``filter_fn(module, name)``."""
+    for name, mod in model.named_modules():
+        if types is not None and not isinstance(mod, types):
+            continue
+        if filter_fn is not None and not filter_fn(mod, name):
+            continue
+        yield name, mod
+
+
+def maybe_copy(model: nn.Module, inplace: bool) -> nn.Module:
+    return model if inplace else copy.deepcopy(model)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    for t in model.parameters():
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+# ---------------------------------------------------------------- batches
+Batch = Any  # a Tensor, a tuple/list of positional inputs, or a dict of keyword inputs
+
+
+def split_batch(batch: Batch) -> tuple[tuple, dict]:
+    """Normalize a user batch into (args, kwargs)."""
+    if isinstance(batch, Mapping):
+        return (), dict(batch)
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    return (batch,), {}
+
+
+def call_model(model: Callable, batch: Batch) -> Any:
+    args, kwargs = split_batch(batch)
+    return model(*args, **kwargs)
+
+
+def move_batch(batch: Batch, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Batch:
+    """Move every floating tensor in a batch (tensors, tuples, dicts) to device/dtype."""
+    def mv(x):
+        if isinstance(x, torch.Tensor):
+            kw = {}
+            if device is not None:
+                kw["device"] = device
+            if dtype is not None and x.is_floating_point():
+                kw["dtype"] = dtype
+            return x.to(**kw) if kw else x
+        if isinstance(x, Mapping):
+            return {k: mv(v) for k, v in x.items()}
+        if isinstance(x, (tuple, list)):
+            return type(x)(mv(v) for v in x)
+        return x
+    return mv(batch)
+
+
+def first_tensor(out: Any) -> torch.Tensor:
+    """The main tensor of a model output: itself, the first of a tuple, ``last_hidden_state``/``logits``."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for attr in ("logits", "last_hidden_state"):
+        if hasattr(out, attr) and isinstance(getattr(out, attr), torch.Tensor):
+            return getattr(out, attr)
+    if isinstance(out, Mapping):
+        for v in out.values():
+            try:
+                return first_tensor(v)
+            except TypeError:
+                continue
+    if isinstance(out, Sequence) and not isinstance(out, str):
+        for v in out:
+            try:
+                return first_tensor(v)
+            except TypeError:
+                continue
+    raise TypeError(f"model output of type {type(out).__name__} holds no tensor")
+
+
+def batches_list(batches: Iterable[Batch] | Batch | None) -> list[Batch]:
+    """Accept a single tensor/tuple/dict batch or an iterable of them; return a list."""
+    if batches is None:
+        return []
+    if isinstance(batches, (torch.Tensor, Mapping)):
+        return [batches]
+    if isinstance(batches, tuple):  # a tuple is one batch of positional inputs
+        return [batches]
+    return list(batches)
+
+
+def state_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A cheap fingerprint of a model's tensors, for tests and for proving a failed transform changed nothing."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
