@@ -37,6 +37,7 @@ _EXPORTS: dict[str, str] = {
     "compile": "torchfast.backends",
     "optimize": "torchfast.pipeline",
     "Optimized": "torchfast.pipeline",
+    "Tolerance": "torchfast.pipeline",
     "wrap": "torchfast.wrap",
     "save": "torchfast.export",
     "load": "torchfast.export",

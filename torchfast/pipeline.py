@@ -1,0 +1,420 @@
+"""``optimize()``: a recipe of transforms, verified stage by stage, compiled for a backend.
+
+optimize() is only composition plus measurement: each stage runs through the transform that owns its
+config (``torchfast.recipe.apply_stage``) on a copy of the model, is measured against the ORIGINAL
+(latency interleaved, size, FLOPs, fidelity, task metric), and is rolled back when it breaks the
+tolerance. The result is a drop-in module (``torchfast.wrap``) and a Report with one row per stage.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .config import Config, ConfigError, check_range
+from .measure import Fidelity, compare_latency, count_flops, fidelity, size_of
+from .modules import batches_list, call_model, check_module
+from .recipe import apply_stage, stage_for
+from .report import Report
+
+__all__ = ["Tolerance", "StageResult", "Optimized", "optimize", "describe"]
+
+
+@dataclass(frozen=True)
+class Tolerance(Config):
+    """What a stage may cost before optimize() rolls it back. Every bound is against the ORIGINAL model
+    (so costs accumulate across stages); ``None`` switches a bound off.
+
+    - ``min_cosine``: mean per-sample cosine similarity of the outputs (logits, embeddings) on the
+      validation inputs.
+    - ``max_rel_err``: ||out - ref|| / ||ref|| over all validation outputs.
+    - ``min_top1_agreement``: fraction of samples whose argmax is unchanged (classifiers).
+    - ``max_metric_drop``: largest allowed drop of ``eval_fn``'s metric, in the metric's own units
+      (0.01 = one point of accuracy when eval_fn returns a fraction). Needs ``eval_fn``.
+    - ``min_speedup``: the stage must make the model at least this many times faster than the model
+      before it (timed interleaved); e.g. 1.05 drops stages that do not pay for themselves.
+    """
+    min_cosine: float | None = 0.99
+    max_rel_err: float | None = None
+    min_top1_agreement: float | None = None
+    max_metric_drop: float | None = 0.01
+    min_speedup: float | None = None
+
+    def validate(self) -> None:
+        n = type(self).__name__
+        if self.min_cosine is not None:
+            check_range(n, "min_cosine", self.min_cosine, -1.0, 1.0)
+        if self.max_rel_err is not None:
+            check_range(n, "max_rel_err", self.max_rel_err, 0.0, None)
+        if self.min_top1_agreement is not None:
+            check_range(n, "min_top1_agreement", self.min_top1_agreement, 0.0, 1.0)
+        if self.max_metric_drop is not None:
+            check_range(n, "max_metric_drop", self.max_metric_drop, None, None)
+        if self.min_speedup is not None:
+            check_range(n, "min_speedup", self.min_speedup, 0.0, None, lo_inclusive=False)
+
+    @classmethod
+    def off(cls) -> "Tolerance":
+        """No bound at all: every stage is kept (still measured and reported)."""
+        return cls(min_cosine=None, max_rel_err=None, min_top1_agreement=None, max_metric_drop=None, min_speedup=None)
+
+    def violations(self, fid: Fidelity, metric_drop: float | None = None, stage_speedup: float | None = None) -> list[str]:
+        """Human-readable list of the bounds ``fid`` breaks (empty: within tolerance)."""
+        out = []
+        if self.min_cosine is not None and not fid.cosine >= self.min_cosine:
+            out.append(f"cosine {fid.cosine:.4f} < min_cosine {self.min_cosine}")
+        if self.max_rel_err is not None and not fid.rel_err <= self.max_rel_err:
+            out.append(f"rel_err {fid.rel_err:.4g} > max_rel_err {self.max_rel_err}")
+        if (self.min_top1_agreement is not None and fid.top1_agreement is not None
+                and not fid.top1_agreement >= self.min_top1_agreement):
+            out.append(f"top1_agreement {fid.top1_agreement:.4f} < min_top1_agreement {self.min_top1_agreement}")
+        if self.max_metric_drop is not None and metric_drop is not None and not metric_drop <= self.max_metric_drop:
+            out.append(f"metric drop {metric_drop:.4g} > max_metric_drop {self.max_metric_drop}")
+        if self.min_speedup is not None and stage_speedup is not None and not stage_speedup >= self.min_speedup:
+            out.append(f"stage speedup {stage_speedup:.3f}x < min_speedup {self.min_speedup}")
+        return out
+
+
+def _as_tolerance(tolerance: Any) -> Tolerance:
+    if tolerance is None:
+        return Tolerance()
+    if isinstance(tolerance, Tolerance):
+        return tolerance
+    if isinstance(tolerance, dict):
+        names = {f.name for f in dataclasses.fields(Tolerance)}
+        unknown = sorted(set(tolerance) - names)
+        if unknown:
+            raise ConfigError(f"unknown tolerance field(s) {unknown}; known: {sorted(names)}")
+        return Tolerance(**tolerance)
+    raise ConfigError(f"tolerance must be a torchfast.Tolerance, a dict of its fields or None; got {type(tolerance).__name__}")
+
+
+def describe(config: Config) -> str:
+    """``LowRank(ratio=0.5)``: the config's type and the fields that differ from their defaults."""
+    parts = []
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        try:
+            same = v is default or v == default
+        except Exception:  # tensors, data loaders
+            same = False
+        if same:
+            continue
+        shown = repr(v) if isinstance(v, (int, float, str, bool, type(None))) else type(v).__name__
+        parts.append(f"{f.name}={shown}")
+    return f"{type(config).__name__}({', '.join(parts)})"
+
+
+@dataclass
+class StageResult:
+    name: str                       # "LowRank(ratio=0.5)", "compile: inductor"
+    applied: bool
+    reason: str = ""
+    speedup: float | None = None    # vs the original, interleaved
+    latency_ms: float | None = None
+    size_mb: float | None = None
+    params: int | None = None
+    flops: int | None = None
+    fidelity: Fidelity | None = None
+    metric: float | None = None
+    seconds: float = 0.0            # time to apply the stage (compile: build + warm-up, reported apart from run time)
+    report: Report | None = None
+
+    def row(self, baseline_metric: float | None) -> dict[str, Any]:
+        f = self.fidelity
+        row = {"stage": self.name, "applied": self.applied, "speedup": self.speedup,
+               "latency (ms)": self.latency_ms, "size (MB)": self.size_mb, "params": self.params,
+               "MFLOPs": None if self.flops is None else self.flops / 1e6,
+               "cosine": None if f is None else f.cosine, "rel err": None if f is None else f.rel_err,
+               "top-1 agree": None if f is None else f.top1_agreement}
+        if baseline_metric is not None:
+            row["metric"] = self.metric
+            row["metric drop"] = None if self.metric is None else baseline_metric - self.metric
+        row["time (s)"] = self.seconds
+        row["note"] = self.reason
+        return row
+
+
+@dataclass
+class Optimized:
+    """What optimize() returns. ``model`` is the drop-in module (same forward signature as the original,
+    inputs validated, compiled for the backend); ``transformed`` is the optimized module before compiling
+    (what ``torchfast.save`` exports); ``report`` has one row per stage and the stage reports as children."""
+    model: nn.Module
+    report: Report
+    transformed: nn.Module
+    backend: str
+    stages: list[StageResult] = field(default_factory=list)
+
+    @property
+    def speedup(self) -> float | None:
+        """Speedup of the final model vs the original (interleaved medians)."""
+        kept = [s for s in self.stages if s.applied and s.speedup is not None]
+        return kept[-1].speedup if kept else None
+
+    def chart(self, path: str, **kwargs: Any) -> str:
+        """PNG of latency vs fidelity per stage (needs matplotlib: ``pip install 'torchfast[plot]'``)."""
+        from .chart import plot
+        return plot(self.report, path, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Optimized(backend={self.backend!r}, stages={len(self.stages)}, speedup={self.speedup})"
+
+
+# ---------------------------------------------------------------- helpers
+_UNCOUNTABLE = ("quantized", "packed", "_scale", "zero_point")
+
+
+def _flops(model: nn.Module, example: Any) -> int | None:
+    """FLOPs of one forward, or None where FlopCounterMode cannot see the kernels (quantized models)."""
+    try:
+        for k, v in model.state_dict().items():
+            if any(s in k for s in _UNCOUNTABLE) or (isinstance(v, torch.Tensor) and (
+                    v.is_quantized or v.dtype in (torch.int8, torch.uint8) or type(v) is not torch.Tensor
+                    and not isinstance(v, nn.Parameter))):
+                return None
+        return int(count_flops(model, example))
+    except Exception:
+        return None
+
+
+def _size(model: nn.Module) -> tuple[float | None, int | None]:
+    try:
+        s = size_of(model)
+        return s.mb, s.params
+    except Exception:
+        return None, None
+
+
+def _training_flags(model: nn.Module) -> dict[nn.Module, bool]:
+    return {m: m.training for m in model.modules()}
+
+
+def _restore_flags(flags: dict[nn.Module, bool]) -> None:
+    for m, t in flags.items():
+        m.training = t
+
+
+def _compile(model: nn.Module, example_inputs: Any, backend: str, options: dict) -> nn.Module:
+    try:
+        from . import backends
+    except ModuleNotFoundError as e:
+        if e.name != "torchfast.backends":
+            raise
+        if backend == "eager" and not options:  # the backend package is not installed in this checkout
+            return model
+        raise ConfigError(f"backend {backend!r} needs torchfast.backends, which is not available") from e
+    return backends.compile(model, example_inputs, backend=backend, **options)
+
+
+def _is_backend_error(e: Exception) -> bool:
+    return type(e).__name__ == "BackendError"
+
+
+def _check_backend(backend: str, model: nn.Module, options: dict) -> None:
+    """Fail before any work when the backend does not exist, is not installed, or cannot run on the
+    requested device/dtype. (Whether it accepts the quantized model a recipe produces is only known
+    after the recipe; a compile failure then keeps the eager model and the report says why.)"""
+    if not isinstance(backend, str):
+        raise ConfigError(f"backend must be a name such as 'eager' or 'inductor', got {type(backend).__name__}")
+    try:
+        from . import backends
+    except ModuleNotFoundError as e:
+        if e.name != "torchfast.backends":
+            raise
+        if backend != "eager":
+            raise ConfigError(f"backend {backend!r} needs torchfast.backends, which is not available") from e
+        return
+    from .modules import model_device
+    spec = backends.get_backend(backend)
+    device = options.get("device")
+    if device is None:
+        device = spec.devices[0] if len(spec.devices) == 1 else model_device(model).type
+    device = device if isinstance(device, str) else torch.device(device).type
+    from .backends.registry import normalize_dtype
+    backends.registry.check(backend, device=device.split(":")[0], dtype=normalize_dtype(options.get("dtype")),
+                            quant_kind=backends.quantization_kind(model),
+                            dynamic_batch=bool(options.get("dynamic_batch", False)),
+                            scripted=isinstance(model, torch.jit.ScriptModule))
+
+
+# ---------------------------------------------------------------- optimize
+def optimize(model: nn.Module, example_inputs: Any, recipe: Sequence[Config] | str = (), *,
+             backend: str = "eager", backend_options: dict | None = None,
+             eval_fn: Callable[[Callable], float] | None = None, tolerance: Tolerance | dict | None = None,
+             calibration: Iterable | None = None, validation: Iterable | None = None,
+             output_fn: Callable[[Any], torch.Tensor] | None = None,
+             runs: int = 20, warmup: int = 3, threads: int | None = None,
+             on_error: str = "raise", dynamic_dims: Any = (0,), progress: bool | None = None) -> Optimized:
+    """Apply ``recipe`` stage by stage on a copy of ``model``, verify each stage, compile, wrap.
+
+    ``example_inputs`` is one batch (tensor, tuple of positional inputs, or dict of keyword inputs): it
+    is timed and defines the drop-in module's input checks. ``calibration`` (batches) goes to the
+    stages that calibrate or are data-aware. Fidelity is measured on ``validation`` batches (default:
+    the calibration batches, else the example inputs); ``eval_fn(model) -> float`` adds a task metric.
+    A stage that breaks ``tolerance`` is rolled back (the model before it continues) and the report
+    says why. ``on_error="skip"`` rolls back a stage that raises instead of re-raising.
+    """
+    check_module(model)
+    tol = _as_tolerance(tolerance)
+    if isinstance(recipe, str):
+        from .recipe_syntax import parse_recipe
+        recipe = parse_recipe(recipe)
+    recipe = list(recipe)
+    for cfg in recipe:
+        stage_for(cfg)  # every stage has a transform, before any work
+    if on_error not in ("raise", "skip"):
+        raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    options = dict(backend_options or {})
+    _check_backend(backend, model, options)
+    calib = batches_list(calibration) if calibration is not None else None
+    val = batches_list(validation) if validation is not None else (calib[:8] if calib else batches_list(example_inputs))
+    if not val:
+        raise ValueError("optimize needs example inputs or validation batches to measure fidelity on")
+
+    from tqdm.auto import tqdm
+
+    flags = _training_flags(model)
+    model.eval()
+    try:
+        with torch.inference_mode():
+            try:
+                call_model(model, example_inputs)
+            except Exception as e:
+                raise ValueError(f"the model does not run on example_inputs: {type(e).__name__}: {e}") from e
+        return _run(model, example_inputs, recipe, backend, options, eval_fn, tol, calib, val, output_fn,
+                    runs, warmup, threads, on_error, dynamic_dims, tqdm, progress)
+    finally:
+        _restore_flags(flags)
+
+
+def _run(original, example, recipe, backend, options, eval_fn, tol, calib, val, output_fn,
+         runs, warmup, threads, on_error, dynamic_dims, tqdm, progress) -> Optimized:
+    from .wrap import wrap
+
+    steps = len(recipe) + 2
+    bar = tqdm(total=steps, desc="optimize", unit="stage", disable=(not progress) if progress is not None else None)
+    base_metric = float(eval_fn(original)) if eval_fn is not None else None
+    mb, params = _size(original)
+    base_fid = fidelity(original, original, val, output_fn=output_fn)
+    base = StageResult("original", True, "reference", speedup=1.0, size_mb=mb, params=params,
+                       flops=_flops(original, example), fidelity=base_fid, metric=base_metric)
+    baseline_ms: list[float] = []  # the original's median from every interleaved comparison
+    results = [base]
+    bar.update(1)
+
+    def measure(cand, name, seconds, rep, prev=None, flops=True) -> tuple[StageResult, float | None]:
+        cmp = compare_latency(original, cand, example, warmup=warmup, runs=runs, threads=threads)
+        baseline_ms.append(cmp.baseline.median_ms)
+        stage_speedup = None
+        if tol.min_speedup is not None and prev is not None:
+            stage_speedup = compare_latency(prev, cand, example, warmup=warmup, runs=runs, threads=threads).speedup
+        fid = fidelity(original, cand, val, output_fn=output_fn)
+        metric = float(eval_fn(cand)) if eval_fn is not None else None
+        mb, params = _size(cand)
+        r = StageResult(name, True, speedup=cmp.speedup, latency_ms=cmp.candidate.median_ms, size_mb=mb,
+                        params=params, flops=_flops(cand, example) if flops else None, fidelity=fid, metric=metric,
+                        seconds=seconds, report=rep)
+        drop = None if metric is None else base_metric - metric
+        bad = tol.violations(fid, drop, stage_speedup)
+        if stage_speedup is not None:
+            r.reason = f"stage speedup {stage_speedup:.3f}x"
+        if bad:
+            r.applied = False
+            r.reason = "rolled back: " + "; ".join(bad)
+        return r, stage_speedup
+
+    current = copy.deepcopy(original)
+    for cfg in recipe:
+        name = describe(cfg)
+        bar.set_postfix_str(name)
+        t0 = time.perf_counter()
+        try:
+            cand, rep = apply_stage(copy.deepcopy(current), cfg, example, calib)
+            cand.eval()
+        except Exception as e:
+            if on_error == "raise":
+                bar.close()
+                raise
+            results.append(StageResult(name, False, f"failed, rolled back: {type(e).__name__}: {e}",
+                                       seconds=time.perf_counter() - t0))
+            bar.update(1)
+            continue
+        seconds = time.perf_counter() - t0
+        r, _ = measure(cand, name, seconds, rep, prev=current)
+        if r.applied:
+            current = cand
+        elif rep is not None:
+            rep.note(f"optimize(): {r.reason}")
+        results.append(r)
+        bar.update(1)
+
+    transformed = current
+    bar.set_postfix_str(f"compile: {backend}")
+    t0 = time.perf_counter()
+    compiled = transformed
+    try:
+        compiled = _compile(transformed, example, backend, options)
+        with torch.inference_mode():
+            call_model(compiled, example)  # first call: where lazy backends really compile
+        seconds = getattr(compiled, "compile_time_s", None) or (time.perf_counter() - t0)
+        r, _ = measure(compiled, f"compile: {backend}", seconds, getattr(compiled, "report", None), flops=False)
+        r.flops = next((x.flops for x in reversed(results) if x.applied), None)  # same graph as the eager model
+        if not r.applied:
+            compiled = transformed
+            r.reason = r.reason.replace("rolled back", "output rejected, kept the eager model")
+    except Exception as e:  # a backend that cannot take this model must not throw away the recipe's work
+        if on_error == "raise" and not _is_backend_error(e):
+            bar.close()
+            raise
+        compiled = transformed
+        msg = f"{type(e).__name__}: {e}"
+        warnings.warn(f"torchfast.optimize: backend {backend!r} failed, returning the eager model: {msg}", stacklevel=3)
+        r = StageResult(f"compile: {backend}", False, f"failed, kept the eager model: {msg}",
+                        seconds=time.perf_counter() - t0)
+    results.append(r)
+    bar.update(1)
+    bar.close()
+    base.latency_ms = statistics.median(baseline_ms) if baseline_ms else None
+
+    report = _report(results, backend, tol, eval_fn is not None, base_metric, len(val), runs, threads)
+    drop_in = wrap(compiled, example, like=original, dynamic_dims=dynamic_dims)
+    return Optimized(model=drop_in, report=report, transformed=transformed, backend=backend, stages=results)
+
+
+def _report(results: list[StageResult], backend: str, tol: Tolerance, has_metric: bool,
+            base_metric: float | None, n_val: int, runs: int, threads: int | None) -> Report:
+    rep = Report("optimize", columns=None)
+    for r in results:
+        rep.add_row(**r.row(base_metric))
+        if r.report is not None:
+            rep.children.append(r.report)
+    kept = [r for r in results[1:] if r.applied and r.speedup is not None]
+    final = kept[-1] if kept else results[0]
+    rep.summary.update({
+        "backend": backend,
+        "stages applied": ", ".join(r.name for r in results[1:-1] if r.applied) or "none",
+        "stages rolled back": ", ".join(r.name for r in results[1:] if not r.applied) or "none",
+        "speedup vs original": final.speedup,
+        "cosine vs original": None if final.fidelity is None else final.fidelity.cosine,
+        "tolerance": ", ".join(f"{k}={v}" for k, v in tol.to_dict().items() if k != "type" and v is not None) or "off",
+        "threads": threads if threads is not None else torch.get_num_threads(),
+    })
+    if base_metric is not None:
+        rep.summary["metric (original -> final)"] = f"{base_metric:.4g} -> {final.metric if final.metric is not None else base_metric:.4g}"
+    rep.note(f"speedup: median latency of the original / this stage's model, timed interleaved ({runs} runs each) "
+             f"on the example inputs; fidelity vs the original on {n_val} validation batch(es).")
+    if not has_metric and tol.max_metric_drop is not None:
+        rep.note("no eval_fn given: the metric bound of the tolerance was not checked.")
+    if any(r.flops is None for r in results if r.fidelity is not None):
+        rep.note("MFLOPs '-': FlopCounterMode cannot count quantized or compiled kernels.")
+    return rep

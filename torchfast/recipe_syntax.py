@@ -1,0 +1,146 @@
+"""Recipes as one short string, for the command line and for quick experiments.
+
+Syntax: stages separated by ``,`` (or ``+``); a stage is ``name`` or ``name:key=value,key=value``. A token
+with ``=`` and no ``:`` continues the parameters of the stage before it, so
+
+    lowrank:ratio=0.5,method=svd,prune:amount=0.3,int8-static:observer=histogram
+
+is ``[LowRank(ratio=0.5, method="svd"), ChannelPruning(amount=0.3), Int8Static(observer="histogram")]``.
+Values are parsed as int, float, true/false, none, or text; ``a/b/c`` is a tuple. Every name maps to the
+config class of the transform that owns it (imported lazily), so parameter names are that config's fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any
+
+import torch
+
+from .config import Config, ConfigError
+
+__all__ = ["parse_recipe", "STAGE_NAMES", "recipe_help", "RecipeSyntaxError"]
+
+
+class RecipeSyntaxError(ConfigError):
+    """A recipe string cannot be parsed; the message names the token."""
+
+
+# name -> (module, config class, preset fields)
+STAGE_NAMES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "lowrank": ("torchfast.lowrank", "LowRank", {}),
+    "prune": ("torchfast.prune", "ChannelPruning", {}),
+    "sparse24": ("torchfast.prune", "SemiStructured24", {}),
+    "sparse": ("torchfast.prune", "UnstructuredSparse", {}),
+    "int8-dynamic": ("torchfast.quant", "Int8Dynamic", {}),
+    "int8-static": ("torchfast.quant", "Int8Static", {}),
+    "weight-only": ("torchfast.quant", "WeightOnly", {}),
+    "int8-weight-only": ("torchfast.quant", "WeightOnly", {"bits": 8}),
+    "int4-weight-only": ("torchfast.quant", "WeightOnly", {"bits": 4}),
+    "float8": ("torchfast.quant", "Float8", {}),
+    "fp16": ("torchfast.quant", "HalfPrecision", {"dtype": torch.float16}),
+    "bf16": ("torchfast.quant", "HalfPrecision", {"dtype": torch.bfloat16}),
+}
+_ALIASES = {"low-rank": "lowrank", "channel-pruning": "prune", "2to4": "sparse24", "semi-structured": "sparse24",
+            "dynamic": "int8-dynamic", "static": "int8-static", "int8": "int8-static", "fp8": "float8",
+            "int4": "int4-weight-only", "half": "fp16"}
+
+
+def recipe_help() -> str:
+    names = ", ".join(STAGE_NAMES)
+    return (f"stages separated by ',' or '+'; each NAME or NAME:key=value,key=value (keys are the config's "
+            f"fields). Names: {names}. Example: 'lowrank:ratio=0.5,prune:amount=0.3,int8-static'")
+
+
+def _value(text: str) -> Any:
+    t = text.strip()
+    low = t.lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    if low in ("none", "null"):
+        return None
+    if "/" in t:
+        return tuple(_value(x) for x in t.split("/") if x)
+    for conv in (int, float):
+        try:
+            return conv(t)
+        except ValueError:
+            pass
+    return t
+
+
+def _coerce(cls: type, key: str, value: Any) -> Any:
+    """Match a parsed value to the field's default type (dtype names -> torch.dtype, tuples for tuples)."""
+    for f in dataclasses.fields(cls):
+        if f.name != key:
+            continue
+        default = f.default
+        if isinstance(default, torch.dtype) or "dtype" in key:
+            if isinstance(value, str):
+                dt = getattr(torch, value.removeprefix("torch."), None)
+                if not isinstance(dt, torch.dtype):
+                    raise RecipeSyntaxError(f"{cls.__name__}.{key}: {value!r} is not a torch dtype (e.g. float16, bfloat16)")
+                return dt
+        if isinstance(default, tuple) and not isinstance(value, tuple):
+            return (value,)
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+    return value
+
+
+def _build(name: str, params: dict[str, str], text: str) -> Config:
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in STAGE_NAMES:
+        raise RecipeSyntaxError(f"unknown stage {name!r} in recipe {text!r}; known: {', '.join(STAGE_NAMES)}")
+    mod_name, cls_name, preset = STAGE_NAMES[key]
+    try:
+        cls = getattr(importlib.import_module(mod_name), cls_name)
+    except (ImportError, AttributeError) as e:
+        raise RecipeSyntaxError(f"stage {name!r} needs {mod_name}.{cls_name}, which is not available: {e}") from e
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - fields)
+    if unknown:
+        raise RecipeSyntaxError(f"stage {name!r} ({cls_name}) has no parameter {', '.join(map(repr, unknown))}; "
+                                f"its parameters: {', '.join(sorted(fields))}")
+    kwargs = dict(preset)
+    kwargs.update({k: _coerce(cls, k, _value(v)) for k, v in params.items()})
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise RecipeSyntaxError(f"stage {name!r}: {e}") from e
+
+
+def parse_recipe(text: str) -> list[Config]:
+    """Parse a recipe string (see the module docstring) into a list of configs."""
+    if not isinstance(text, str):
+        raise RecipeSyntaxError(f"a recipe string is expected, got {type(text).__name__}")
+    stages: list[tuple[str, dict[str, str]]] = []
+    for chunk in text.split("+"):
+        for tok in chunk.split(","):
+            tok = tok.strip()
+            if not tok:
+                continue
+            if ":" in tok:
+                name, _, first = tok.partition(":")
+                stages.append((name.strip(), {}))
+                tok = first.strip()
+                if not tok:
+                    continue
+            elif "=" not in tok:
+                stages.append((tok, {}))
+                continue
+            if "=" not in tok:
+                raise RecipeSyntaxError(f"expected key=value after ':' in recipe {text!r}, got {tok!r}")
+            if not stages:
+                raise RecipeSyntaxError(f"parameter {tok!r} comes before any stage name in recipe {text!r}")
+            k, _, v = tok.partition("=")
+            if not k.strip() or not v.strip():
+                raise RecipeSyntaxError(f"empty key or value in {tok!r} (recipe {text!r})")
+            stages[-1][1][k.strip()] = v
+    if not stages:
+        raise RecipeSyntaxError(f"empty recipe {text!r}")
+    return [_build(n, p, text) for n, p in stages]
