@@ -1,0 +1,76 @@
+"""A PNG chart of an optimize() report: speed gained vs fidelity kept, one point per stage.
+
+The trade-off a recipe makes is easiest to judge as a path: each kept stage moves the model right
+(faster) and usually down (less faithful); rolled-back stages show where the tolerance stopped it.
+matplotlib is optional (``pip install 'torchfast[plot]'``).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .report import Report
+
+__all__ = ["plot"]
+
+
+def _matplotlib():
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("the chart needs matplotlib, which is not installed: pip install 'torchfast[plot]' "
+                          "(or pip install matplotlib)") from e
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _rows(report: Any) -> tuple[list[dict], str]:
+    if hasattr(report, "report") and isinstance(report.report, Report):  # an Optimized
+        report = report.report
+    if isinstance(report, dict):
+        report = Report.from_dict(report)
+    if not isinstance(report, Report):
+        raise TypeError(f"plot() needs an optimize() Report (or Optimized, or its to_dict()), got {type(report).__name__}")
+    rows = [r for r in report.rows if r.get("speedup") is not None and r.get("cosine") is not None]
+    if not rows:
+        raise ValueError("the report has no stage with both a speedup and a fidelity figure to plot "
+                         "(is it an optimize() report?)")
+    metric = all(r.get("metric") is not None for r in rows)
+    return rows, ("metric" if metric else "cosine")
+
+
+def plot(report: Any, path: str | os.PathLike, *, title: str | None = None, fidelity: str | None = None,
+         dpi: int = 120) -> str:
+    """Write a PNG of speedup vs the original (x) against fidelity (y) for every stage; return the path.
+
+    ``fidelity``: ``"cosine"`` (output cosine vs the original) or ``"metric"`` (eval_fn's metric; the
+    default when the report has it). Kept stages are joined in order; rolled-back ones are red crosses.
+    """
+    rows, default = _rows(report)
+    key = fidelity or default
+    if key not in ("cosine", "metric"):
+        raise ValueError(f"fidelity must be 'cosine' or 'metric', got {key!r}")
+    if key == "metric" and default != "metric":
+        raise ValueError("the report has no task metric (optimize(..., eval_fn=...)); use fidelity='cosine'")
+    plt = _matplotlib()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    kept = [r for r in rows if r.get("applied") in (True, "yes")]
+    dropped = [r for r in rows if r not in kept]
+    ax.plot([r["speedup"] for r in kept], [r[key] for r in kept], "-o", color="tab:blue", label="kept")
+    if dropped:
+        ax.plot([r["speedup"] for r in dropped], [r[key] for r in dropped], "x", color="tab:red",
+                markersize=9, mew=2, linestyle="none", label="rolled back")
+    for r in rows:
+        ax.annotate(str(r["stage"]), (r["speedup"], r[key]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.axvline(1.0, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("speedup vs original (x, interleaved medians)")
+    ax.set_ylabel("task metric" if key == "metric" else "output cosine vs original")
+    ax.set_title(title or "torchfast.optimize: speed vs fidelity per stage")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    path = os.fspath(path)
+    fig.savefig(path, dpi=dpi, format="png")
+    plt.close(fig)
+    return path

@@ -1,0 +1,195 @@
+"""Where the command line gets a model and its inputs from: ``torchvision:NAME``, ``hf:PATH``,
+``zoo:NAME``, ``module:callable`` / ``file.py:callable``, or a saved artifact (``torchfast.load``).
+
+A source gives the model, one example batch of the requested shape, calibration batches, and — for the
+built-in trained models — a real task metric, so a shell user gets the same verified pipeline as the API.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+__all__ = ["Source", "load_source", "parse_shape", "make_inputs", "SourceError", "MODEL_HELP"]
+
+MODEL_HELP = ("MODEL is one of: torchvision:NAME (e.g. torchvision:resnet50; random weights unless "
+              "--weights), hf:PATH (a Hugging Face encoder folder or hub id; token inputs), "
+              "zoo:digits-cnn | zoo:digits-mlp | zoo:minilm (built-in, trained, real data and metric), "
+              "package.module:callable or path/to/file.py:callable (returns an nn.Module, or (module, example_inputs)), "
+              "or the path of a saved artifact (.pt TorchScript, .pt2 ExportedProgram)")
+
+
+class SourceError(ValueError):
+    """The MODEL argument or the input options cannot be turned into a model (a usage error)."""
+
+
+@dataclass
+class Source:
+    model: nn.Module
+    example: Any                                   # one batch at the requested shape
+    make_batch: Callable[[int], Any]               # batch of size n, same per-sample shape
+    calibration: list = field(default_factory=list)
+    eval_fn: Callable | None = None
+    description: str = ""
+    output_fn: Callable | None = None
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``1,3,224,224`` or ``1x3x224x224`` -> (1, 3, 224, 224)."""
+    parts = [p for p in text.replace("x", ",").replace(" ", "").split(",") if p]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise SourceError(f"--input-shape {text!r}: expected integers like 1,3,224,224") from None
+    if not shape or any(d < 1 for d in shape):
+        raise SourceError(f"--input-shape {text!r}: every dimension must be >= 1")
+    return shape
+
+
+def _dtype(name: str) -> torch.dtype:
+    dt = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dt, torch.dtype):
+        raise SourceError(f"--input-dtype {name!r} is not a torch dtype (e.g. float32, float16, int64)")
+    return dt
+
+
+def make_inputs(shapes: list[tuple[int, ...]], dtypes: list[torch.dtype], seed: int = 0, high: int = 100) -> Any:
+    """Random inputs: normal floats, integers in [0, high). One shape -> a tensor, several -> a tuple."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, s in enumerate(shapes):
+        dt = dtypes[min(i, len(dtypes) - 1)]
+        out.append(torch.randn(s, generator=g).to(dt) if dt.is_floating_point
+                   else torch.randint(0, high, s, generator=g, dtype=dt))
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def _with_batch(shapes: list[tuple[int, ...]], n: int) -> list[tuple[int, ...]]:
+    return [(n, *s[1:]) for s in shapes]
+
+
+def _random_source(model: nn.Module, shapes, dtypes, n_calib: int, desc: str, high: int = 100) -> Source:
+    def make(n: int, seed: int = 0):
+        return make_inputs(_with_batch(shapes, n), dtypes, seed, high)
+    calib = [make(shapes[0][0], seed=100 + i) for i in range(n_calib)]
+    return Source(model.eval(), make(shapes[0][0]), lambda n: make(n), calib, None, desc)
+
+
+def _torchvision(name: str, shapes, dtypes, n_calib: int, weights: str | None) -> Source:
+    import torchvision
+
+    try:
+        model = torchvision.models.get_model(name, weights=weights)
+    except ValueError as e:
+        known = ", ".join(torchvision.models.list_models()[:12])
+        raise SourceError(f"torchvision has no model {name!r} ({e}); e.g. {known}, ...") from None
+    shapes = shapes or [(1, 3, 224, 224)]
+    what = f"torchvision {name} ({'weights ' + weights if weights else 'random weights: speed only'})"
+    return _random_source(model, shapes, dtypes or [torch.float32], n_calib, what)
+
+
+def _hf(path: str, shapes, n_calib: int) -> Source:
+    try:
+        from transformers import AutoModel
+    except ImportError as e:
+        raise SourceError("hf: models need transformers: pip install 'torchfast[text]'") from e
+    model = AutoModel.from_pretrained(path).eval()
+    batch, seq = shapes[0][:2] if shapes and len(shapes[0]) >= 2 else (1, 128)
+    vocab = int(getattr(model.config, "vocab_size", 1000))
+
+    def make(n: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        return {"input_ids": torch.randint(0, vocab, (n, seq), generator=g),
+                "attention_mask": torch.ones(n, seq, dtype=torch.long)}
+    return Source(model, make(batch), lambda n: make(n), [make(batch, 100 + i) for i in range(n_calib)], None,
+                  f"Hugging Face {path} (random token ids, seq {seq})")
+
+
+def _zoo(name: str, shapes, n_calib: int) -> Source:
+    if name in ("digits-cnn", "digits-mlp"):
+        from .zoo.digits import trained_cnn, trained_mlp
+        model, data = trained_cnn() if name == "digits-cnn" else trained_mlp()
+        n = shapes[0][0] if shapes else 64
+        x = data.x_test
+        return Source(model.eval(), x[:n], lambda k: x[:k], data.calibration()[:max(1, n_calib)], data.eval_fn,
+                      f"trained {name} on scikit-learn digits (metric: test accuracy)")
+    if name == "minilm":
+        from .zoo.minilm import batches, load_minilm
+        model, tok = load_minilm()
+        batch, seq = shapes[0][:2] if shapes and len(shapes[0]) >= 2 else (8, 128)
+        calib = batches(tok, n_batches=max(1, n_calib), batch_size=batch, seq_len=seq, offset=64)
+        ex = batches(tok, 1, batch, seq)[0]
+        return Source(model, ex, lambda k: batches(tok, 1, k, seq)[0], calib, None,
+                      f"all-MiniLM-L6-v2 on real sentences (batch {batch}, seq {seq})")
+    raise SourceError(f"unknown zoo model {name!r}; choose digits-cnn, digits-mlp or minilm")
+
+
+def _callable(spec: str, shapes, dtypes, n_calib: int) -> Source:
+    target, _, attr = spec.rpartition(":")
+    try:
+        if target.endswith(".py"):
+            if not os.path.exists(target):
+                raise SourceError(f"{target}: no such file")
+            mspec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(target))[0], target)
+            mod = importlib.util.module_from_spec(mspec)
+            mspec.loader.exec_module(mod)
+        else:
+            mod = importlib.import_module(target)
+    except ImportError as e:
+        raise SourceError(f"cannot import {target!r} for MODEL {spec!r}: {e}") from e
+    fn = getattr(mod, attr, None)
+    if fn is None:
+        raise SourceError(f"{target!r} has no attribute {attr!r} (MODEL {spec!r})")
+    made = fn() if callable(fn) and not isinstance(fn, nn.Module) else fn
+    example = None
+    if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module):
+        made, example = made
+    if not isinstance(made, nn.Module):
+        raise SourceError(f"{spec} returned {type(made).__name__}, not an nn.Module")
+    if example is not None and not shapes:
+        from .modules import batches_list
+        return Source(made.eval(), example, lambda n: example, batches_list([example]), None, spec)
+    if not shapes:
+        raise SourceError(f"MODEL {spec!r} needs --input-shape (e.g. --input-shape 1,3,224,224)")
+    return _random_source(made, shapes, dtypes or [torch.float32], n_calib, spec)
+
+
+def _artifact(path: str, shapes, dtypes, n_calib: int) -> Source:
+    try:
+        from .export import load
+    except ImportError as e:
+        raise SourceError(f"loading {path} needs torchfast.export, which is not available: {e}") from e
+    obj = load(path)
+    if hasattr(obj, "module") and not isinstance(obj, nn.Module):  # an ExportedProgram
+        obj = obj.module()
+    if not callable(obj):
+        raise SourceError(f"{path} holds {type(obj).__name__}, not a runnable model")
+    if not shapes:
+        raise SourceError(f"a saved artifact needs --input-shape (e.g. --input-shape 1,3,224,224)")
+    return _random_source(obj, shapes, dtypes or [torch.float32], n_calib, f"artifact {path}")
+
+
+def load_source(spec: str, input_shapes: list[str] | None = None, input_dtypes: list[str] | None = None,
+                calibration: int = 8, weights: str | None = None) -> Source:
+    """Turn a MODEL argument and the input options into a :class:`Source` (see MODEL_HELP)."""
+    shapes = [parse_shape(s) for s in (input_shapes or [])]
+    dtypes = [_dtype(d) for d in (input_dtypes or [])]
+    if calibration < 0:
+        raise SourceError(f"--calibration must be >= 0, got {calibration}")
+    if os.path.exists(spec) and not spec.endswith(".py"):
+        return _artifact(spec, shapes, dtypes, calibration)
+    kind, sep, rest = spec.partition(":")
+    if not sep or not rest:
+        raise SourceError(f"cannot read MODEL {spec!r}: not a file, and not kind:name. {MODEL_HELP}")
+    if kind == "torchvision":
+        return _torchvision(rest, shapes, dtypes, calibration, weights)
+    if kind in ("hf", "huggingface"):
+        return _hf(rest, shapes, calibration)
+    if kind == "zoo":
+        return _zoo(rest, shapes, calibration)
+    return _callable(spec, shapes, dtypes, calibration)
