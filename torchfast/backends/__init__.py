@@ -1,0 +1,129 @@
+"""Compile a model for a target: ``torchfast.compile(model, example_inputs, backend="inductor")``.
+
+Backends: eager | torchscript | inductor | export | tensorrt | xla (see ``registry.BACKENDS`` for what
+each supports). The request is validated against the backend's declaration before any work; the
+result is a drop-in :class:`Compiled` module whose report holds compile time and output fidelity.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..modules import Batch, call_model, first_tensor, model_device, move_batch
+from ..report import Report
+from .compiled import Built, Compiled
+from .inputs import batch_size_of, resize_batch
+from .registry import (BACKENDS, Backend, BackendError, check, get_backend, list_backends, normalize_dtype,
+                       quantization_kind)
+
+__all__ = ["compile", "Compiled", "Backend", "BackendError", "BACKENDS", "get_backend", "list_backends",
+           "quantization_kind"]
+
+
+def _resolve_device(backend: Backend, model: nn.Module, device: Any) -> torch.device:
+    if device is not None:
+        return torch.device(device) if not (isinstance(device, str) and device == "xla") else torch.device("xla")
+    if backend.devices == ("cuda",):
+        return torch.device("cuda")
+    if backend.devices == ("xla",):
+        return torch.device("xla")
+    return model_device(model)
+
+
+def _compare(ref: Any, out: Any) -> dict[str, float]:
+    r, c = first_tensor(ref).detach().float().cpu(), first_tensor(out).detach().float().cpu()
+    if r.shape != c.shape:
+        raise BackendError(f"compiled output shape {tuple(c.shape)} differs from eager {tuple(r.shape)}")
+    cos = torch.nn.functional.cosine_similarity(r.reshape(1, -1).double(), c.reshape(1, -1).double(), eps=1e-12)
+    return {"max_abs_err": (r - c).abs().max().item() if r.numel() else 0.0, "cosine": cos.item()}
+
+
+def _options(impl: Any, backend: str, options: dict[str, Any]) -> Any:
+    import dataclasses
+    names = [f.name for f in dataclasses.fields(impl.Options)]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise BackendError(f"backend {backend!r} has no option {', '.join(map(repr, unknown))}; "
+                           f"its options are: {', '.join(names) or '(none)'}")
+    return impl.Options(**options)
+
+
+def compile(model: nn.Module, example_inputs: Batch, backend: str = "inductor", *, device: Any = None,
+            dtype: Any = None, dynamic_batch: bool = False, verify: bool = True, warmup: int = 2,
+            **options: Any) -> Compiled:
+    """Compile ``model`` for ``backend`` and return a drop-in module.
+
+    ``example_inputs``: one batch (tensor, tuple of positional inputs, or dict of keyword inputs).
+    ``device``/``dtype``: target device ("cpu", "cuda", "xla") and compute dtype (fp32, fp16, bf16);
+    the user's model is copied, never changed, when either differs. ``dynamic_batch``: one compiled
+    model serves any batch size (checked on a second batch size). ``verify``: compare with eager on the
+    example (max abs error, cosine) into the report. Other ``options`` go to the backend's options
+    dataclass (e.g. ``max_autotune=True`` for inductor); unknown names are an error.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    spec = get_backend(backend)
+    dev = _resolve_device(spec, model, device)
+    dt = normalize_dtype(dtype)
+    scripted = isinstance(model, torch.jit.ScriptModule)
+    kind = quantization_kind(model)
+    check(backend, device=dev.type, dtype=dt, quant_kind=kind, dynamic_batch=dynamic_batch, scripted=scripted)
+    impl = spec.load()
+    opts = _options(impl, backend, options)  # validates names and values
+    if dynamic_batch:
+        batch_size_of(example_inputs)  # clear error now if there is no batch dimension
+
+    was_training = model.training
+    model.eval()
+    work = model
+    if dev != model_device(model) or (dt != torch.float32 and kind is None):
+        if scripted:
+            raise BackendError("a TorchScript module cannot be copied to another device/dtype here; load it there")
+        work = copy.deepcopy(model).to(device=dev, dtype=dt if kind is None else None)
+    inputs = move_batch(example_inputs, dev, dt if dt != torch.float32 else None)
+    report = Report(f"compile: {backend}", summary={"backend": backend, "device": str(dev), "dtype": str(dt).replace("torch.", ""),
+                                                     "dynamic_batch": dynamic_batch, "quantized": kind or "no"})
+    reference = None
+    if verify:
+        with torch.inference_mode():
+            reference = call_model(model, example_inputs)
+    try:
+        t0 = time.perf_counter()
+        built: Built = impl.build(work, inputs, opts, dynamic_batch=dynamic_batch)
+        compiled = Compiled(built.runnable, backend=backend, device=dev, dtype=dt, dynamic_batch=dynamic_batch,
+                            artifact=built.artifact, compile_time_s=0.0, report=report, source=model,
+                            example_inputs=example_inputs, output_type=built.output_type)
+        out = None
+        for _ in range(max(1, warmup)):
+            out = call_model(compiled, inputs)
+        compiled.compile_time_s = time.perf_counter() - t0
+    except BackendError:
+        model.train(was_training)
+        raise
+    except Exception as e:
+        model.train(was_training)
+        raise BackendError(f"backend {backend!r} failed to compile {type(model).__name__}: {type(e).__name__}: {e}") from e
+
+    report.summary["compile_time_s"] = round(compiled.compile_time_s, 3)
+    report.summary.update(built.info)
+    for n in built.notes:
+        report.note(n)
+    if verify:
+        report.summary.update(_compare(reference, out))
+    if dynamic_batch:
+        n = batch_size_of(example_inputs)
+        other = resize_batch(example_inputs, n + 1 if n > 1 else 3)
+        try:
+            got = call_model(compiled, other)
+        except Exception as e:
+            raise BackendError(f"backend {backend!r} compiled {type(model).__name__} for batch {n} only: "
+                               f"calling it with batch {batch_size_of(other)} failed ({type(e).__name__}: {e})") from e
+        if verify:
+            with torch.inference_mode():
+                fid = _compare(call_model(model, other), got)
+            report.summary["other_batch_max_abs_err"] = fid["max_abs_err"]
+    return compiled

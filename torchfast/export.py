@@ -1,0 +1,165 @@
+"""Save and load deployable artifacts: TorchScript (``.pt``), ExportedProgram (``.pt2``), TensorRT.
+
+``save`` accepts a plain ``nn.Module`` (traced/exported with ``example_inputs``), a model from
+``torchfast.compile`` (its native artifact is reused when the format matches), a ScriptModule or an
+ExportedProgram. TorchScript and ExportedProgram files load with plain torch, no torchfast needed.
+
+``load`` is safe by default: it recognizes the archive and reads TorchScript with ``torch.jit.load``,
+ExportedPrograms with ``torch.export.load`` and tensor files with ``torch.load(weights_only=True)``.
+Unpickling arbitrary Python objects (a pickled ``nn.Module``) executes code from the file and
+happens only with ``allow_pickle=True`` — only for files you trust.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["save", "load", "artifact_format", "FORMATS"]
+
+FORMATS = ("torchscript", "exported_program", "tensorrt", "state_dict")
+
+
+def _compiled_type():
+    from .backends.compiled import Compiled
+    return Compiled
+
+
+def save(obj: Any, path: str | os.PathLike, format: str = "torchscript", *, example_inputs: Any = None,
+         dynamic_batch: bool | None = None) -> Path:
+    """Write ``obj`` as a deployable artifact; returns the path.
+
+    ``format``: "torchscript" (frozen TorchScript; libtorch, Triton's PyTorch backend), "exported_program"
+    (``torch.export`` PT2 archive), "tensorrt" (a TensorRT-compiled model as an ExportedProgram; needs
+    torch_tensorrt and CUDA), or "state_dict" (weights only). ``example_inputs`` are needed to trace or
+    export a plain module (a compiled one remembers its own). ``dynamic_batch`` defaults to what the
+    compiled model was built with (False for a plain module).
+    """
+    from .backends import BackendError
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Compiled = _compiled_type()
+    compiled = obj if isinstance(obj, Compiled) else None
+    source = obj
+    if compiled is not None:
+        source = compiled.source
+        example_inputs = compiled.example_inputs if example_inputs is None else example_inputs
+        dynamic_batch = compiled.dynamic_batch if dynamic_batch is None else dynamic_batch
+    dynamic_batch = bool(dynamic_batch)
+
+    if format == "state_dict":
+        if not isinstance(source, nn.Module):
+            raise TypeError(f"state_dict format needs an nn.Module, got {type(source).__name__}")
+        torch.save(source.state_dict(), path)
+        return path
+
+    if format == "tensorrt":
+        from .backends.tensorrt import save_tensorrt
+        if compiled is None or compiled.backend != "tensorrt":
+            raise BackendError("format='tensorrt' saves a model compiled with backend='tensorrt' "
+                               "(torchfast.compile(model, inputs, backend='tensorrt')); got "
+                               + (f"backend {compiled.backend!r}" if compiled is not None else type(obj).__name__))
+        save_tensorrt(compiled, path)
+        return path
+
+    if format == "torchscript":
+        if compiled is not None and isinstance(compiled.artifact, torch.jit.ScriptModule):
+            artifact = compiled.artifact
+        elif isinstance(obj, torch.jit.ScriptModule):
+            artifact = obj
+        else:
+            if not isinstance(source, nn.Module):
+                raise TypeError(f"cannot save {type(obj).__name__} as TorchScript")
+            if example_inputs is None:
+                raise ValueError("saving an nn.Module as TorchScript needs example_inputs to trace it")
+            from .backends.torchscript import freeze, to_torchscript
+            was = source.training
+            source.eval()
+            try:
+                artifact = freeze(to_torchscript(source, example_inputs))
+            finally:
+                source.train(was)
+        torch.jit.save(artifact, str(path))
+        return path
+
+    # exported_program
+    if compiled is not None and isinstance(compiled.artifact, torch.export.ExportedProgram) \
+            and compiled.backend == "export":
+        ep = compiled.artifact
+    elif isinstance(obj, torch.export.ExportedProgram):
+        ep = obj
+    else:
+        if isinstance(source, torch.jit.ScriptModule) or not isinstance(source, nn.Module):
+            raise TypeError(f"cannot export {type(source).__name__} to an ExportedProgram; pass the nn.Module")
+        if example_inputs is None:
+            raise ValueError("saving an nn.Module as an ExportedProgram needs example_inputs to export it")
+        from .backends.export import export_program
+        was = source.training
+        source.eval()
+        try:
+            ep = export_program(source, example_inputs, dynamic_batch=dynamic_batch)
+        finally:
+            source.train(was)
+    torch.export.save(ep, str(path))
+    return path
+
+
+def artifact_format(path: str | os.PathLike) -> str:
+    """"torchscript", "exported_program", "torch_save" (a torch.save zip) or "legacy" (pre-zip torch.save / other)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    if not zipfile.is_zipfile(path):
+        return "legacy"
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    leaf = {n.split("/", 1)[1] if "/" in n else n for n in names}
+    if "archive_format" in leaf or any(n.startswith("models/") for n in leaf):
+        return "exported_program"
+    if "constants.pkl" in leaf and any(n.startswith("code/") for n in leaf):
+        return "torchscript"
+    if "data.pkl" in leaf:
+        return "torch_save"
+    return "legacy"
+
+
+def load(path: str | os.PathLike, *, device: str | torch.device | None = None, allow_pickle: bool = False,
+         program: bool = False) -> Any:
+    """Load an artifact written by :func:`save` (or by plain torch).
+
+    Returns a runnable module: a ScriptModule for TorchScript, ``ExportedProgram.module()`` for PT2
+    archives (the ExportedProgram itself with ``program=True``), or the tensors/state_dict of a tensor
+    file. ``allow_pickle=True`` permits unpickling arbitrary objects (runs code from the file: trusted
+    files only).
+    """
+    kind = artifact_format(path)
+    path = str(path)
+    if kind == "torchscript":
+        return torch.jit.load(path, map_location=device)
+    if kind == "exported_program":
+        try:
+            ep = torch.export.load(path)
+        except Exception as e:
+            if "tensorrt" in str(e).lower():
+                raise RuntimeError(f"{path} holds TensorRT engines: load it on a CUDA host with torch_tensorrt "
+                                   f"imported (import torch_tensorrt; torch.export.load(path))") from e
+            raise
+        if program:
+            return ep
+        mod = ep.module()
+        return mod.to(device) if device is not None else mod
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        if not allow_pickle:
+            raise RuntimeError(f"{path} is not a TorchScript or ExportedProgram archive and holds more than "
+                               f"tensors ({type(e).__name__}: {str(e).splitlines()[0][:200]}). Loading it would "
+                               f"unpickle arbitrary Python objects, which can run code: pass allow_pickle=True "
+                               f"only for files you trust.") from e
+    return torch.load(path, map_location=device, weights_only=False)
