@@ -61,8 +61,9 @@ def plot(report: Any, path: str | os.PathLike, *, title: str | None = None, fide
     if dropped:
         ax.plot([r["speedup"] for r in dropped], [r[key] for r in dropped], "x", color="tab:red",
                 markersize=9, mew=2, linestyle="none", label="rolled back")
-    for r in rows:
-        ax.annotate(str(r["stage"]), (r["speedup"], r[key]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    for i, r in enumerate(rows):  # numbered in recipe order, staggered so coincident points stay readable
+        ax.annotate(f"{i}. {r['stage']}", (r["speedup"], r[key]), textcoords="offset points",
+                    xytext=(6, 4 - 11 * (i % 3)), fontsize=8)
     ax.axvline(1.0, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("speedup vs original (x, interleaved medians)")
     ax.set_ylabel("task metric" if key == "metric" else "output cosine vs original")

@@ -299,7 +299,7 @@ def optimize(model: nn.Module, example_inputs: Any, recipe: Sequence[Config] | s
 
 def _run(original, example, recipe, backend, options, eval_fn, tol, calib, val, output_fn,
          runs, warmup, threads, on_error, dynamic_dims, tqdm, progress) -> Optimized:
-    from .wrap import wrap
+    from .dropin import wrap
 
     steps = len(recipe) + 2
     bar = tqdm(total=steps, desc="optimize", unit="stage", disable=(not progress) if progress is not None else None)

@@ -1,0 +1,111 @@
+"""Stage functions registered by the pipeline tests (the real transforms have their own tests)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from torchfast.config import Config, check_range
+from torchfast.recipe import register_stage
+from torchfast.report import Report
+
+CALLS: list[str] = []
+
+
+@dataclass(frozen=True)
+class Noise(Config):
+    """Adds Gaussian noise of relative size ``scale`` to every weight (0 = identity)."""
+    scale: float = 0.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        check_range("Noise", "scale", self.scale, 0.0, None)
+
+
+@dataclass(frozen=True)
+class DropHidden(Config):
+    """Zeroes the first ``fraction`` of the first Linear's output units: a real, deterministic accuracy loss."""
+    fraction: float = 0.5
+
+
+@dataclass(frozen=True)
+class Boom(Config):
+    """A stage that mutates the model in place and then raises."""
+
+
+@dataclass(frozen=True)
+class Slow(Config):
+    """Wraps the model in a module that sleeps ``ms`` per call: a stage that does not pay for itself."""
+    ms: float = 3.0
+
+
+class _Sleepy(nn.Module):
+    def __init__(self, inner: nn.Module, ms: float):
+        super().__init__()
+        self.inner, self.ms = inner, ms
+
+    def forward(self, x):
+        time.sleep(self.ms / 1e3)
+        return self.inner(x)
+
+
+def _noise(model, cfg, example, calibration):
+    CALLS.append(f"noise:{cfg.scale}")
+    g = torch.Generator().manual_seed(cfg.seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * cfg.scale * p.abs().mean())
+    rep = Report(f"noise {cfg.scale}")
+    rep.add_row(layer="*", applied=True, calibration_batches=len(calibration or []))
+    return model, rep
+
+
+def _drop(model, cfg, example, calibration):
+    CALLS.append("drop")
+    lin = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    k = int(lin.out_features * cfg.fraction)
+    with torch.no_grad():
+        lin.weight[:k] = 0
+        lin.bias[:k] = 0
+    return model, Report("drop hidden")
+
+
+def _boom(model, cfg, example, calibration):
+    CALLS.append("boom")
+    with torch.no_grad():
+        next(model.parameters()).zero_()
+    raise RuntimeError("boom: this stage always fails")
+
+
+def _slow(model, cfg, example, calibration):
+    CALLS.append("slow")
+    return _Sleepy(model, cfg.ms), Report("slow")
+
+
+register_stage(Noise, _noise)
+register_stage(DropHidden, _drop)
+register_stage(Boom, _boom)
+register_stage(Slow, _slow)
+
+
+class TwoInputs(nn.Module):
+    """forward(input_ids, attention_mask=None): the call shape of a Hugging Face encoder."""
+
+    def __init__(self, vocab: int = 50, dim: int = 16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)
+        if attention_mask is not None:
+            h = h * attention_mask.unsqueeze(-1).to(h.dtype)
+        return self.out(h).mean(1)
+
+
+def build_mlp():
+    """module:callable target for the CLI tests."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10))

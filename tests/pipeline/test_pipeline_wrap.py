@@ -1,0 +1,93 @@
+import copy
+import inspect
+
+import pytest
+import torch
+from torch import nn
+
+import torchfast as tf
+from torchfast.dropin import InputError
+
+import pipeline_stages as st
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, image, scale: float = 1.0):
+        return self.conv(image).mean((2, 3)) * scale
+
+
+def test_signature_shape_dtype_errors_name_the_argument():
+    m = Net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    w = tf.wrap(m, x)
+    assert list(inspect.signature(w).parameters) == ["image", "scale"]
+    torch.testing.assert_close(w(x), m(x))
+    torch.testing.assert_close(w(torch.randn(5, 3, 8, 8), scale=2.0).shape, torch.Size([5, 4]))  # batch dim free
+    torch.testing.assert_close(w(image=x), m(x))
+    with pytest.raises(InputError, match=r"argument 'image': expected shape \[\*, 3, 8, 8\].*got \[2, 3, 9, 8\]"):
+        w(torch.randn(2, 3, 9, 8))
+    with pytest.raises(InputError, match=r"argument 'image': expected shape .* got \[3, 8, 8\]"):
+        w(torch.randn(3, 8, 8))
+    with pytest.raises(InputError, match="argument 'image': expected dtype torch.float32, got torch.float64.*cast_inputs"):
+        w(x.double())
+    with pytest.raises(TypeError, match=r"wrapped model\(image, scale: float = 1.0\).*missing a required argument: 'image'"):
+        w(img=x)
+    cast = tf.wrap(m, x, cast_inputs=True)
+    torch.testing.assert_close(cast(x.double()), m(x))
+    assert "image: [*, 3, 8, 8] float32" in repr(w)
+
+
+def test_compiled_artifact_gets_the_original_signature_back():
+    m = st.TwoInputs().eval()
+    ids = torch.randint(0, 50, (3, 6))
+    mask = torch.ones(3, 6, dtype=torch.long)
+    with torch.no_grad():
+        traced = torch.jit.trace(m, (ids, mask))
+    w = tf.wrap(traced, {"input_ids": ids, "attention_mask": mask}, like=m, dynamic_dims=(0, 1))
+    assert list(inspect.signature(w).parameters) == ["input_ids", "attention_mask"]
+    torch.testing.assert_close(w(attention_mask=mask, input_ids=ids), m(ids, mask))
+    torch.testing.assert_close(w(ids[:, :4], mask[:, :4]), m(ids[:, :4], mask[:, :4]))  # seq dim declared dynamic
+    with pytest.raises(InputError, match="argument 'attention_mask': expected shape"):
+        w(ids, torch.ones(3, 6, 2, dtype=torch.long))
+    strict = tf.wrap(m, {"input_ids": ids, "attention_mask": mask}, dynamic_dims={"input_ids": (0,)})
+    with pytest.raises(InputError, match=r"'input_ids': expected shape \[\*, 6\]"):
+        strict(ids[:, :4], mask[:, :4])
+
+
+def test_nested_and_plain_callables_and_no_example():
+    def f(pair):
+        a, b = pair
+        return a + b
+    x = (torch.randn(2, 3), torch.randn(2, 3))
+    w = tf.wrap(f, (x,))
+    torch.testing.assert_close(w(x), x[0] + x[1])
+    with pytest.raises(InputError, match=r"argument 'pair\[1\]': expected shape \[\*, 3\]"):
+        w((x[0], torch.randn(2, 4)))
+    free = tf.wrap(Net())  # no example inputs: signature and device only
+    assert free(torch.randn(1, 3, 5, 5)).shape == (1, 4)
+    with pytest.raises(TypeError, match="needs a model"):
+        tf.wrap(42)
+
+
+def test_runs_under_inference_mode_and_keeps_outputs_on_input_device():
+    m = Net()
+    w = tf.wrap(m, torch.randn(1, 3, 4, 4))
+    out = w(torch.randn(2, 3, 4, 4))
+    assert out.is_inference() and not m.training
+    assert tf.wrap(m, inference_mode=False)(torch.randn(1, 3, 4, 4)).requires_grad
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="moving inputs across devices needs a CUDA GPU")
+def test_inputs_move_to_the_model_device_and_back():
+    m = Net().cuda()
+    x = torch.randn(2, 3, 8, 8)
+    w = tf.wrap(m, x.cuda())
+    out = w(x)
+    assert out.device.type == "cpu"
+    torch.testing.assert_close(out, m(x.cuda()).cpu())
+    with pytest.raises(InputError, match="expected device cuda"):
+        tf.wrap(m, x.cuda(), move_inputs=False)(x)
