@@ -155,12 +155,17 @@ class DynamicBatcher:
             pass
 
     # ---------------------------------------------------------------- submitting
-    def submit_future(self, x: Any, *, timeout_ms: float | None = None, priority: int = 0) -> cf.Future:
-        """Enqueue one request; the future gets exactly one answer. Raises QueueFull / BatcherClosed now."""
+    def check(self, x: Any) -> Parsed:
+        """Validate a request without queueing it (TypeError/ValueError naming the input and the problem)."""
         p = parse(x, self.sequence)
         if p.rows > self.max_batch_size:
             raise ValueError(f"request has {p.rows} rows, more than max_batch_size={self.max_batch_size}; "
                              f"split it or raise max_batch_size")
+        return p
+
+    def submit_future(self, x: Any, *, timeout_ms: float | None = None, priority: int = 0) -> cf.Future:
+        """Enqueue one request; the future gets exactly one answer. Raises QueueFull / BatcherClosed now."""
+        p = self.check(x)
         t = timeout_ms if timeout_ms is not None else self.timeout_ms
         if t is not None and t <= 0:
             raise ValueError(f"timeout_ms must be > 0, got {t}")

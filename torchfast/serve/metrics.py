@@ -139,3 +139,26 @@ class BatcherMetrics:
 
 def _ms(v: float | None) -> float | None:
     return None if v is None else round(v * 1000.0, 3)
+
+
+def merged_prometheus_text(metrics: list[BatcherMetrics]) -> bytes:
+    """One exposition for several batchers: families of the same name are merged (label ``model`` tells them apart)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    families: dict[str, Any] = {}
+    for m in metrics:
+        if m.registry is None:
+            raise ImportError("Prometheus metrics need prometheus-client: pip install 'torchfast[serve]'")
+        for fam in m.registry.collect():
+            if fam.name in families:
+                families[fam.name].samples.extend(fam.samples)
+            else:
+                families[fam.name] = fam
+
+    class _Merged:
+        def collect(self):
+            return list(families.values())
+
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Merged())
+    return generate_latest(reg)

@@ -1,0 +1,201 @@
+"""What a server serves: a callable model plus its declared inputs, loaded from an artifact or the zoo.
+
+``load_served_model("digits")`` trains the digits CNN (~10 s, real data, ~99 % accuracy) so that
+``torchfast serve`` alone starts something useful; ``"minilm"`` serves all-MiniLM-L6-v2 sentence
+embeddings with pad-and-mask batching; any torchvision classifier name serves that architecture
+(random weights: for load tests); a path serves what ``torchfast.save`` wrote (TorchScript ``.pt`` or
+ExportedProgram ``.pt2``).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .collate import SequencePadding
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8,
+           "int8": torch.int8, "bool": torch.bool}
+
+
+def dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}") from None
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input: its name, per-row shape (no batch dim; -1 = any size) and dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        parse_dtype(self.dtype)
+        if any((not isinstance(d, int)) or d < -1 or d == 0 for d in self.shape):
+            raise ValueError(f"input {self.name!r}: shape {self.shape} must hold positive sizes or -1")
+
+    def check(self, t: torch.Tensor) -> None:
+        """Raise ValueError naming the input, the expected and the received shape/dtype."""
+        want = (-1, *self.shape)
+        if t.dim() != len(want) or any(w != -1 and w != g for w, g in zip(want, t.shape)):
+            shown = "[batch, " + ", ".join("*" if d == -1 else str(d) for d in self.shape) + "]"
+            raise ValueError(f"input {self.name!r} must have shape {shown}, got {list(t.shape)}")
+        if t.dtype != parse_dtype(self.dtype):
+            raise ValueError(f"input {self.name!r} must have dtype {self.dtype}, got {dtype_name(t.dtype)}")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": [-1, *self.shape], "dtype": self.dtype}
+
+
+@dataclass
+class ServedModel:
+    """A model ready to batch: call style (one tensor, or keyword inputs), declared inputs, batching hints."""
+
+    name: str
+    model: Callable
+    inputs: tuple[InputSpec, ...]
+    keyword_inputs: bool = False       # call model(**{name: tensor}) instead of model(tensor, ...)
+    sequence: SequencePadding | None = None
+    max_batch_size: int | None = None  # a fixed-shape artifact caps (and pads to) its batch size
+    fixed_batch: bool = False
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def metadata(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description,
+                "inputs": [s.to_dict() for s in self.inputs], "keyword_inputs": self.keyword_inputs,
+                "sequence_padding": self.sequence is not None, **self.extra}
+
+    def request(self, tensors: dict[str, torch.Tensor]) -> Any:
+        """Validate named tensors against the declared inputs and shape them as the model is called."""
+        known = {s.name for s in self.inputs}
+        unknown = sorted(set(tensors) - known)
+        if unknown:
+            raise ValueError(f"unknown input(s) {unknown}; model {self.name!r} takes {sorted(known)}")
+        missing = [s.name for s in self.inputs if s.name not in tensors]
+        if missing:
+            raise ValueError(f"missing input(s) {missing}; model {self.name!r} takes {sorted(known)}")
+        for s in self.inputs:
+            s.check(tensors[s.name])
+        if self.keyword_inputs:
+            return {s.name: tensors[s.name] for s in self.inputs}
+        if len(self.inputs) == 1:
+            return tensors[self.inputs[0].name]
+        return tuple(tensors[s.name] for s in self.inputs)
+
+
+class MiniLMEmbedder(torch.nn.Module):
+    """all-MiniLM-L6-v2 as its users call it: token ids + mask -> mean-pooled, L2-normalized embedding."""
+
+    def __init__(self, bert: torch.nn.Module):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        from ..zoo.minilm import mean_pool
+        out = self.bert(input_ids=input_ids, attention_mask=attention_mask)
+        return {"embedding": mean_pool(out.last_hidden_state, attention_mask)}
+
+
+def builtin_model(name: str) -> ServedModel:
+    """The zoo models a bare ``torchfast serve NAME`` can start without any file."""
+    if name == "digits":
+        from ..zoo.digits import trained_cnn
+        model, data = trained_cnn()
+        acc = data.eval_fn(model)
+        return ServedModel("digits", model.eval(), (InputSpec("input", (1, 16, 16)),),
+                           description=f"DigitsCNN trained at startup on scikit-learn digits "
+                                       f"(test accuracy {acc:.3f}); input: normalized 16x16 images",
+                           extra={"test_accuracy": round(acc, 4), "outputs": ["logits[10]"]})
+    if name == "minilm":
+        from ..zoo.minilm import load_minilm
+        bert, tok = load_minilm()
+        seq = SequencePadding(dims={"input_ids": 1, "attention_mask": 1},
+                              values={"input_ids": tok.pad_token_id or 0}, output_dims=None, multiple_of=8)
+        return ServedModel("minilm", MiniLMEmbedder(bert).eval(),
+                           (InputSpec("input_ids", (-1,), "int64"), InputSpec("attention_mask", (-1,), "int64")),
+                           keyword_inputs=True, sequence=seq, extra={"tokenizer": tok},
+                           description="all-MiniLM-L6-v2 sentence embeddings (mean-pooled, normalized, 384-d)")
+    import torchvision
+    if name in torchvision.models.list_models(module=torchvision.models):
+        model = torchvision.models.get_model(name, weights=None).eval()
+        return ServedModel(name, model, (InputSpec("input", (3, 224, 224)),),
+                           description=f"torchvision {name} with random weights (for load tests, not accuracy)")
+    raise ValueError(f"unknown model {name!r}: give a path to a torchfast.save artifact (.pt / .pt2), "
+                     f"'digits', 'minilm' or a torchvision model name")
+
+
+def load_artifact(path: str | Path) -> Any:
+    """Load what torchfast.save wrote (ExportedPrograms as programs, so their input shapes are known)."""
+    path = Path(path)
+    try:
+        from ..export import load
+    except ImportError:  # torchfast.export absent: plain torch reads both formats
+        load = None
+    if load is not None:
+        obj = load(str(path), program=True)
+    elif path.suffix == ".pt2":
+        obj = torch.export.load(str(path))
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.jit.load(str(path), map_location="cpu")
+    if not callable(obj) and not isinstance(obj, torch.export.ExportedProgram):
+        raise ValueError(f"{path} holds {type(obj).__name__} (weights only?), not a runnable model; save it "
+                         f"with torchfast.save(model, path, format='torchscript' or 'exported_program')")
+    return obj
+
+
+def _specs_from_exported(ep: Any) -> tuple[tuple[InputSpec, ...], int | None]:
+    specs, batch = [], None
+    user = [s for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    for s in user:
+        val = nodes[s.arg.name].meta.get("val")
+        if val is None or not hasattr(val, "shape"):
+            continue
+        dims = [d if isinstance(d, int) else -1 for d in val.shape]
+        if dims and dims[0] != -1:
+            batch = dims[0]
+        specs.append(InputSpec(s.arg.name, tuple(dims[1:]), dtype_name(val.dtype)))
+    return tuple(specs), batch
+
+
+def load_served_model(source: str, name: str | None = None, input_shape: tuple[int, ...] | None = None,
+                      input_dtype: str = "float32") -> ServedModel:
+    """A path to an artifact, or a built-in name. ``input_shape`` (per row) declares a TorchScript input."""
+    p = Path(source)
+    if not p.exists():
+        served = builtin_model(source)
+        if name:
+            served.name = name
+        return served
+    obj = load_artifact(p)
+    model, specs, batch = obj, (), None
+    if isinstance(obj, torch.export.ExportedProgram):
+        specs, batch = _specs_from_exported(obj)
+        model = obj.module()
+    if input_shape is not None:
+        specs = (InputSpec("input", tuple(input_shape), input_dtype),)
+    if not specs:
+        raise ValueError(f"{p}: the artifact does not declare its input shape; pass --input-shape "
+                         f"(per row, e.g. 3,224,224) and --input-dtype")
+    served = ServedModel(name or p.stem.split(".")[0], model, specs, max_batch_size=batch,
+                         fixed_batch=batch is not None, description=f"artifact {p.name}")
+    if batch is not None:
+        served.extra["fixed_batch_size"] = batch
+    return served
