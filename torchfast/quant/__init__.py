@@ -1,0 +1,73 @@
+"""Quantization: int8 dynamic, int8 static (calibrated), weight-only int8/int4, float8, bf16/fp16.
+
+``model, report = torchfast.quantize(model, Int8Static(calibration=batches), example_inputs=x)``.
+The config says what; the implementation (torch.ao x86/fbgemm kernels, FX graph mode, torchao
+``quantize_``, PT2E + inductor) is chosen by the transform — by measurement where several can run.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable
+
+from torch import nn
+
+from ..modules import Batch, check_module
+from ..recipe import register_stage
+from ..report import Report
+from .calibrate import CalibrationError
+from .common import AlreadyQuantizedError
+from .config import Float8, HalfPrecision, Int8Dynamic, Int8Static, QuantConfig, WeightOnly
+from .weight_only import UnsupportedDeviceError
+
+__all__ = ["quantize", "Int8Dynamic", "Int8Static", "WeightOnly", "Float8", "HalfPrecision",
+           "CalibrationError", "AlreadyQuantizedError", "UnsupportedDeviceError"]
+
+
+def quantize(model: nn.Module, config: QuantConfig, example_inputs: Batch | None = None,
+             calibration: Iterable[Batch] | None = None) -> tuple[nn.Module, Report]:
+    """Quantize ``model`` with ``config``; returns (quantized model, per-layer report).
+
+    ``example_inputs``: a representative batch (tensor, tuple, dict). Int8Dynamic and HalfPrecision use it
+    to time each candidate against fp32 and keep only what is faster; Int8Static checks calibration batches
+    against it. ``calibration`` is a fallback for ``Int8Static(calibration=None)`` (recipes pass theirs).
+    On any error the caller's model is unchanged.
+    """
+    check_module(model)
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"quantize() takes Int8Dynamic, Int8Static, WeightOnly, Float8 or HalfPrecision, "
+                        f"got {type(config).__name__}")
+    was_training = model.training
+    try:
+        model.eval()
+        if isinstance(config, Int8Dynamic):
+            from .dynamic import quantize_dynamic
+            out, rep = quantize_dynamic(model, config, example_inputs)
+        elif isinstance(config, Int8Static):
+            from .select import quantize_static
+            out, rep = quantize_static(model, config, example_inputs, calibration)
+        elif isinstance(config, WeightOnly):
+            from .weight_only import quantize_weight_only
+            out, rep = quantize_weight_only(model, config)
+        elif isinstance(config, Float8):
+            from .weight_only import quantize_float8
+            out, rep = quantize_float8(model, config)
+        elif isinstance(config, HalfPrecision):
+            from .half import cast_half
+            out, rep = cast_half(model, config, example_inputs)
+        else:  # pragma: no cover
+            raise TypeError(f"no quantization transform for {type(config).__name__}")
+    except BaseException:
+        model.train(was_training)
+        raise
+    if out is not model:
+        model.train(was_training)
+    rep.summary.setdefault("config", config.to_dict())
+    return out, rep
+
+
+def _stage(model: nn.Module, config: QuantConfig, example_inputs: Any, calibration: list | None):
+    return quantize(model, config, example_inputs=example_inputs, calibration=calibration)
+
+
+for _cfg in (Int8Dynamic, Int8Static, WeightOnly, Float8, HalfPrecision):
+    register_stage(_cfg, _stage)

@@ -1,0 +1,143 @@
+"""Quantization configs: what to do, independent of which PyTorch API does it.
+
+Each scheme is a frozen dataclass validated on construction. The implementation behind a scheme
+(torch.ao eager/FX kernels, torchao ``quantize_``, the PT2E flow) is chosen by the transform, by
+measurement where more than one can run, so user code does not change when PyTorch moves an API.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..config import Config, ConfigError, check_choice, check_range
+
+__all__ = ["Int8Dynamic", "Int8Static", "WeightOnly", "Float8", "HalfPrecision", "QuantConfig", "OBSERVERS"]
+
+OBSERVERS = ("minmax", "histogram", "percentile")
+_DYNAMIC_MODULES = ("linear", "lstm", "gru")
+
+
+def _check_names(cls: str, fld: str, value: Any) -> None:
+    if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{cls}.{fld} must be a tuple of qualified module names, got {value!r}")
+
+
+@dataclass(frozen=True)
+class QuantConfig(Config):
+    """Common fields. ``skip``: qualified-name prefixes of layers to leave in floating point."""
+
+
+@dataclass(frozen=True)
+class Int8Dynamic(QuantConfig):
+    """int8 weights, activations quantized on the fly per batch: Linear, LSTM, GRU (no calibration).
+
+    backend: "auto" times the int8 kernels available here per layer on the real input shapes and keeps
+      the fastest (fp32 when no int8 kernel is faster); "torch.ao" (x86/fbgemm kernels) or "torchao"
+      (``Int8DynamicActivationInt8WeightConfig``) force one.
+    per_channel: per-output-channel weight scales (higher fidelity at the same speed).
+    full_range: 8-bit activations instead of fbgemm's default 7 bits. None = only where a probe proves the
+      kernel exact on this CPU (VNNI accumulates without the int16 saturation of older AVX2 kernels).
+    """
+    backend: str = "auto"
+    per_channel: bool = True
+    full_range: bool | None = None
+    modules: tuple[str, ...] = _DYNAMIC_MODULES
+    skip: tuple[str, ...] = ()
+    keep_slower: bool = False   # apply int8 even to layers measured slower than fp32
+    inplace: bool = False
+
+    def validate(self) -> None:
+        check_choice("Int8Dynamic", "backend", self.backend, ("auto", "torch.ao", "torchao"))
+        _check_names("Int8Dynamic", "modules", self.modules)
+        for m in self.modules:
+            check_choice("Int8Dynamic", "modules", m, _DYNAMIC_MODULES)
+        _check_names("Int8Dynamic", "skip", self.skip)
+        if self.full_range not in (None, True, False):
+            raise ConfigError(f"Int8Dynamic.full_range must be None, True or False, got {self.full_range!r}")
+
+
+@dataclass(frozen=True)
+class Int8Static(QuantConfig):
+    """int8 weights and activations, activation ranges calibrated on real batches (CNNs first of all).
+
+    calibration: any iterable of batches (DataLoader, list of tensors, tuples for multi-input models,
+      dicts of keyword inputs); in a recipe it may come from the recipe's calibration instead.
+    observer: activation range estimator: "minmax", "histogram" (error-minimising search) or
+      "percentile" (clip at ``percentile``).
+    method: "fx" (FX graph mode, eager int8 kernels, scriptable), "pt2e" (torch.export + torchao
+      X86InductorQuantizer, needs torch.compile/inductor to be fast; returns the compiled module), or
+      "auto" (fx, plus pt2e when ``compile_ok``; the faster one that keeps fidelity wins).
+    """
+    calibration: Any = field(default=None, compare=False, repr=False)
+    observer: str = "histogram"
+    percentile: float = 99.99
+    per_channel: bool = True
+    method: str = "fx"
+    max_batches: int | None = None
+    skip: tuple[str, ...] = ()
+    compile_ok: bool = False    # allow "auto" to try the PT2E+inductor path (minutes of compile on 2 cores)
+    progress: bool = True
+
+    def validate(self) -> None:
+        check_choice("Int8Static", "observer", self.observer, OBSERVERS)
+        check_choice("Int8Static", "method", self.method, ("auto", "fx", "pt2e"))
+        check_range("Int8Static", "percentile", self.percentile, 50.0, 100.0, lo_inclusive=False)
+        if self.max_batches is not None:
+            check_range("Int8Static", "max_batches", self.max_batches, 1)
+        _check_names("Int8Static", "skip", self.skip)
+        if self.calibration is not None and isinstance(self.calibration, (str, bytes, int, float)):
+            raise ConfigError(f"Int8Static.calibration must be an iterable of batches, got {self.calibration!r}")
+
+
+@dataclass(frozen=True)
+class WeightOnly(QuantConfig):
+    """Weight-only int8/int4 through torchao ``quantize_`` — the right choice for memory-bound GPU decoding.
+
+    int8 runs on CPU as well (torchao's int8 weight-only kernel); int4 needs CUDA (tinygemm) here.
+    """
+    bits: int = 8
+    group_size: int = 128
+    skip: tuple[str, ...] = ()
+    inplace: bool = False
+
+    def validate(self) -> None:
+        check_choice("WeightOnly", "bits", self.bits, (8, 4))
+        check_choice("WeightOnly", "group_size", self.group_size, (32, 64, 128, 256))
+        _check_names("WeightOnly", "skip", self.skip)
+
+
+@dataclass(frozen=True)
+class Float8(QuantConfig):
+    """float8 (e4m3) weights, and activations when ``dynamic_activations``, through torchao; CUDA sm89+."""
+    dynamic_activations: bool = True
+    granularity: str = "per_row"
+    skip: tuple[str, ...] = ()
+    inplace: bool = False
+
+    def validate(self) -> None:
+        check_choice("Float8", "granularity", self.granularity, ("per_row", "per_tensor"))
+        _check_names("Float8", "skip", self.skip)
+
+
+_HALF = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+         "half": torch.float16, torch.bfloat16: torch.bfloat16, torch.float16: torch.float16}
+
+
+@dataclass(frozen=True)
+class HalfPrecision(QuantConfig):
+    """Cast weights and activations to bf16/fp16. With example inputs the cast is timed against fp32 and
+    kept only if faster (``keep_slower`` overrides): bf16 wins on CPUs with AVX512-BF16/AMX, fp16 on CUDA."""
+    dtype: Any = torch.bfloat16
+    keep_slower: bool = False
+    inplace: bool = False
+
+    def validate(self) -> None:
+        if self.dtype not in _HALF:
+            raise ConfigError(f"HalfPrecision.dtype must be torch.bfloat16 or torch.float16 "
+                              f"('bf16'/'fp16'), got {self.dtype!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _HALF[self.dtype]

@@ -1,0 +1,63 @@
+"""int8 static through the PT2E flow: torch.export -> torchao prepare_pt2e/convert_pt2e with
+X86InductorQuantizer -> torch.compile(inductor), which fuses the quantize/dequantize pairs into int8
+kernels. Without inductor the converted graph runs reference (slow) ops, so this path returns the
+compiled module; compiling takes minutes on 2 cores, hence opt-in (``method="pt2e"`` or
+``compile_ok=True`` with ``method="auto"``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..modules import Batch, split_batch
+from ..report import Report
+from .calibrate import run_calibration
+from .config import Int8Static
+from .warnings import import_torchao, quiet
+
+__all__ = ["quantize_pt2e_static"]
+
+
+def _quantizer(cfg: Int8Static):
+    import_torchao()
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    from torchao.quantization.pt2e.observer import HistogramObserver, MinMaxObserver
+    from torchao.quantization.pt2e.quantizer import QuantizationSpec
+
+    config = xiq.get_default_x86_inductor_quantization_config()  # per-channel int8 weights
+    if cfg.observer != "histogram":
+        # percentile has no PT2E observer here; min-max is the conservative choice for it
+        act = QuantizationSpec(dtype=torch.uint8, quant_min=0, quant_max=255, qscheme=torch.per_tensor_affine,
+                               is_dynamic=False, observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12))
+        config = type(config)(act, act, config.weight, config.bias, config.is_qat)
+    q = xiq.X86InductorQuantizer()
+    q.set_global(config)
+    return q
+
+
+def quantize_pt2e_static(model: nn.Module, cfg: Int8Static, batches: list[Batch]) -> tuple[nn.Module, Report]:
+    import_torchao()
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    for m in model.modules():  # in-place activations confuse the quantizer's pattern partitions
+        if hasattr(m, "inplace") and isinstance(getattr(m, "inplace"), bool):
+            m.inplace = False
+    args, kwargs = split_batch(batches[0])
+    with quiet("torchao"), torch.no_grad():
+        exported = torch.export.export(model, args, kwargs).module()
+        prepared = prepare_pt2e(exported, _quantizer(cfg))
+        run_calibration(prepared, batches, progress=cfg.progress, desc=f"calibrating (pt2e, {cfg.observer})")
+        converted = convert_pt2e(prepared)
+    compiled = torch.compile(converted, backend="inductor")
+    report = Report("int8 static quantization (PT2E, X86InductorQuantizer + inductor)",
+                    columns=["layer", "applied", "scheme", "reason"])
+    nq = 0
+    for node in converted.graph.nodes:
+        if node.op == "call_function" and "dequantize" in str(node.target):
+            nq += 1
+    report.summary.update({"scheme": "int8 static", "method": "pt2e", "observer": cfg.observer,
+                           "quantize/dequantize pairs": nq, "calibration batches": len(batches)})
+    report.note("the returned module is torch.compile'd (inductor); the first call compiles")
+    if cfg.observer == "percentile":
+        report.note("percentile observer is FX-only; PT2E used min-max")
+    return compiled, report

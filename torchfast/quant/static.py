@@ -1,0 +1,164 @@
+"""int8 static post-training quantization through FX graph mode (torch.ao, x86 backend config).
+
+prepare_fx fuses conv-bn(-relu) and linear-relu, inserts observers (per-channel int8 weights, the chosen
+activation observer), calibration runs real batches through it, convert_fx lowers to the x86/fbgemm int8
+kernels. The result is an eager ``GraphModule``: no compile step, TorchScript-traceable, state_dict
+round-trips.
+
+Untraceable code (data-dependent control flow) does not sink the whole model: the module that fails to
+trace stays float and each of its children is quantized on its own, with its own captured calibration
+inputs. Layers with no int8 kernel (LayerNorm, GELU, ...) stay fp32; the report lists both.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..modules import Batch, call_model, split_batch
+from ..report import Report
+from .calibrate import run_calibration
+from .config import Int8Static
+from .dynamic import full_range_exact
+from .observers import activation_observer, weight_observer
+from .warnings import quiet
+
+__all__ = ["quantize_fx_static", "fx_qconfig_mapping"]
+
+_PARAM_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose2d, nn.BatchNorm2d, nn.BatchNorm1d,
+                nn.LayerNorm, nn.Embedding, nn.LSTM, nn.GRU, nn.MultiheadAttention)
+
+
+def fx_qconfig_mapping(cfg: Int8Static, reduce_range: bool, skip: tuple[str, ...] = ()):
+    from torch.ao.quantization import QConfig, get_default_qconfig, get_default_qconfig_mapping
+
+    qconfig = QConfig(activation=activation_observer(cfg.observer, reduce_range, cfg.percentile),
+                      weight=weight_observer(cfg.per_channel))
+    default_global = get_default_qconfig("x86")
+    mapping = get_default_qconfig_mapping("x86")
+    mapping.set_global(qconfig)
+    for obj, qc in list(mapping.object_type_qconfigs.items()):
+        if qc is not None and qc.activation is default_global.activation and qc.weight is default_global.weight:
+            mapping.set_object_type(obj, qconfig)
+    for name in skip:
+        mapping.set_module_name(name, None)
+    return mapping
+
+
+def _example_args(batch: Batch) -> tuple:
+    args, kwargs = split_batch(batch)
+    if kwargs:
+        raise TypeError("FX static quantization traces positional inputs; this model was called with keyword "
+                        "inputs (a dict batch) — pass a tuple batch or use Int8Dynamic")
+    return args
+
+
+def _is_trace_error(e: Exception) -> bool:
+    from torch.fx.proxy import TraceError
+    return isinstance(e, (TraceError, NotImplementedError)) or "symbolically traced" in str(e) or \
+        "Proxy" in str(e) or "proxy" in str(e)
+
+
+def _capture_child_inputs(model: nn.Module, children: list[str], batches: list[Batch]) -> dict[str, list[Batch]]:
+    seen: dict[str, list[Batch]] = {c: [] for c in children}
+    hooks = []
+    for c in children:
+        def hook(m, args, kwargs, _c=c):
+            a = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in args)
+            seen[_c].append(a if not kwargs else (a, dict(kwargs)))
+        hooks.append(model.get_submodule(c).register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            for b in batches:
+                call_model(model, b)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _fx_one(model: nn.Module, cfg: Int8Static, batches: list[Batch], reduce_range: bool, skip: tuple[str, ...],
+            prefix: str, untraced: list[tuple[str, str]], progress: bool) -> nn.Module:
+    """FX-quantize ``model``; on a trace failure keep it float and recurse into its children."""
+    from torch.ao.quantization.backend_config.x86 import get_x86_backend_config
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    mapping = fx_qconfig_mapping(cfg, reduce_range, skip)
+    try:
+        with quiet("torch.ao"):
+            prepared = prepare_fx(model, mapping, _example_args(batches[0]), backend_config=get_x86_backend_config())
+    except Exception as e:
+        if not _is_trace_error(e) and not isinstance(e, TypeError):
+            raise
+        untraced.append((prefix or "<root>", f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
+        children = [n for n, _ in model.named_children()]
+        inputs = _capture_child_inputs(model, children, batches)
+        for name in children:
+            child_batches = [b for b in inputs[name] if not (isinstance(b, tuple) and len(b) == 2 and isinstance(b[1], dict))]
+            full = f"{prefix}.{name}" if prefix else name
+            child = model.get_submodule(name)
+            if not child_batches or not any(p.is_floating_point() for p in child.parameters()):
+                continue
+            child_skip = tuple(s[len(name) + 1:] for s in skip if s.startswith(name + "."))
+            if name in skip:
+                continue
+            q = _fx_one(child, cfg, child_batches, reduce_range, child_skip, full, untraced, progress=False)
+            setattr(model, name, q)
+        return model
+    with quiet("torch.ao"):
+        run_calibration(prepared, batches, progress=progress, desc=f"calibrating {prefix or 'model'} ({cfg.observer})")
+        return convert_fx(prepared)
+
+
+def _is_quantized_module(mod: nn.Module) -> bool:
+    m = type(mod).__module__
+    return m.startswith("torch.ao.nn.quantized") or m.startswith("torch.ao.nn.intrinsic.quantized")
+
+
+def layer_report(original: nn.Module, quantized: nn.Module, untraced: list[tuple[str, str]],
+                 skip: tuple[str, ...], scheme: str) -> Report:
+    report = Report("int8 static quantization (FX graph mode, x86)",
+                    columns=["layer", "type", "applied", "scheme", "reason"])
+    qmods = dict(quantized.named_modules())
+    orig = [(n, m) for n, m in original.named_modules() if isinstance(m, _PARAM_TYPES) and n]
+    prev_name = None
+    for name, mod in orig:
+        row = dict(layer=name, type=type(mod).__name__)
+        q = qmods.get(name)
+        if any(name == s or name.startswith(s + ".") for s in skip):
+            report.add_row(**row, applied=False, scheme="fp32", reason="skipped by config")
+        elif q is not None and _is_quantized_module(q):
+            report.add_row(**row, applied=True, scheme=f"{scheme} ({type(q).__name__})")
+        elif q is None and isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            report.add_row(**row, applied=True, scheme=f"folded into {prev_name}", reason="conv-bn fusion")
+        elif q is None:
+            report.add_row(**row, applied=False, scheme="-", reason="removed/fused by FX tracing")
+        else:
+            owner = next((u for u, _ in untraced if u != "<root>" and (name == u or name.startswith(u + "."))), None)
+            why = (f"inside untraceable {owner!r}" if owner and not any(name.startswith(u + ".") and
+                   _is_quantized_module(qmods.get(name, nn.Identity())) for u, _ in untraced)
+                   else "no int8 kernel for this op in the x86 backend; kept fp32")
+            report.add_row(**row, applied=False, scheme="fp32", reason=why)
+        prev_name = name
+    for u, why in untraced:
+        report.note(f"{u} could not be traced by torch.fx ({why}); it stays float and its children were quantized separately")
+    return report
+
+
+def quantize_fx_static(model: nn.Module, cfg: Int8Static, batches: list[Batch]) -> tuple[nn.Module, Report]:
+    """``model`` is already a private copy in eval mode; ``batches`` are validated calibration batches."""
+    reduce_range = not full_range_exact()
+    untraced: list[tuple[str, str]] = []
+    original = copy.deepcopy(model)
+    q = _fx_one(model, cfg, batches, reduce_range, tuple(cfg.skip), "", untraced, cfg.progress)
+    scheme = "int8 static, " + ("per-channel" if cfg.per_channel else "per-tensor") + f", {cfg.observer}"
+    report = layer_report(original, q, untraced, tuple(cfg.skip), scheme)
+    report.summary.update({"scheme": "int8 static", "method": "fx", "observer": cfg.observer,
+                           "weights": "per-channel" if cfg.per_channel else "per-tensor",
+                           "activation bits": 7 if reduce_range else 8,
+                           "calibration batches": len(batches),
+                           "layers quantized": len(report.where(applied=True)),
+                           "layers kept in float": len(report.where(applied=False))})
+    return q, report
