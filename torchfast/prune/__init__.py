@@ -1,0 +1,44 @@
+"""Pruning-aware inference: structured pruning on a dependency graph, and sparse kernels.
+
+``prune`` removes whole channels / neurons / attention heads so every layer becomes a smaller dense
+layer (faster everywhere); ``sparsify`` masks weights and runs them through sparse kernels only where
+those are measured faster (2:4 semi-structured on CUDA, CSR/BSR on CPU).
+"""
+from __future__ import annotations
+
+from ..recipe import register_stage
+from .api import PruneError, _stage, prune
+from .config import ChannelPruning, SemiStructured24, UnstructuredSparse
+from .graph import DependencyGraph, TraceError
+from .trace import trace
+
+__all__ = ["prune", "ChannelPruning", "sparsify", "SemiStructured24", "UnstructuredSparse", "finetune",
+           "PruneError", "TraceError", "DependencyGraph", "trace"]
+
+register_stage(ChannelPruning, _stage)
+
+try:  # sparse kernels and fine-tuning live in their own files
+    from .sparse import _sparse_stage, sparsify
+    register_stage(SemiStructured24, _sparse_stage)
+    register_stage(UnstructuredSparse, _sparse_stage)
+except ImportError:  # pragma: no cover
+    pass
+try:
+    from .finetune import finetune
+except ImportError:  # pragma: no cover
+    pass
+
+
+# ``torchfast.prune`` is both this package and the public function (DESIGN: ``tf.prune(model, ...)``).
+# Importing the package binds the *module* to ``torchfast.prune``, so the module itself must be callable:
+# calling it is calling :func:`prune`, and ``torchfast.prune.ChannelPruning`` etc. keep working.
+import sys as _sys
+import types as _types
+
+
+class _CallablePackage(_types.ModuleType):
+    def __call__(self, model, example_inputs, config=None, **kwargs):
+        return prune(model, example_inputs, config, **kwargs)
+
+
+_sys.modules[__name__].__class__ = _CallablePackage

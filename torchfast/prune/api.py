@@ -1,0 +1,215 @@
+"""``prune(model, example_inputs, ChannelPruning(...)) -> (model, report)``.
+
+Trace -> coupled groups -> importance -> choose what to remove -> rebuild smaller layers on a copy ->
+run the copy on the example inputs and check every output keeps its shape -> only then commit the new
+layers into the user's module tree (``inplace=True``, default) or return the copy. Any error leaves the
+user's model exactly as it was.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..measure import count_flops
+from ..modules import batches_list, call_model, check_module, first_tensor, set_submodule
+from ..report import Report
+from .config import ChannelPruning
+from .graph import DependencyGraph, Family, TraceError, _tensors
+from .importance import family_scores
+from .structured import describe, keep_indices, rebuild_module
+from .trace import trace
+
+
+class PruneError(RuntimeError):
+    """Pruning produced a model that does not run or changes the output shapes; nothing was changed."""
+
+
+def _amount_for(fam: Family, cfg: ChannelPruning) -> float:
+    la = dict(cfg.layer_amounts)
+    for mod in sorted({m for m, r in fam.key if r in ("out", "head", "emb")}):
+        for name, amt in la.items():
+            if mod == name or mod.startswith(name + "."):
+                return amt
+    return cfg.amount
+
+
+def _n_keep(n: int, amount: float, round_to: int) -> int:
+    keep = n - int(math.floor(n * amount + 1e-9))
+    if round_to > 1:
+        keep = min(n, int(math.ceil(keep / round_to)) * round_to)
+    return max(1, keep)
+
+
+def _taylor_grads(model: nn.Module, batches: list, loss_fn: Callable | None) -> None:
+    """Accumulate dL/dw on ``model`` (a private copy) over the batches."""
+    for p in model.parameters():
+        p.grad = None
+    with torch.enable_grad():
+        for b in batches:
+            out = call_model(model, b)
+            loss = loss_fn(out) if loss_fn is not None else first_tensor(out).float().pow(2).mean()
+            loss.backward()
+
+
+def _choose(g: DependencyGraph, fams: list[Family], model: nn.Module, cfg: ChannelPruning,
+            report: Report) -> set[int]:
+    removed: set[int] = set()
+    scored = []
+    fallback = False
+    for f in fams:
+        s, fb = family_scores(g, f, model, cfg.importance)
+        fallback |= fb
+        scored.append((f, s))
+    if fallback:
+        report.note("bn_scale: groups without a BatchNorm were ranked by L1 weight norm")
+    if cfg.scope == "local" or cfg.layer_amounts:
+        for f, s in scored:
+            n = len(f.components)
+            amt = _amount_for(f, cfg)
+            k = _n_keep(n, amt, cfg.round_to)
+            if cfg.scope == "global" and amt == cfg.amount:
+                continue
+            for i in torch.argsort(s)[: n - k].tolist():
+                removed.add(f.components[i].root)
+    if cfg.scope == "global":
+        pool = [(float(sc), fi, ci) for fi, (f, s) in enumerate(scored) if _amount_for(f, cfg) == cfg.amount
+                for ci, sc in enumerate(s.tolist())]
+        budget = int(math.floor(len(pool) * cfg.amount + 1e-9))
+        caps = [len(f.components) - _n_keep(len(f.components), cfg.max_amount, cfg.round_to) for f, _ in scored]
+        taken = [0] * len(scored)
+        for sc, fi, ci in sorted(pool):
+            if budget <= 0:
+                break
+            if taken[fi] < caps[fi]:
+                taken[fi] += 1
+                budget -= 1
+                removed.add(scored[fi][0].components[ci].root)
+    return removed
+
+
+def _aliases(model: nn.Module) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        out.setdefault(id(m), []).append(n)
+    return out
+
+
+def _shapes(out: Any) -> list[tuple]:
+    return [tuple(t.shape) for t in _tensors(out)]
+
+
+def prune(model: nn.Module, example_inputs: Any, config: ChannelPruning | None = None, *,
+          calibration: list | None = None, inplace: bool = True) -> tuple[nn.Module, Report]:
+    """Structured pruning on the model's dependency graph. Returns (pruned model, report)."""
+    t0 = time.perf_counter()
+    check_module(model)
+    cfg = config if config is not None else ChannelPruning()
+    if not isinstance(cfg, ChannelPruning):
+        raise TypeError(f"prune() takes a ChannelPruning config, got {type(cfg).__name__}")
+    if example_inputs is None:
+        raise ValueError("prune() needs example_inputs: the dependency graph is traced from one forward pass")
+    names = {n for n, _ in model.named_modules()}
+    for ig in list(cfg.ignored) + [n for n, _ in cfg.layer_amounts]:
+        if ig not in names:
+            close = sorted(n for n in names if n and (ig in n or n in ig))[:3]
+            raise ValueError(f"ChannelPruning names layer {ig!r}, but {type(model).__name__} has no such submodule"
+                             + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
+
+    work = copy.deepcopy(model)
+    g = trace(work, example_inputs, cfg.ignored)
+    fams, blocked = g.families()
+    report = Report(f"prune: {type(model).__name__}", columns=["layer", "type", "before", "after", "applied", "reason"])
+
+    if cfg.importance == "taylor" and fams:
+        batches = batches_list(calibration)[:4] or [example_inputs]
+        work.eval()
+        _taylor_grads(work, batches, cfg.loss_fn)
+    removed = _choose(g, fams, work, cfg, report) if cfg.amount > 0 or cfg.layer_amounts else set()
+    if cfg.importance == "taylor":
+        for p in work.parameters():
+            p.grad = None
+
+    keep = keep_indices(g, removed)
+    aliases = _aliases(work)
+    new_modules: dict[str, nn.Module] = {}
+    for mod, k in sorted(keep.items()):
+        old = work.get_submodule(mod)
+        new = rebuild_module(old, k)
+        new_modules[mod] = new
+        report.add_row(layer=mod, type=type(old).__name__, before=describe(old), after=describe(new), applied=True,
+                       reason="channels removed" if "head" not in k else "heads removed")
+    old_by_name = {mod: work.get_submodule(mod) for mod in new_modules}
+    root_replaced = "" in new_modules
+    for mod, new in new_modules.items():
+        for alias in aliases[id(old_by_name[mod])]:
+            if alias:
+                set_submodule(work, alias, new)
+    if root_replaced:
+        work = new_modules[""]
+
+    ref_shapes = _shapes(g.output)
+    if new_modules:
+        try:
+            with torch.no_grad():
+                was = work.training
+                work.eval()
+                out = call_model(work, example_inputs)
+                work.train(was)
+        except Exception as e:
+            raise PruneError(f"the pruned model fails on the example inputs ({type(e).__name__}: {e}); "
+                             f"the original model is unchanged. Please report this model.") from e
+        if _shapes(out) != ref_shapes:
+            raise PruneError(f"pruning changed the output shapes {ref_shapes} -> {_shapes(out)}; "
+                             "the original model is unchanged")
+
+    for reason, comps in sorted(blocked.items(), key=lambda kv: -len(kv[1])):
+        prods = sorted({m for c in comps for m, r in c.producers})
+        shown = ", ".join(prods[:3]) + (f" (+{len(prods) - 3} more)" if len(prods) > 3 else "")
+        report.add_row(layer=shown, type="group", before=f"{len(comps)} channels", after=f"{len(comps)} channels",
+                       applied=False, reason=f"kept: {reason}")
+
+    try:
+        flops_before = count_flops(model, example_inputs)
+        flops_after = count_flops(work, example_inputs) if new_modules else flops_before
+    except Exception:  # pragma: no cover - exotic ops FlopCounterMode cannot see
+        flops_before = flops_after = None
+    p_before = sum(p.numel() for p in model.parameters())
+    p_after = sum(p.numel() for p in work.parameters())
+
+    result = work
+    if inplace and new_modules and not root_replaced:
+        user_aliases = _aliases(model)
+        user_by_name = dict(model.named_modules(remove_duplicate=False))
+        for mod, new in new_modules.items():
+            for alias in user_aliases[id(user_by_name[mod])]:
+                set_submodule(model, alias, new)
+        result = model
+    elif inplace and not new_modules:
+        result = model
+    n_removed = len(removed)
+    report.summary.update({
+        "amount": cfg.amount, "importance": cfg.importance, "scope": cfg.scope,
+        "groups": len(fams), "channels/heads removed": n_removed,
+        "channels/heads prunable": sum(len(f.components) for f in fams),
+        "unprunable groups (see rows)": len(blocked),
+        "params before": p_before, "params after": p_after,
+        "params ratio": p_after / max(1, p_before),
+        "FLOPs before": flops_before, "FLOPs after": flops_after,
+        "FLOPs ratio": None if not flops_before else flops_after / flops_before,
+        "layers rebuilt": len(new_modules), "time (s)": time.perf_counter() - t0,
+    })
+    return result, report
+
+
+def _stage(model: nn.Module, config: ChannelPruning, example_inputs: Any, calibration: list | None):
+    if example_inputs is None and calibration:
+        example_inputs = batches_list(calibration)[0]
+    return prune(model, example_inputs, config, calibration=calibration)
+
+
+__all__ = ["prune", "PruneError", "TraceError"]

@@ -1,0 +1,102 @@
+"""Configs for structured pruning and sparsity (frozen, validated on construction)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+from ..config import Config, ConfigError, check_choice, check_range
+
+IMPORTANCE = ("l1", "l2", "bn_scale", "taylor")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelPruning(Config):
+    """Remove ``amount`` of the prunable channels / neurons / attention heads of every coupled group.
+
+    importance: 'l1' | 'l2' (weight norms), 'bn_scale' (|BatchNorm gamma|, L1 where a group has no BN),
+        'taylor' (|w * dL/dw| on calibration batches or the example inputs; ``loss_fn(output) -> scalar``,
+        default: mean squared output, a label-free proxy).
+    scope: 'local' prunes each group by ``amount``; 'global' removes ``amount`` of all prunable channels,
+        ranked by group-normalized importance, at most ``max_amount`` of any one group.
+    ignored: layer names (a name covers its submodules) whose channels must not change.
+    layer_amounts: {layer name: amount} overrides for the groups that layer produces.
+    round_to: keep channel counts multiples of this (e.g. 8 for vectorized kernels).
+    """
+    amount: float = 0.3
+    importance: str = "l2"
+    scope: str = "local"
+    ignored: tuple[str, ...] = ()
+    layer_amounts: Any = ()
+    round_to: int = 1
+    max_amount: float = 0.9
+    loss_fn: Callable[[Any], Any] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ignored, str):
+            object.__setattr__(self, "ignored", (self.ignored,))
+        object.__setattr__(self, "ignored", tuple(self.ignored))
+        la = self.layer_amounts
+        if isinstance(la, Mapping):
+            la = tuple(sorted(la.items()))
+        object.__setattr__(self, "layer_amounts", tuple(tuple(x) for x in la))
+        super().__post_init__()
+
+    def validate(self) -> None:
+        n = type(self).__name__
+        check_range(n, "amount", self.amount, 0.0, 1.0, hi_inclusive=False)
+        check_choice(n, "importance", self.importance, IMPORTANCE)
+        check_choice(n, "scope", self.scope, ("local", "global"))
+        check_range(n, "max_amount", self.max_amount, 0.0, 1.0, hi_inclusive=False)
+        if not isinstance(self.round_to, int) or self.round_to < 1:
+            raise ConfigError(f"{n}.round_to must be a positive int, got {self.round_to!r}")
+        for x in self.ignored:
+            if not isinstance(x, str) or not x:
+                raise ConfigError(f"{n}.ignored must hold layer names, got {x!r}")
+        for pair in self.layer_amounts:
+            if len(pair) != 2 or not isinstance(pair[0], str):
+                raise ConfigError(f"{n}.layer_amounts must map layer names to amounts, got {pair!r}")
+            name, amt = pair
+            check_range(n, f"layer_amounts[{name!r}]", amt, 0.0, 1.0, hi_inclusive=False)
+            if any(name == ig or name.startswith(ig + ".") for ig in self.ignored):
+                raise ConfigError(f"{n}: layer {name!r} is in ignored, so it cannot be pruned "
+                                  f"(layer_amounts[{name!r}]={amt})")
+
+
+@dataclasses.dataclass(frozen=True)
+class UnstructuredSparse(Config):
+    """Zero the ``amount`` smallest-magnitude weights of each Linear; swap in a sparse kernel where measured faster.
+
+    layouts: sparse formats tried on CPU ('csr', 'bsr'); ``min_speedup``: a sparse kernel must beat the
+    dense layer by this factor on the layer's real input shape, else the layer stays dense (with zeros).
+    """
+    amount: float = 0.9
+    layouts: tuple[str, ...] = ("csr", "bsr")
+    blocksize: int = 16
+    min_speedup: float = 1.1
+    ignored: tuple[str, ...] = ()
+    runs: int = 15
+
+    def validate(self) -> None:
+        n = type(self).__name__
+        check_range(n, "amount", self.amount, 0.0, 1.0, hi_inclusive=False)
+        for x in self.layouts:
+            check_choice(n, "layouts", x, ("csr", "bsr"))
+        check_range(n, "min_speedup", self.min_speedup, 0.0, None)
+        if self.blocksize not in (2, 4, 8, 16, 32, 64):
+            raise ConfigError(f"{n}.blocksize must be one of 2..64 (a power of two), got {self.blocksize!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SemiStructured24(Config):
+    """2:4 sparsity (2 of every 4 consecutive input weights zeroed, by magnitude) on Linear layers.
+
+    On CUDA (compute capability >= 8.0, fp16/bf16) weights become ``torch.sparse.to_sparse_semi_structured``
+    tensors (sparse tensor cores). Elsewhere the 2:4 masks are applied and the layers stay dense, with a
+    report line per layer; ``require_kernel=True`` raises instead.
+    """
+    ignored: tuple[str, ...] = ()
+    require_kernel: bool = False
+    min_speedup: float = 1.0
+
+    def validate(self) -> None:
+        check_range(type(self).__name__, "min_speedup", self.min_speedup, 0.0, None)
