@@ -65,6 +65,7 @@ def plot(report: Any, path: str | os.PathLike, *, title: str | None = None, fide
         ax.annotate(f"{i}. {r['stage']}", (r["speedup"], r[key]), textcoords="offset points",
                     xytext=(6, 4 - 11 * (i % 3)), fontsize=8)
     ax.axvline(1.0, color="grey", lw=0.8, ls=":")
+    ax.margins(x=0.25, y=0.1)  # room for the labels
     ax.set_xlabel("speedup vs original (x, interleaved medians)")
     ax.set_ylabel("task metric" if key == "metric" else "output cosine vs original")
     ax.set_title(title or "torchfast.optimize: speed vs fidelity per stage")

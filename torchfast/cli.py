@@ -39,7 +39,8 @@ class UsageError(Exception):
 def _usage_types() -> tuple[type, ...]:
     from .cli_models import SourceError
     from .config import ConfigError
-    out: list[type] = [UsageError, SourceError, ConfigError]
+    from .pipeline import ExampleInputError
+    out: list[type] = [UsageError, SourceError, ConfigError, ExampleInputError]
     try:
         from .backends import BackendError
         out.append(BackendError)
@@ -77,6 +78,8 @@ def _backend_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--dtype", default=None, help="compute dtype for the backend: fp32, fp16, bf16 (default fp32)")
     p.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
                    help="backend option, repeatable (e.g. max_autotune=true for inductor)")
+    p.add_argument("--dynamic-batch", action="store_true",
+                   help="compile (and save) one model that accepts any batch size; bench: compile once instead of once per size")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default min_cosine=0.99,max_metric_drop=0.01)")
     p.add_argument("--keep-going", action="store_true", help="a stage that raises is rolled back and reported instead of aborting")
     p.add_argument("--out", default=None, metavar="PATH", help="save the optimized model (.pt TorchScript, .pt2 ExportedProgram)")
-    p.add_argument("--format", default=None, choices=("torchscript", "exported_program", "tensorrt"),
+    p.add_argument("--format", default=None, choices=("torchscript", "exported_program", "tensorrt", "state_dict"),
                    help="artifact format for --out (default: from the extension: .pt2 -> exported_program, else torchscript)")
     p.add_argument("--report", default=None, metavar="PATH", help="write the full report (.md markdown with per-layer tables, .json JSON)")
     p.add_argument("--chart", default=None, metavar="PNG", help="write a speed-vs-fidelity chart per stage (needs matplotlib)")
@@ -117,7 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)")
     b.add_argument("--recipe", default=None, help=f"apply these stages to the candidate first: {recipe_help()}")
     b.add_argument("--baseline", default=None, metavar="MODEL", help="baseline model when MODEL is a saved artifact")
-    b.add_argument("--dynamic-batch", action="store_true", help="compile once for every batch size instead of once per size")
     b.add_argument("--json", default=None, metavar="PATH", help="also write the table as JSON")
     _backend_args(b, "eager")
     _run_args(b)
@@ -126,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Save MODEL in --format, load it back with torchfast.load and compare its outputs with "
                                    "the model's on the example inputs (exit 1 if they differ).")
     _model_args(e)
-    e.add_argument("--format", default=None, choices=("torchscript", "exported_program", "tensorrt"),
+    e.add_argument("--format", default=None, choices=("torchscript", "exported_program", "tensorrt", "state_dict"),
                    help="artifact format (default: from the extension of --out)")
     e.add_argument("--out", required=True, metavar="PATH", help="where to write the artifact")
     e.add_argument("--recipe", default=None, help=f"apply these stages before exporting (no verification; use optimize for that): {recipe_help()}")
@@ -207,7 +209,12 @@ def save_artifact(model, path: str, fmt: str, example) -> None:
     if "example_inputs" in params:
         kwargs["example_inputs"] = example
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save(model, path, format=fmt, **kwargs)
+    try:
+        save(model, path, format=fmt, **kwargs)
+    except Exception as e:
+        hint = (" (torchao-quantized and other tensor-subclass models cannot be traced to TorchScript: "
+                "use --format exported_program or an .pt2 path)") if fmt == "torchscript" else ""
+        raise RuntimeError(f"saving the model as {fmt} to {path} failed{hint}: {type(e).__name__}: {e}") from e
 
 
 def _top(report):
@@ -244,9 +251,9 @@ def cmd_optimize(a) -> int:
         print(f"chart written to {a.chart}")
     if a.out:
         fmt = _format_for(a.out, a.format)
+        # the compiled model when the backend kept it (save() reuses its native artifact), else the eager one
         inner = result.model.inner
-        obj = inner if getattr(inner, "artifact", None) is not None and getattr(inner, "backend", None) in (
-            {"torchscript": "torchscript", "exported_program": "export"}.get(fmt),) else result.transformed
+        obj = inner if type(inner).__name__ == "Compiled" else result.transformed
         save_artifact(obj, a.out, fmt, src.example)
         print(f"saved {fmt} artifact to {a.out}")
     return EXIT_OK
@@ -269,6 +276,7 @@ def cmd_bench(a) -> int:
 
     from .cli_models import load_source
     from .measure import compare_latency, latency
+    from .dropin import eval_mode
     from .recipe import apply_recipe
     from .report import format_table
 
@@ -282,7 +290,7 @@ def cmd_bench(a) -> int:
     candidate = src.model
     if recipe:
         candidate, _ = apply_recipe(copy.deepcopy(src.model), recipe, src.example, src.calibration or None)
-        candidate.eval()
+        eval_mode(candidate)
     compiled_once = None
     if a.backend != "eager" or opts:
         from .backends import compile as tf_compile
@@ -326,6 +334,7 @@ def cmd_export(a) -> int:
 
     from .cli_models import load_source
     from .measure import fidelity
+    from .dropin import eval_mode
     from .recipe import apply_recipe
 
     src = load_source(a.model, a.input_shape, a.input_dtype, a.calibration, a.weights)
@@ -333,7 +342,7 @@ def cmd_export(a) -> int:
     recipe = _recipe(a.recipe, model) if a.recipe else []
     if recipe:
         model, _ = apply_recipe(copy.deepcopy(model), recipe, src.example, src.calibration or None)
-        model.eval()
+        eval_mode(model)
     fmt = _format_for(a.out, a.format)
     save_artifact(model, a.out, fmt, src.example)
     from .export import load

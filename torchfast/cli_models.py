@@ -15,6 +15,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .dropin import eval_mode
+
 __all__ = ["Source", "load_source", "parse_shape", "make_inputs", "SourceError", "MODEL_HELP"]
 
 MODEL_HELP = ("MODEL is one of: torchvision:NAME (e.g. torchvision:resnet50; random weights unless "
@@ -41,12 +43,13 @@ class Source:
 
 def parse_shape(text: str) -> tuple[int, ...]:
     """``1,3,224,224`` or ``1x3x224x224`` -> (1, 3, 224, 224)."""
-    parts = [p for p in text.replace("x", ",").replace(" ", "").split(",") if p]
+    import re
+    parts = re.split(r"\s*[,x]\s*", text.strip())
     try:
         shape = tuple(int(p) for p in parts)
     except ValueError:
         raise SourceError(f"--input-shape {text!r}: expected integers like 1,3,224,224") from None
-    if not shape or any(d < 1 for d in shape):
+    if any(d < 1 for d in shape):
         raise SourceError(f"--input-shape {text!r}: every dimension must be >= 1")
     return shape
 
@@ -77,7 +80,7 @@ def _random_source(model: nn.Module, shapes, dtypes, n_calib: int, desc: str, hi
     def make(n: int, seed: int = 0):
         return make_inputs(_with_batch(shapes, n), dtypes, seed, high)
     calib = [make(shapes[0][0], seed=100 + i) for i in range(n_calib)]
-    return Source(model.eval(), make(shapes[0][0]), lambda n: make(n), calib, None, desc)
+    return Source(eval_mode(model), make(shapes[0][0]), lambda n: make(n), calib, None, desc)
 
 
 def _torchvision(name: str, shapes, dtypes, n_calib: int, weights: str | None) -> Source:
@@ -98,7 +101,7 @@ def _hf(path: str, shapes, n_calib: int) -> Source:
         from transformers import AutoModel
     except ImportError as e:
         raise SourceError("hf: models need transformers: pip install 'torchfast[text]'") from e
-    model = AutoModel.from_pretrained(path).eval()
+    model = eval_mode(AutoModel.from_pretrained(path))
     batch, seq = shapes[0][:2] if shapes and len(shapes[0]) >= 2 else (1, 128)
     vocab = int(getattr(model.config, "vocab_size", 1000))
 
@@ -116,7 +119,7 @@ def _zoo(name: str, shapes, n_calib: int) -> Source:
         model, data = trained_cnn() if name == "digits-cnn" else trained_mlp()
         n = shapes[0][0] if shapes else 64
         x = data.x_test
-        return Source(model.eval(), x[:n], lambda k: x[:k], data.calibration()[:max(1, n_calib)], data.eval_fn,
+        return Source(eval_mode(model), x[:n], lambda k: x[:k], data.calibration()[:max(1, n_calib)], data.eval_fn,
                       f"trained {name} on scikit-learn digits (metric: test accuracy)")
     if name == "minilm":
         from .zoo.minilm import batches, load_minilm
@@ -137,6 +140,8 @@ def _callable(spec: str, shapes, dtypes, n_calib: int) -> Source:
                 raise SourceError(f"{target}: no such file")
             mspec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(target))[0], target)
             mod = importlib.util.module_from_spec(mspec)
+            import sys
+            sys.modules.setdefault(mspec.name, mod)  # dataclasses and pickling look the module up by name
             mspec.loader.exec_module(mod)
         else:
             mod = importlib.import_module(target)
@@ -153,7 +158,7 @@ def _callable(spec: str, shapes, dtypes, n_calib: int) -> Source:
         raise SourceError(f"{spec} returned {type(made).__name__}, not an nn.Module")
     if example is not None and not shapes:
         from .modules import batches_list
-        return Source(made.eval(), example, lambda n: example, batches_list([example]), None, spec)
+        return Source(eval_mode(made), example, lambda n: example, batches_list([example]), None, spec)
     if not shapes:
         raise SourceError(f"MODEL {spec!r} needs --input-shape (e.g. --input-shape 1,3,224,224)")
     return _random_source(made, shapes, dtypes or [torch.float32], n_calib, spec)

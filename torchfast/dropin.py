@@ -16,7 +16,17 @@ from torch import nn
 
 from .modules import model_device, split_batch
 
-__all__ = ["wrap", "Wrapped", "TensorSpec", "InputError"]
+__all__ = ["wrap", "Wrapped", "TensorSpec", "InputError", "eval_mode"]
+
+
+def eval_mode(model: Any) -> Any:
+    """``model.eval()`` where the module supports it (an ExportedProgram's module() refuses: it has no train mode)."""
+    if isinstance(model, nn.Module):
+        try:
+            model.eval()
+        except NotImplementedError:
+            pass
+    return model
 
 
 class InputError(ValueError):
@@ -202,8 +212,7 @@ def wrap(model: Callable, example_inputs: Any = None, *, like: nn.Module | None 
     """
     if not callable(model):
         raise TypeError(f"wrap() needs a model (an nn.Module or a callable), got {type(model).__name__}")
-    if isinstance(model, nn.Module):
-        model.eval()
+    eval_mode(model)
     sig = _signature(like, model) if like is not None else _signature(model)
     if device is not None:
         dev = torch.device(device)

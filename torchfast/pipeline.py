@@ -21,10 +21,15 @@ from torch import nn
 from .config import Config, ConfigError, check_range
 from .measure import Fidelity, compare_latency, count_flops, fidelity, size_of
 from .modules import batches_list, call_model, check_module
+from .dropin import eval_mode
 from .recipe import apply_stage, stage_for
 from .report import Report
 
-__all__ = ["Tolerance", "StageResult", "Optimized", "optimize", "describe"]
+__all__ = ["Tolerance", "StageResult", "Optimized", "optimize", "describe", "ExampleInputError"]
+
+
+class ExampleInputError(ValueError):
+    """The model does not run on the example inputs it was given (wrong shape, dtype or form)."""
 
 
 @dataclass(frozen=True)
@@ -190,7 +195,8 @@ def _flops(model: nn.Module, example: Any) -> int | None:
 def _size(model: nn.Module) -> tuple[float | None, int | None]:
     try:
         s = size_of(model)
-        return s.mb, s.params
+        # quantized kernels keep weights in packed params, invisible to parameters(): '-' rather than 0
+        return s.mb, (s.params or None)
     except Exception:
         return None, None
 
@@ -284,13 +290,13 @@ def optimize(model: nn.Module, example_inputs: Any, recipe: Sequence[Config] | s
     from tqdm.auto import tqdm
 
     flags = _training_flags(model)
-    model.eval()
+    eval_mode(model)
     try:
         with torch.inference_mode():
             try:
                 call_model(model, example_inputs)
             except Exception as e:
-                raise ValueError(f"the model does not run on example_inputs: {type(e).__name__}: {e}") from e
+                raise ExampleInputError(f"the model does not run on example_inputs: {type(e).__name__}: {e}") from e
         return _run(model, example_inputs, recipe, backend, options, eval_fn, tol, calib, val, output_fn,
                     runs, warmup, threads, on_error, dynamic_dims, tqdm, progress)
     finally:
@@ -340,7 +346,7 @@ def _run(original, example, recipe, backend, options, eval_fn, tol, calib, val, 
         t0 = time.perf_counter()
         try:
             cand, rep = apply_stage(copy.deepcopy(current), cfg, example, calib)
-            cand.eval()
+            eval_mode(cand)
         except Exception as e:
             if on_error == "raise":
                 bar.close()
@@ -368,7 +374,10 @@ def _run(original, example, recipe, backend, options, eval_fn, tol, calib, val, 
             call_model(compiled, example)  # first call: where lazy backends really compile
         seconds = getattr(compiled, "compile_time_s", None) or (time.perf_counter() - t0)
         r, _ = measure(compiled, f"compile: {backend}", seconds, getattr(compiled, "report", None), flops=False)
-        r.flops = next((x.flops for x in reversed(results) if x.applied), None)  # same graph as the eager model
+        # same weights and graph as the eager model: TorchScript freezing turns weights into constants that
+        # state_dict() no longer shows, so size/params/FLOPs are the transformed model's
+        last = next(x for x in reversed(results) if x.applied)
+        r.flops, r.size_mb, r.params = last.flops, last.size_mb, last.params
         if not r.applied:
             compiled = transformed
             r.reason = r.reason.replace("rolled back", "output rejected, kept the eager model")
