@@ -99,11 +99,11 @@ def save(obj: Any, path: str | os.PathLike, format: str = "torchscript", *, exam
             raise TypeError(f"cannot export {type(source).__name__} to an ExportedProgram; pass the nn.Module")
         if example_inputs is None:
             raise ValueError("saving an nn.Module as an ExportedProgram needs example_inputs to export it")
-        from .backends.export import export_program
+        from .backends.export import export_program, exportable
         was = source.training
         source.eval()
         try:
-            ep = export_program(source, example_inputs, dynamic_batch=dynamic_batch)
+            ep = export_program(exportable(source, example_inputs)[0], example_inputs, dynamic_batch=dynamic_batch)
         finally:
             source.train(was)
     torch.export.save(ep, str(path))

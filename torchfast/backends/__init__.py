@@ -26,12 +26,23 @@ __all__ = ["compile", "Compiled", "Backend", "BackendError", "BACKENDS", "get_ba
 
 def _resolve_device(backend: Backend, model: nn.Module, device: Any) -> torch.device:
     if device is not None:
-        return torch.device(device) if not (isinstance(device, str) and device == "xla") else torch.device("xla")
+        return torch.device(device)
     if backend.devices == ("cuda",):
         return torch.device("cuda")
     if backend.devices == ("xla",):
         return torch.device("xla")
     return model_device(model)
+
+
+def _check_device_present(dev: torch.device, impl: Any) -> torch.device:
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError("device 'cuda' requested but torch sees no CUDA GPU here "
+                           f"(torch {torch.__version__}, torch.cuda.is_available() is False)")
+    if dev.type == "cuda" and dev.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if dev.type == "xla" and dev.index is None and hasattr(impl, "default_device"):
+        return impl.default_device()
+    return dev
 
 
 def _compare(ref: Any, out: Any) -> dict[str, float]:
@@ -73,6 +84,7 @@ def compile(model: nn.Module, example_inputs: Batch, backend: str = "inductor", 
     kind = quantization_kind(model)
     check(backend, device=dev.type, dtype=dt, quant_kind=kind, dynamic_batch=dynamic_batch, scripted=scripted)
     impl = spec.load()
+    dev = _check_device_present(dev, impl)
     opts = _options(impl, backend, options)  # validates names and values
     if dynamic_batch:
         batch_size_of(example_inputs)  # clear error now if there is no batch dimension
@@ -96,7 +108,8 @@ def compile(model: nn.Module, example_inputs: Batch, backend: str = "inductor", 
         built: Built = impl.build(work, inputs, opts, dynamic_batch=dynamic_batch)
         compiled = Compiled(built.runnable, backend=backend, device=dev, dtype=dt, dynamic_batch=dynamic_batch,
                             artifact=built.artifact, compile_time_s=0.0, report=report, source=model,
-                            example_inputs=example_inputs, output_type=built.output_type)
+                            example_inputs=example_inputs, output_type=built.output_type,
+                            grad_mode=built.grad_mode)
         out = None
         for _ in range(max(1, warmup)):
             out = call_model(compiled, inputs)

@@ -1,6 +1,7 @@
 """The result of ``torchfast.compile``: a drop-in ``nn.Module`` around what the backend built."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -10,7 +11,7 @@ from torch import nn
 from ..modules import move_batch
 from ..report import Report
 
-__all__ = ["Built", "Compiled"]
+__all__ = ["Built", "Compiled", "plain_dict_output"]
 
 
 @dataclass
@@ -21,6 +22,7 @@ class Built:
     info: dict[str, Any] = field(default_factory=dict)   # figures for the report (graphs, graph breaks, ...)
     notes: list[str] = field(default_factory=list)
     output_type: type | None = None    # rebuild this Mapping type from a plain dict output (TorchScript)
+    grad_mode: str = "inference"       # "inference": inference_mode; "no_grad" where a runtime lacks inference tensors (XLA)
 
 
 class Compiled(nn.Module):
@@ -33,7 +35,8 @@ class Compiled(nn.Module):
 
     def __init__(self, runnable: Callable, *, backend: str, device: torch.device, dtype: torch.dtype,
                  dynamic_batch: bool, artifact: Any, compile_time_s: float, report: Report,
-                 source: nn.Module | None, example_inputs: Any, output_type: type | None = None):
+                 source: nn.Module | None, example_inputs: Any, output_type: type | None = None,
+                 grad_mode: str = "inference"):
         super().__init__()
         if isinstance(runnable, nn.Module):
             self.module = runnable           # registered, so .to()/.state_dict() see it
@@ -47,6 +50,7 @@ class Compiled(nn.Module):
         self.compile_time_s = compile_time_s
         self.report = report
         self.output_type = output_type
+        self.grad_mode = grad_mode
         # kept out of the module tree: the source model for save() in other formats, not a submodule
         object.__setattr__(self, "source", source)
         object.__setattr__(self, "example_inputs", example_inputs)
@@ -69,7 +73,7 @@ class Compiled(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         args, kwargs = self._prepare(args, kwargs)
-        with torch.inference_mode():
+        with (torch.inference_mode() if self.grad_mode == "inference" else torch.no_grad()):
             out = self.runnable(*args, **kwargs)
         if self.output_type is not None and isinstance(out, Mapping) and not isinstance(out, self.output_type):
             out = self.output_type(**out)
@@ -78,3 +82,27 @@ class Compiled(nn.Module):
     def extra_repr(self) -> str:
         return (f"backend={self.backend!r}, device={self.device}, dtype={self.dtype}, "
                 f"dynamic_batch={self.dynamic_batch}, compile_time_s={self.compile_time_s:.2f}")
+
+
+class _PlainDictOutput(nn.Module):
+    """Returns a Mapping output as a plain dict, which torch.jit.trace accepts (a dict subclass it may not)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> dict:
+        return {k: v for k, v in self.model(*args, **kwargs).items() if v is not None}
+
+
+def plain_dict_output(model: nn.Module) -> nn.Module:
+    """Wrap ``model`` in a _PlainDictOutput whose forward shows ``model.forward``'s signature
+    (tracing with keyword inputs checks the names against it)."""
+    sig = inspect.signature(model.forward)
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+    def forward(self, *args: Any, **kwargs: Any) -> dict:
+        return _PlainDictOutput.forward(self, *args, **kwargs)
+    forward.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])
+    cls = type(f"{type(model).__name__}DictOutput", (_PlainDictOutput,), {"forward": forward})
+    return cls(model)

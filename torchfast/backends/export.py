@@ -9,14 +9,17 @@ the tracer specializes sizes of 1.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+import torch.utils._pytree as pytree
+
 from ..config import Config, check_range
-from ..modules import split_batch
-from .compiled import Built
+
+from ..modules import call_model, split_batch
+from .compiled import Built, plain_dict_output
 from .inputs import batch_dims, batch_size_of, resize_batch
 
 
@@ -62,8 +65,20 @@ def _arg_names(model: nn.Module, n: int) -> list[str]:
     return [p.name for p in params[:n]]
 
 
+def exportable(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, type | None]:
+    """(model to export, Mapping type to rebuild): an output type torch.export does not know (no pytree
+    registration) is exported as a plain dict."""
+    with torch.inference_mode():
+        out = call_model(model, example_inputs)
+    if isinstance(out, Mapping) and type(out) is not dict and type(out) not in pytree.SUPPORTED_NODES:
+        return plain_dict_output(model), type(out)
+    return model, None
+
+
 def build(model: nn.Module, example_inputs: Any, options: Options, *, dynamic_batch: bool = False) -> Built:
+    model, output_type = exportable(model, example_inputs)
     ep = export_program(model, example_inputs, dynamic_batch=dynamic_batch, strict=options.strict,
                         decompose=options.decompose, max_batch=options.max_batch)
     nodes = sum(1 for n in ep.graph.nodes if n.op == "call_function")
-    return Built(runnable=ep.module(), artifact=ep, info={"strict": options.strict, "graph_ops": nodes})
+    return Built(runnable=ep.module(), artifact=ep, info={"strict": options.strict, "graph_ops": nodes},
+                 output_type=output_type)

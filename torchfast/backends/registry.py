@@ -125,10 +125,11 @@ def quantization_kind(model: nn.Module) -> str | None:
         data = t.data if isinstance(t, nn.Parameter) else t
         if type(data).__module__.startswith("torchao") or t.is_quantized:
             return "torchao" if type(data).__module__.startswith("torchao") else "ao"
-    if isinstance(model, torch.fx.GraphModule):
-        for node in model.graph.nodes:
-            if node.op == "call_function" and "quantize_per" in str(node.target):
-                return "pt2e"
+    for m in model.modules():
+        if isinstance(m, torch.fx.GraphModule):
+            for node in m.graph.nodes:
+                if node.op == "call_function" and "quantize_per" in str(node.target):
+                    return "pt2e"
     return None
 
 

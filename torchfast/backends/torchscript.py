@@ -17,7 +17,7 @@ from torch import nn
 from ..config import Config, check_choice
 from ..modules import call_model, split_batch
 from ._warnings import quiet_deprecations
-from .compiled import Built
+from .compiled import Built, plain_dict_output
 
 _MSG = ("torchfast: TorchScript is deprecated upstream (torch.export is its successor); torchfast keeps the "
         "'torchscript' backend for libtorch/Triton deployments.")
@@ -70,9 +70,11 @@ def build(model: nn.Module, example_inputs: Any, options: Options, *, dynamic_ba
     if not isinstance(model, torch.jit.ScriptModule):
         with torch.inference_mode():
             out = call_model(model, example_inputs)
-        # HF ModelOutput and similar: traced modules return a plain dict; rebuild the user's type
+        # HF ModelOutput and similar Mapping types: trace a plain dict (all tracing accepts), rebuild the type
         if isinstance(out, Mapping) and type(out) is not dict:
             output_type = type(out)
+            if options.method == "trace":
+                model = plain_dict_output(model)
     scripted = to_torchscript(model, example_inputs, options.method)
     artifact = runnable = freeze(scripted) if options.freeze else scripted
     if options.optimize:
