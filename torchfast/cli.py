@@ -240,6 +240,7 @@ def cmd_optimize(a) -> int:
           f"backend: {a.backend}", file=sys.stderr)
     result = optimize(src.model, src.example, recipe, backend=a.backend, backend_options=_backend_options(a),
                       eval_fn=src.eval_fn, tolerance=tol, calibration=src.calibration or None,
+                      validation=src.validation or None,
                       runs=a.runs, threads=a.threads, on_error="skip" if a.keep_going else "raise",
                       progress=False if a.no_progress else None)
     print(_top(result.report).to_markdown())

@@ -38,7 +38,7 @@ class Source:
     calibration: list = field(default_factory=list)
     eval_fn: Callable | None = None
     description: str = ""
-    output_fn: Callable | None = None
+    validation: list = field(default_factory=list)  # fidelity batches, distinct from the calibration ones
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -80,7 +80,8 @@ def _random_source(model: nn.Module, shapes, dtypes, n_calib: int, desc: str, hi
     def make(n: int, seed: int = 0):
         return make_inputs(_with_batch(shapes, n), dtypes, seed, high)
     calib = [make(shapes[0][0], seed=100 + i) for i in range(n_calib)]
-    return Source(eval_mode(model), make(shapes[0][0]), lambda n: make(n), calib, None, desc)
+    val = [make(shapes[0][0], seed=200 + i) for i in range(4)]
+    return Source(eval_mode(model), make(shapes[0][0]), lambda n: make(n), calib, None, desc, val)
 
 
 def _torchvision(name: str, shapes, dtypes, n_calib: int, weights: str | None) -> Source:
@@ -110,7 +111,7 @@ def _hf(path: str, shapes, n_calib: int) -> Source:
         return {"input_ids": torch.randint(0, vocab, (n, seq), generator=g),
                 "attention_mask": torch.ones(n, seq, dtype=torch.long)}
     return Source(model, make(batch), lambda n: make(n), [make(batch, 100 + i) for i in range(n_calib)], None,
-                  f"Hugging Face {path} (random token ids, seq {seq})")
+                  f"Hugging Face {path} (random token ids, seq {seq})", [make(batch, 200 + i) for i in range(4)])
 
 
 def _zoo(name: str, shapes, n_calib: int) -> Source:
@@ -119,16 +120,18 @@ def _zoo(name: str, shapes, n_calib: int) -> Source:
         model, data = trained_cnn() if name == "digits-cnn" else trained_mlp()
         n = shapes[0][0] if shapes else 64
         x = data.x_test
+        val = [x[i:i + 64] for i in range(0, len(x), 64)]  # held-out test images; calibration uses training ones
         return Source(eval_mode(model), x[:n], lambda k: x[:k], data.calibration()[:max(1, n_calib)], data.eval_fn,
-                      f"trained {name} on scikit-learn digits (metric: test accuracy)")
+                      f"trained {name} on scikit-learn digits (metric: test accuracy)", val)
     if name == "minilm":
         from .zoo.minilm import batches, load_minilm
         model, tok = load_minilm()
         batch, seq = shapes[0][:2] if shapes and len(shapes[0]) >= 2 else (8, 128)
         calib = batches(tok, n_batches=max(1, n_calib), batch_size=batch, seq_len=seq, offset=64)
         ex = batches(tok, 1, batch, seq)[0]
+        val = batches(tok, n_batches=4, batch_size=batch, seq_len=seq, offset=64 + batch * max(1, n_calib))
         return Source(model, ex, lambda k: batches(tok, 1, k, seq)[0], calib, None,
-                      f"all-MiniLM-L6-v2 on real sentences (batch {batch}, seq {seq})")
+                      f"all-MiniLM-L6-v2 on real sentences (batch {batch}, seq {seq})", val)
     raise SourceError(f"unknown zoo model {name!r}; choose digits-cnn, digits-mlp or minilm")
 
 
@@ -158,7 +161,8 @@ def _callable(spec: str, shapes, dtypes, n_calib: int) -> Source:
         raise SourceError(f"{spec} returned {type(made).__name__}, not an nn.Module")
     if example is not None and not shapes:
         from .modules import batches_list
-        return Source(eval_mode(made), example, lambda n: example, batches_list([example]), None, spec)
+        return Source(eval_mode(made), example, lambda n: example, batches_list([example]), None, spec,
+                      batches_list([example]))
     if not shapes:
         raise SourceError(f"MODEL {spec!r} needs --input-shape (e.g. --input-shape 1,3,224,224)")
     return _random_source(made, shapes, dtypes or [torch.float32], n_calib, spec)
