@@ -217,11 +217,6 @@ def save_artifact(model, path: str, fmt: str, example) -> None:
         raise RuntimeError(f"saving the model as {fmt} to {path} failed{hint}: {type(e).__name__}: {e}") from e
 
 
-def _top(report):
-    from .report import Report
-    return Report(report.title, dict(report.summary), list(report.rows), list(report.notes))
-
-
 def _write_report(report, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -243,7 +238,7 @@ def cmd_optimize(a) -> int:
                       validation=src.validation or None,
                       runs=a.runs, threads=a.threads, on_error="skip" if a.keep_going else "raise",
                       progress=False if a.no_progress else None)
-    print(_top(result.report).to_markdown())
+    print(result.table())
     if a.report:
         _write_report(result.report, a.report)
         print(f"\nreport written to {a.report}")

@@ -166,6 +166,12 @@ class Optimized:
         kept = [s for s in self.stages if s.applied and s.speedup is not None]
         return kept[-1].speedup if kept else None
 
+    def table(self, per_layer: bool = False) -> str:
+        """The per-stage table with its summary (``per_layer=True``: plus every stage's own per-layer report)."""
+        if per_layer:
+            return self.report.to_markdown()
+        return Report(self.report.title, self.report.summary, self.report.rows, self.report.notes).to_markdown()
+
     def chart(self, path: str, **kwargs: Any) -> str:
         """PNG of latency vs fidelity per stage (needs matplotlib: ``pip install 'torchfast[plot]'``)."""
         from .chart import plot

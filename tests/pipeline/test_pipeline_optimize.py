@@ -47,6 +47,7 @@ def test_rollback_keeps_good_stages_and_reports_every_stage():
     assert torch.nn.functional.cosine_similarity(out, ref).min() > 0.99
     assert torch.equal(out, res.transformed(x))
     assert res.speedup is not None and res.backend == "eager"
+    assert "## noise" not in res.table() and "## noise" in res.table(per_layer=True)
     # JSON round trip of the report
     back = tf.Report.from_dict(res.report.to_dict())
     assert back.rows[2]["applied"] is False
