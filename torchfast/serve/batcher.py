@@ -352,6 +352,36 @@ class DynamicBatcher:
                                       f"(nan_guard is on); check its input values")
         return answers
 
+    # ---------------------------------------------------------------- batches formed elsewhere
+    def run_batch(self, xs: Sequence[Any]) -> list[Any]:
+        """Run requests another batcher already grouped (Ray Serve's ``@serve.batch``) with our collation:
+        shape groups, padding buckets, sequence padding and error isolation. Returns one entry per request:
+        its answer, or the exception that is its own error (never raised, so one bad input fails alone)."""
+        answers: list[Any] = [None] * len(xs)
+        groups: dict[tuple, list[tuple[int, _Request]]] = {}
+        now = time.monotonic()
+        for i, x in enumerate(xs):
+            try:
+                p = self.check(x)
+            except (TypeError, ValueError) as e:
+                answers[i] = e
+                continue
+            groups.setdefault(p.signature, []).append((i, _Request(p, 0, i, now, None)))
+        for members in groups.values():
+            chunk, rows = [], 0
+            for item in members + [None]:
+                if item is None or rows + item[1].parsed.rows > self.max_batch_size:
+                    if chunk:
+                        for (i, _), (ok, val) in zip(chunk, self._run_isolated([r for _, r in chunk], True, [])):
+                            answers[i] = val
+                            self.metrics.on_accept()
+                            self.metrics.on_outcome("ok" if ok else "error")
+                    chunk, rows = [], 0
+                if item is not None:
+                    chunk.append(item)
+                    rows += item[1].parsed.rows
+        return answers
+
     # ---------------------------------------------------------------- introspection
     def queue_depth(self) -> int:
         with self._cond:
