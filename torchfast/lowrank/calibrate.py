@@ -3,7 +3,8 @@
 The covariance (second moment ``E[x x^T]``, not centered: the bias is kept, so the output error of a
 factorization is ``tr(dW E[xx^T] dW^T)``) lives in the space the layer's weight matrix acts on: the
 features of a Linear, the im2col columns (``C_in*kh*kw``) of a Conv2d. Positions are subsampled
-(``max_positions`` per batch) to bound memory and time.
+(``max_positions`` per batch) to bound memory and time. For dict batches with an ``attention_mask``
+[B, T], Linear inputs shaped [B, T, D] keep only the real (unpadded) tokens.
 """
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def collect(model: nn.Module, layers: dict[str, nn.Module], shape_batch: Any, ca
         if name not in want_cov:
             stats[name].cov_skipped = f"input dim {feature_dim(layers[name])} > max_cov_dim {max_cov_dim}"
     gen = torch.Generator().manual_seed(seed)
-    phase = {"shapes": False, "cov": False}
+    phase: dict[str, Any] = {"shapes": False, "cov": False, "mask": None}
 
     def hook(name: str, module: nn.Module):
         def fn(mod, args, out):
@@ -91,6 +92,9 @@ def collect(model: nn.Module, layers: dict[str, nn.Module], shape_batch: Any, ca
                             x = x[torch.randperm(x.shape[0], generator=gen)[:keep].to(x.device)]
                         cols = conv_columns(mod, x)
                     else:
+                        mask = phase.get("mask")
+                        if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+                            x = x[mask.to(x.device).bool()]  # padding tokens carry nothing the outputs use
                         cols = x.reshape(-1, x.shape[-1])
                     if cols.shape[0] > max_positions:
                         idx = torch.randperm(cols.shape[0], generator=gen)[:max_positions].to(cols.device)
@@ -113,6 +117,7 @@ def collect(model: nn.Module, layers: dict[str, nn.Module], shape_batch: Any, ca
                 phase["shapes"] = False
             for i, b in enumerate(calibration):
                 phase["cov"] = True
+                phase["mask"] = b.get("attention_mask") if isinstance(b, dict) else None
                 phase["shapes"] = shape_batch is None and i == 0
                 call_model(model, move_batch(b, device))
                 phase["shapes"] = False

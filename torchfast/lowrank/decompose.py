@@ -12,6 +12,7 @@ minimizer of the output error is the truncated SVD of ``W L`` mapped back by ``L
 """
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -21,6 +22,22 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float64 for the sizes where it is cheap (exactness), float32 for huge matrices (speed)."""
     big = max(t.numel() for t in tensors if t is not None)
     return torch.float64 if big <= 8_000_000 else torch.float32
+
+
+@contextlib.contextmanager
+def linalg_threads(weight: torch.Tensor, small: int = 4_000_000):
+    """One thread for the SVD/Cholesky of small and mid-size matrices: multi-threaded LAPACK gains
+    nothing there and, on a loaded machine, its spin-waiting threads made an SVD 100x slower (measured:
+    a 384x384 float64 SVD took 14 s on 2 busy threads, 0.08 s on one)."""
+    if weight.device.type != "cpu" or weight.numel() > small:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def damped(cov: torch.Tensor, damping: float) -> torch.Tensor:

@@ -74,6 +74,10 @@ class Layer:
         return self._cache["spatial"]
 
     def spectra(self, method: str) -> tuple[torch.Tensor, ...]:
+        with D.linalg_threads(self.module.weight):
+            return self._spectra(method)
+
+    def _spectra(self, method: str) -> tuple[torch.Tensor, ...]:
         if method in ("svd", "channel"):
             return (self.svd().S,)
         if method == "spatial":
@@ -83,6 +87,10 @@ class Layer:
         return self._cache["modes"]
 
     def build(self, method: str, ranks: tuple[int, ...]) -> Candidate:
+        with D.linalg_threads(self.module.weight):
+            return self._build(method, ranks)
+
+    def _build(self, method: str, ranks: tuple[int, ...]) -> Candidate:
         m, g, W = self.module, self.geom, self.weight()
         bias = None if m.bias is None else m.bias.detach()
         if method in ("svd", "channel"):
