@@ -38,6 +38,7 @@ class HTTPError(Exception):
 
 def make_batcher(served: ServedModel, **knobs: Any) -> DynamicBatcher:
     """A batcher for a served model; a fixed-batch artifact caps the batch and pads every call to it."""
+    knobs = {**knobs, **served.knobs}
     if served.fixed_batch and served.max_batch_size:
         knobs["max_batch_size"] = served.max_batch_size
         knobs["preferred_batch_sizes"] = [served.max_batch_size]

@@ -74,6 +74,7 @@ class ServedModel:
     fixed_batch: bool = False
     description: str = ""
     extra: dict = field(default_factory=dict)
+    knobs: dict = field(default_factory=dict)  # per-model batcher knobs, over the server's defaults
 
     def metadata(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description,
