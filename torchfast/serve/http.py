@@ -4,6 +4,7 @@ POST /v1/models/{name}/infer   JSON ``{"inputs": [[...]]}`` or ``{"inputs": {"na
                                a ``.npy`` body (application/x-npy) or safetensors (application/x-safetensors)
 GET  /v1/models[/{name}]       metadata: declared inputs (shape with -1 = any, dtype), batching knobs
 GET  /healthz  /readyz  /metrics (Prometheus text)
+Headers: ``x-timeout-ms`` (or ``?timeout_ms=``) per-request deadline, ``x-priority`` (higher runs first).
 Errors: 400 malformed body, 404 unknown model, 413 too large, 415 unknown media type, 422 shape/dtype,
 500 the model's own error for this request, 503 + Retry-After when the queue is full, 504 on timeout.
 """
@@ -211,7 +212,11 @@ def create_app(models: Sequence[ServedModel], *, max_batch_size: int = 32, max_d
         except ValueError:
             raise HTTPError(400, f"timeout must be a positive number of milliseconds, got {timeout!r}") from None
         try:
-            out = await b.submit(x, timeout_ms=t)
+            priority = int(request.headers.get("x-priority", "0"))
+        except ValueError:
+            raise HTTPError(400, f"x-priority must be an integer, got {request.headers.get('x-priority')!r}") from None
+        try:
+            out = await b.submit(x, timeout_ms=t, priority=priority)
         except QueueFull as e:
             raise HTTPError(503, str(e), {"Retry-After": "1"}) from None
         except BatcherClosed as e:
