@@ -266,3 +266,29 @@ def test_cli_serves_an_artifact_and_drains_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_server_stop_drains_in_flight_requests():
+    vec = Gated().eval()
+    vec.gate.clear()
+    app = create_app([ServedModel("vec", vec, (InputSpec("input", (4,)),))], max_batch_size=4, max_delay_ms=1,
+                     warmup=False)
+    srv = ServerThread(app).start()
+    results: list = []
+
+    def one(i):
+        results.append(httpx.post(srv.url + "/v1/models/vec/infer", json={"inputs": [[float(i)] * 4]}, timeout=30))
+    clients = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for t in clients:
+        t.start()
+    assert vec.entered.wait(10)
+    time.sleep(0.3)  # the other requests reach the queue
+    stopper = threading.Thread(target=srv.stop)
+    stopper.start()  # shutting down while 6 requests are accepted and unanswered
+    time.sleep(0.3)
+    vec.gate.set()
+    for t in clients:
+        t.join(30)
+    stopper.join(30)
+    assert sorted(r.status_code for r in results) == [200] * 6
+    assert not app.state.torchfast["ready"]
