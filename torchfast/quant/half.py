@@ -36,6 +36,14 @@ class HalfPrecisionModule(nn.Module):
         return _to_float(out)
 
 
+def _cpu_native_fp16() -> bool:
+    return bool(getattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)())
+
+
+def _cpu_native_bf16() -> bool:
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+
+
 def _to_float(out):
     if isinstance(out, torch.Tensor):
         return out.float() if out.is_floating_point() else out
@@ -56,10 +64,11 @@ def cast_half(model: nn.Module, cfg: HalfPrecision, example_inputs: Batch | None
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise UnsupportedDeviceError(f"HalfPrecision(bfloat16): {torch.cuda.get_device_name(device)} has no bf16 support; "
                                      f"use HalfPrecision(torch.float16)")
-    if device.type == "cpu" and dtype == torch.float16 and not cfg.keep_slower:
-        cap = torch.backends.cpu.get_cpu_capability()
-        raise UnsupportedDeviceError(f"HalfPrecision(float16) on CPU ({cap}) has no fast fp16 GEMM and runs slower than "
-                                     f"fp32; use HalfPrecision(torch.bfloat16) on CPU (or keep_slower=True to force it)")
+    if device.type == "cpu" and dtype == torch.float16 and not cfg.keep_slower and not _cpu_native_fp16():
+        bf16 = "this CPU has AVX512-BF16: use HalfPrecision(torch.bfloat16)" if _cpu_native_bf16() else \
+            "use Int8Dynamic/Int8Static on this CPU"
+        raise UnsupportedDeviceError(f"HalfPrecision(float16) on CPU: this CPU has no native fp16 arithmetic (no AMX-FP16), "
+                                     f"so fp16 only costs precision; {bf16} (keep_slower=True forces fp16)")
     work = model if cfg.inplace else copy.deepcopy(model)
     half = HalfPrecisionModule(work.to(dtype), dtype)
     report = Report(f"{name} casting", columns=["layer", "applied", "scheme", "reason"])

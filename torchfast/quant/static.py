@@ -104,7 +104,10 @@ def _fx_one(model: nn.Module, cfg: Int8Static, batches: list[Batch], reduce_rang
             child_skip = tuple(s[len(name) + 1:] for s in skip if s.startswith(name + "."))
             if name in skip:
                 continue
-            q = _fx_one(child, cfg, child_batches, reduce_range, child_skip, full, untraced, progress=False)
+            leaf = not any(True for _ in child.children())
+            # a bare leaf traces to functional ops; wrapped, it converts to a quantized module at "<name>.0"
+            target = nn.Sequential(child) if leaf else child
+            q = _fx_one(target, cfg, child_batches, reduce_range, child_skip, full, untraced, progress=False)
             setattr(model, name, q)
         return model
     with quiet("torch.ao"):
@@ -127,6 +130,8 @@ def layer_report(original: nn.Module, quantized: nn.Module, untraced: list[tuple
     for name, mod in orig:
         row = dict(layer=name, type=type(mod).__name__)
         q = qmods.get(name)
+        if isinstance(q, torch.fx.GraphModule) and f"{name}.0" in qmods:  # a leaf quantized on its own
+            q = qmods[f"{name}.0"]
         if any(name == s or name.startswith(s + ".") for s in skip):
             report.add_row(**row, applied=False, scheme="fp32", reason="skipped by config")
         elif q is not None and _is_quantized_module(q):
