@@ -49,7 +49,6 @@ def test_results_match_model_for_each_form_of_request():
     with DynamicBatcher(lin, max_batch_size=8, max_delay_ms=2) as b:
         x = torch.randn(3, 4)
         torch.testing.assert_close(b(x), lin(x).detach())
-    two = lambda a, b_: a @ b_.T  # noqa: E731 - positional inputs
     with DynamicBatcher(lambda a, c: a + c, max_batch_size=4) as b:
         a, c = torch.randn(2, 3), torch.randn(2, 3)
         torch.testing.assert_close(b((a, c)), a + c)
@@ -57,7 +56,6 @@ def test_results_match_model_for_each_form_of_request():
         out = b({"p": a, "q": c})
         torch.testing.assert_close(out["sum"], a + c)
         torch.testing.assert_close(out["diff"], a - c)
-    del two
 
 
 def test_requests_pile_up_into_one_batch_and_answers_do_not_mix():
