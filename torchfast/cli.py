@@ -212,9 +212,12 @@ def save_artifact(model, path: str, fmt: str, example) -> None:
     try:
         save(model, path, format=fmt, **kwargs)
     except Exception as e:
-        hint = (" (torchao-quantized and other tensor-subclass models cannot be traced to TorchScript: "
-                "use --format exported_program or an .pt2 path)") if fmt == "torchscript" else ""
-        raise RuntimeError(f"saving the model as {fmt} to {path} failed{hint}: {type(e).__name__}: {e}") from e
+        raise RuntimeError(f"saving the model as {fmt} to {path} failed{_save_hint(fmt)}: {type(e).__name__}: {e}") from e
+
+
+def _save_hint(fmt: str) -> str:
+    return (" (torchao-quantized and other tensor-subclass models cannot be traced to TorchScript: "
+            "use --format exported_program or a .pt2 path)") if fmt == "torchscript" else ""
 
 
 def _write_report(report, path: str) -> None:
@@ -247,10 +250,11 @@ def cmd_optimize(a) -> int:
         print(f"chart written to {a.chart}")
     if a.out:
         fmt = _format_for(a.out, a.format)
-        # the compiled model when the backend kept it (save() reuses its native artifact), else the eager one
-        inner = result.model.inner
-        obj = inner if type(inner).__name__ == "Compiled" else result.transformed
-        save_artifact(obj, a.out, fmt, src.example)
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        try:
+            result.save(a.out, fmt)
+        except Exception as e:
+            raise RuntimeError(f"saving the model as {fmt} to {a.out} failed{_save_hint(fmt)}: {type(e).__name__}: {e}") from e
         print(f"saved {fmt} artifact to {a.out}")
     return EXIT_OK
 

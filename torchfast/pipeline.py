@@ -159,6 +159,7 @@ class Optimized:
     transformed: nn.Module
     backend: str
     stages: list[StageResult] = field(default_factory=list)
+    example_inputs: Any = field(default=None, repr=False)
 
     @property
     def speedup(self) -> float | None:
@@ -171,6 +172,18 @@ class Optimized:
         if per_layer:
             return self.report.to_markdown()
         return Report(self.report.title, self.report.summary, self.report.rows, self.report.notes).to_markdown()
+
+    def save(self, path: str, format: str | None = None, **kwargs: Any):
+        """Save the result as a deployable artifact through ``torchfast.save``: the compiled model when the
+        backend kept it (its native artifact is reused where the format matches), else the transformed
+        one. ``format`` defaults from the extension: ``.pt2`` -> exported_program, else torchscript."""
+        from .export import save
+        fmt = format or ("exported_program" if str(path).endswith(".pt2") else "torchscript")
+        inner = self.model.inner if hasattr(self.model, "inner") else self.model
+        obj = inner if type(inner).__name__ == "Compiled" else self.transformed
+        if "example_inputs" not in kwargs and getattr(self, "example_inputs", None) is not None:
+            kwargs["example_inputs"] = self.example_inputs
+        return save(obj, path, format=fmt, **kwargs)
 
     def chart(self, path: str, **kwargs: Any) -> str:
         """PNG of latency vs fidelity per stage (needs matplotlib: ``pip install 'torchfast[plot]'``)."""
@@ -403,7 +416,8 @@ def _run(original, example, recipe, backend, options, eval_fn, tol, calib, val, 
 
     report = _report(results, backend, tol, eval_fn is not None, base_metric, len(val), runs, threads)
     drop_in = wrap(compiled, example, like=original, dynamic_dims=dynamic_dims)
-    return Optimized(model=drop_in, report=report, transformed=transformed, backend=backend, stages=results)
+    return Optimized(model=drop_in, report=report, transformed=transformed, backend=backend, stages=results,
+                     example_inputs=example)
 
 
 def _report(results: list[StageResult], backend: str, tol: Tolerance, has_metric: bool,
