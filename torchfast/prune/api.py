@@ -103,6 +103,32 @@ def _shapes(out: Any) -> list[tuple]:
     return [tuple(t.shape) for t in _tensors(out)]
 
 
+def plan(model: nn.Module, example_inputs: Any, cfg: ChannelPruning, *, calibration: list | None = None,
+         report: Report | None = None) -> tuple[DependencyGraph, list[Family], dict, set[int]]:
+    """Trace ``model`` and decide what to remove, without changing it (beyond transient grads for taylor).
+
+    Returns (graph, prunable families, {reason: blocked components}, roots of components to remove).
+    """
+    report = report if report is not None else Report("plan")
+    g = trace(model, example_inputs, cfg.ignored)
+    fams, blocked = g.families()
+    if cfg.importance == "taylor" and fams and (cfg.amount > 0 or cfg.layer_amounts):
+        batches = batches_list(calibration)[:4] or [example_inputs]
+        was = model.training
+        model.eval()
+        try:
+            _taylor_grads(model, batches, cfg.loss_fn)
+        finally:
+            model.train(was)
+    try:
+        removed = _choose(g, fams, model, cfg, report) if cfg.amount > 0 or cfg.layer_amounts else set()
+    finally:
+        if cfg.importance == "taylor":
+            for p in model.parameters():
+                p.grad = None
+    return g, fams, blocked, removed
+
+
 def prune(model: nn.Module, example_inputs: Any, config: ChannelPruning | None = None, *,
           calibration: list | None = None, inplace: bool = True) -> tuple[nn.Module, Report]:
     """Structured pruning on the model's dependency graph. Returns (pruned model, report)."""
@@ -121,18 +147,8 @@ def prune(model: nn.Module, example_inputs: Any, config: ChannelPruning | None =
                              + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
 
     work = copy.deepcopy(model)
-    g = trace(work, example_inputs, cfg.ignored)
-    fams, blocked = g.families()
     report = Report(f"prune: {type(model).__name__}", columns=["layer", "type", "before", "after", "applied", "reason"])
-
-    if cfg.importance == "taylor" and fams:
-        batches = batches_list(calibration)[:4] or [example_inputs]
-        work.eval()
-        _taylor_grads(work, batches, cfg.loss_fn)
-    removed = _choose(g, fams, work, cfg, report) if cfg.amount > 0 or cfg.layer_amounts else set()
-    if cfg.importance == "taylor":
-        for p in work.parameters():
-            p.grad = None
+    g, fams, blocked, removed = plan(work, example_inputs, cfg, calibration=calibration, report=report)
 
     keep = keep_indices(g, removed)
     aliases = _aliases(work)
@@ -212,4 +228,4 @@ def _stage(model: nn.Module, config: ChannelPruning, example_inputs: Any, calibr
     return prune(model, example_inputs, config, calibration=calibration)
 
 
-__all__ = ["prune", "PruneError", "TraceError"]
+__all__ = ["prune", "plan", "PruneError", "TraceError"]

@@ -172,3 +172,46 @@ def describe(m: nn.Module) -> str:
     if attention_kind(m) == "hf":
         return f"{m.num_attention_heads} heads x {m.attention_head_size}"
     return type(m).__name__
+
+
+@torch.no_grad()
+def mask_removed(model: nn.Module, g: DependencyGraph, removed: set[int]) -> nn.Module:
+    """Zero (in place) what pruning would remove: producer rows/biases, BN scales+shifts, attention heads' values.
+
+    For activations with f(0) = 0 (ReLU, GELU, SiLU, Hardswish) the masked model computes exactly what the
+    pruned one does; tests use it as an independent check of the rebuilt layers.
+    """
+    for (mod, role), slots in g.slots.items():
+        idx = [i for i, e in enumerate(slots.tolist()) if g.uf.find(e) in removed]
+        if not idx:
+            continue
+        m = model.get_submodule(mod)
+        ix = torch.tensor(idx)
+        if role in ("out", "dw") and isinstance(m, (nn.Linear,) + _CONV):
+            m.weight[ix] = 0
+            if m.bias is not None:
+                m.bias[ix] = 0
+        elif role == "out" and attention_kind(m) == "mha":
+            m.out_proj.weight[ix] = 0
+            if m.out_proj.bias is not None:
+                m.out_proj.bias[ix] = 0
+        elif role == "bn":
+            if m.weight is not None:
+                m.weight[ix] = 0
+                m.bias[ix] = 0
+        elif role == "emb":
+            m.weight[:, ix] = 0
+        elif role == "head":
+            if attention_kind(m) == "hf":
+                d = m.attention_head_size
+                rows = (ix[:, None] * d + torch.arange(d)[None]).flatten()
+                m.value.weight[rows] = 0
+                if m.value.bias is not None:
+                    m.value.bias[rows] = 0
+            else:
+                E, d = m.embed_dim, m.embed_dim // m.num_heads
+                rows = 2 * E + (ix[:, None] * d + torch.arange(d)[None]).flatten()
+                m.in_proj_weight[rows] = 0
+                if m.in_proj_bias is not None:
+                    m.in_proj_bias[rows] = 0
+    return model

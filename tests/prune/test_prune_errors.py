@@ -1,0 +1,103 @@
+"""Bad input: clear errors and the user's model untouched; unknown ops block their group with a reason."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import torchfast as tf
+from torchfast.config import ConfigError
+from torchfast.modules import state_snapshot
+from torchfast.prune import TraceError
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("amount", [1.0, -0.1, 1.5, "0.3"])
+def test_amount_out_of_range(amount):
+    with pytest.raises(ConfigError, match="amount"):
+        tf.ChannelPruning(amount=amount)
+
+
+def test_bad_choices():
+    with pytest.raises(ConfigError, match="importance"):
+        tf.ChannelPruning(importance="random")
+    with pytest.raises(ConfigError, match="scope"):
+        tf.ChannelPruning(scope="layer")
+
+
+def test_wrong_shaped_inputs_name_the_layer(digits_cnn):
+    model, data = digits_cnn
+    snap = state_snapshot(model)
+    with pytest.raises(TraceError, match=r"features\.0.*Conv2d|conv2d"):
+        tf.prune(model, torch.randn(2, 3, 16, 16), tf.ChannelPruning(amount=0.3))
+    assert _same(snap, state_snapshot(model)) and model.features[0].out_channels == 32
+
+
+def test_untraceable_models():
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+    with pytest.raises(TraceError, match="TorchScript"):
+        tf.prune(scripted, torch.randn(1, 4))
+
+    class Bad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 8)
+
+        def forward(self, x):
+            return torch.linalg.solve(self.fc(x), x)  # shapes do not fit
+
+    with pytest.raises(TraceError, match="first failing op: torch.*solve"):
+        tf.prune(Bad(), torch.randn(2, 4))
+
+
+def test_ignored_layers(digits_cnn):
+    model, data = digits_cnn
+    with pytest.raises(ConfigError, match="features.3.*ignored"):
+        tf.ChannelPruning(amount=0.5, ignored=["features.3"], layer_amounts={"features.3": 0.5})
+    with pytest.raises(ValueError, match="no such submodule"):
+        tf.prune(model, data.x_test[:4], tf.ChannelPruning(amount=0.5, ignored=["features.99"]))
+    pm, rep = tf.prune(model, data.x_test[:4], tf.ChannelPruning(amount=0.5, ignored=["features.3"]), inplace=False)
+    assert pm.features[3].out_channels == 64 and pm.features[3].in_channels == 32  # nothing touching it changes
+    assert pm.features[7].out_channels == 64
+    assert any("ignored" in r["reason"] for r in rep.where(applied=False))
+
+
+def test_unknown_op_blocks_its_group_with_a_reason():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = self.a(x).relu()
+            y = torch.cumsum(self.b(y), dim=1)  # mixes channels: the graph cannot reason about it
+            return self.c(y).mean((2, 3))
+
+    m = Odd().eval()
+    x = torch.randn(1, 3, 12, 12)
+    pm, rep = tf.prune(m, x, tf.ChannelPruning(amount=0.5), inplace=False)
+    assert pm.a.out_channels == 4 and pm.b.out_channels == 8  # a's group prunable, b's blocked
+    assert any("cumsum" in r["reason"] and "b" in r["layer"] for r in rep.where(applied=False))
+    assert pm(x).shape == m(x).shape
+
+
+def test_dtype_and_layer_amounts():
+    m = nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 12), nn.ReLU(),
+                      nn.Linear(12, 3)).double().eval()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    pm, _ = tf.prune(m, x, tf.ChannelPruning(amount=0.5, layer_amounts={"3": 0.25}), inplace=False)
+    assert pm[0].out_features == 8 and pm[2].normalized_shape == (8,) and pm[3].out_features == 9
+    assert pm[0].weight.dtype == torch.float64 and pm(x).dtype == torch.float64 and pm(x).shape == (5, 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_half():
+    import torchvision
+    m = torchvision.models.resnet18(num_classes=10).cuda().half().eval()
+    x = torch.randn(2, 3, 64, 64, device="cuda", dtype=torch.half)
+    pm, _ = tf.prune(m, x, tf.ChannelPruning(amount=0.5), inplace=False)
+    assert pm.conv1.weight.device.type == "cuda" and pm.conv1.weight.dtype == torch.half
+    assert pm(x).shape == (2, 10)
