@@ -53,24 +53,8 @@ def test_rollback_keeps_good_stages_and_reports_every_stage():
     assert back.rows[2]["applied"] is False
 
 
-def _trained_digits_mlp():
-    """A 64-32-10 MLP trained on scikit-learn's real 8x8 digits in well under a second (no fixture: the
-    session-trained zoo models take long on a loaded machine)."""
-    from torchfast.measure import accuracy
-    from torchfast.zoo.digits import load_digits
-    data = load_digits(size=8)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    for _ in range(150):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(data.x_train), data.y_train).backward()
-        opt.step()
-    return model.eval(), data, (lambda m: accuracy(m, data.test_batches()))
-
-
 def test_metric_tolerance_on_real_accuracy():
-    model, data, eval_fn = _trained_digits_mlp()
+    model, data, eval_fn = st.trained_digits_mlp()
     x = data.x_test[:64]
     res = optimize(model, x, [st.DropHidden(0.9), st.Noise(1e-4)], eval_fn=eval_fn,
                    tolerance=Tolerance(min_cosine=None, max_metric_drop=0.01), **FAST)
