@@ -392,7 +392,8 @@ def _run(original, example, recipe, backend, options, eval_fn, tol, calib, val, 
         with torch.inference_mode():
             call_model(compiled, example)  # first call: where lazy backends really compile
         seconds = getattr(compiled, "compile_time_s", None) or (time.perf_counter() - t0)
-        r, _ = measure(compiled, f"compile: {backend}", seconds, getattr(compiled, "report", None), flops=False)
+        r, _ = measure(compiled, f"compile: {backend}", seconds, getattr(compiled, "report", None),
+                       prev=transformed, flops=False)  # min_speedup applies to the backend too
         # same weights and graph as the eager model: TorchScript freezing turns weights into constants that
         # state_dict() no longer shows, so size/params/FLOPs are the transformed model's
         last = next(x for x in reversed(results) if x.applied)
