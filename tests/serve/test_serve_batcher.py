@@ -81,19 +81,33 @@ def test_padding_buckets_pad_run_and_slice():
     b = DynamicBatcher(m, max_batch_size=8, max_delay_ms=300, preferred_batch_sizes=[1, 2, 4, 8])
     b.submit_future(torch.zeros(1, 3))
     assert m.entered.wait(10)
-    xs = [torch.randn(1, 3) for _ in range(5)]
+    xs = [torch.randn(3, 3), torch.randn(3, 3)]  # 6 rows fill no bucket exactly: pad to 8
     futs = [b.submit_future(x) for x in xs]
     m.gate.set()
     outs = [f.result(10) for f in futs]
     b.close()
-    assert all(s[0] in (1, 2, 4, 8) for s in m.shapes)
-    assert (8, 3) in m.shapes  # 5 real rows ran as the 8 bucket
+    assert m.shapes[1] == (8, 3)
+    assert torch.equal(m.rows_seen[1][6:], m.rows_seen[1][5:6].expand(2, 3))  # padding repeats a real row
     for x, y in zip(xs, outs):
-        assert y.shape == (1, 3)  # padding never reaches an answer
+        assert y.shape == (3, 3)  # padding never reaches an answer
         torch.testing.assert_close(y, expected(x))
-    assert b.snapshot()["padded_rows"] == 3
+    assert b.snapshot()["padded_rows"] == 2
     with pytest.raises(ValueError, match="preferred_batch_sizes"):
         DynamicBatcher(m, max_batch_size=16, preferred_batch_sizes=[1, 8], start=False)
+
+
+def test_buckets_run_the_largest_filled_bucket_instead_of_padding():
+    m = Gated(hold=True)
+    b = DynamicBatcher(m, max_batch_size=8, max_delay_ms=300, preferred_batch_sizes=[1, 2, 4, 8])
+    b.submit_future(torch.zeros(1, 3))
+    assert m.entered.wait(10)
+    xs = [torch.randn(1, 3) for _ in range(5)]  # 5 rows: run 4 now, 1 next (as Triton's preferred sizes)
+    futs = [b.submit_future(x) for x in xs]
+    m.gate.set()
+    for x, f in zip(xs, futs):
+        torch.testing.assert_close(f.result(10), expected(x))
+    b.close()
+    assert m.shapes[1:] == [(4, 3), (1, 3)] and b.snapshot()["padded_rows"] == 0
 
 
 def test_different_shapes_are_never_stacked():

@@ -277,7 +277,7 @@ class DynamicBatcher:
                 nearest = min([due] + [q.deadline for q in self._queue if q.deadline is not None])
                 self._cond.wait(max(0.0, nearest - now))
             taken = []
-            for r in group:
+            for r in self._trim_to_bucket(group, rows):
                 self._remove(r)
                 if r.future.set_running_or_notify_cancel():
                     r.state = _RUNNING
@@ -297,6 +297,21 @@ class DynamicBatcher:
                 group.append(q)
                 rows += q.parsed.rows
         return group, rows
+
+    def _trim_to_bucket(self, group: list[_Request], rows: int) -> list[_Request]:
+        """With padding buckets, run the largest bucket the waiting rows fill exactly (as Triton's preferred
+        batch sizes do) and leave the rest for the next batch, instead of padding 17 rows up to 32."""
+        if not self.preferred_batch_sizes or rows in self.preferred_batch_sizes:
+            return group
+        fits = [b for b in self.preferred_batch_sizes if b <= rows]
+        if not fits:
+            return group
+        target, taken, n = fits[-1], [], 0
+        for r in group:
+            if n + r.parsed.rows <= target:
+                taken.append(r)
+                n += r.parsed.rows
+        return taken if n == target else group
 
     def _run(self, batch: list[_Request]) -> None:
         if not batch:
