@@ -115,3 +115,17 @@ def test_lowrank_then_int8_static(digits_cnn):
     q, rep = tf.quantize(lr, tf.Int8Static(calibration=data.calibration(), progress=False))
     assert data.eval_fn(q) >= data.eval_fn(lr) - 0.01
     assert rep.summary["layers quantized"] >= 5
+
+
+def test_pt2e_flow_converts_with_dynamic_batch(digits_cnn):
+    """PT2E (torch.export + X86InductorQuantizer): checked on the converted graph before inductor compiles it
+    (compiling takes minutes on 2 cores; benchmarks/quantize.py --pt2e times it)."""
+    model, data = digits_cnn
+    q, rep = tf.quantize(model, tf.Int8Static(calibration=data.calibration(2), method="pt2e", progress=False),
+                         example_inputs=data.x_test[:8])
+    assert rep.summary["method"] == "pt2e" and rep.summary["quantize/dequantize pairs"] > 0
+    converted = q._orig_mod  # the torch.compile wrapper holds the converted graph
+    with torch.no_grad():
+        for n in (8, 32):  # batch dimension exported as dynamic
+            x = data.x_test[:n]
+            assert torch.nn.functional.cosine_similarity(model(x), converted(x)).mean() > 0.99

@@ -35,16 +35,31 @@ def _quantizer(cfg: Int8Static):
     return q
 
 
-def quantize_pt2e_static(model: nn.Module, cfg: Int8Static, batches: list[Batch]) -> tuple[nn.Module, Report]:
+def _export(model: nn.Module, args: tuple, kwargs: dict) -> nn.Module:
+    """torch.export with a dynamic batch dimension (calibration and serving batch sizes differ), static if that fails."""
+    from torch.export import Dim
+
+    def dyn(x):
+        return {0: Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() > 0 else None
+    try:
+        shapes = {"args": tuple(dyn(a) for a in args), "kwargs": {k: dyn(v) for k, v in kwargs.items()}} \
+            if kwargs else tuple(dyn(a) for a in args)
+        return torch.export.export(model, args, kwargs, dynamic_shapes=shapes if not kwargs else None).module()
+    except Exception:
+        return torch.export.export(model, args, kwargs).module()
+
+
+def quantize_pt2e_static(model: nn.Module, cfg: Int8Static, batches: list[Batch],
+                         example_inputs: Batch | None = None) -> tuple[nn.Module, Report]:
     import_torchao()
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     for m in model.modules():  # in-place activations confuse the quantizer's pattern partitions
         if hasattr(m, "inplace") and isinstance(getattr(m, "inplace"), bool):
             m.inplace = False
-    args, kwargs = split_batch(batches[0])
+    args, kwargs = split_batch(batches[0] if example_inputs is None else example_inputs)
     with quiet("torchao"), torch.no_grad():
-        exported = torch.export.export(model, args, kwargs).module()
+        exported = _export(model, args, kwargs)
         prepared = prepare_pt2e(exported, _quantizer(cfg))
         run_calibration(prepared, batches, progress=cfg.progress, desc=f"calibrating (pt2e, {cfg.observer})")
         converted = convert_pt2e(prepared)

@@ -40,7 +40,7 @@ def quantize_static(model: nn.Module, cfg: Int8Static, example_inputs: Batch | N
                 results[m] = quantize_fx_static(work, cfg, batches)
             else:
                 from .pt2e import quantize_pt2e_static
-                results[m] = quantize_pt2e_static(work, cfg, batches)
+                results[m] = quantize_pt2e_static(work, cfg, batches, example_inputs)
         except Exception as e:
             if len(methods) == 1 or not isinstance(e, Exception) or type(e).__name__ == "CalibrationError":
                 raise
