@@ -23,7 +23,17 @@ def demo_rows(calibration) -> list[tuple[str, Callable[[], list]]]:
     def lowrank():
         from .lowrank import LowRank
         return [LowRank(method="auto", ratio=0.5)]
-    return [("low-rank (data-aware, ratio 0.5)", lowrank)]
+    def int8_static():
+        from .quant import Int8Static
+        return [Int8Static(calibration=calibration, progress=False)]
+
+    def lowrank_int8():
+        from .lowrank import LowRank
+        from .quant import Int8Static
+        return [LowRank(method="auto", ratio=0.5), Int8Static(calibration=calibration, progress=False)]
+    return [("low-rank (data-aware, ratio 0.5)", lowrank),
+            ("int8 static (FX, x86, histogram)", int8_static),
+            ("low-rank 0.5 + int8 static", lowrank_int8)]
 
 
 def run(batch_size: int = 64, runs: int = 30, threads: int | None = None, seed: int = 0) -> str:
