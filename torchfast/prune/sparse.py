@@ -13,6 +13,7 @@ A layer that loses keeps its masked weights dense, and the report says so with t
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -36,7 +37,9 @@ class SparseLinear(nn.Module):
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.layout = layout
         w = weight.detach()
-        sw = w.to_sparse_csr() if layout == "csr" else w.to_sparse_bsr((blocksize, blocksize))
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": said once in the docs, not per layer
+            warnings.simplefilter("ignore", UserWarning)
+            sw = w.to_sparse_csr() if layout == "csr" else w.to_sparse_bsr((blocksize, blocksize))
         self.register_buffer("weight", sw)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 

@@ -1,0 +1,71 @@
+"""Sparse kernels: masks are right, swapped layers compute the masked dense result, CUDA-only paths skip."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import torchfast as tf
+from torchfast.prune.sparse import SparseLinear, magnitude_mask, mask_24
+
+
+def test_masks():
+    w = torch.randn(16, 32)
+    m = mask_24(w)
+    assert (m.reshape(16, 8, 4).sum(-1) == 2).all()
+    kept = w.abs()[m].min()
+    dropped = w.abs().reshape(16, 8, 4)[~m.reshape(16, 8, 4)].reshape(16, 8, 2).max(-1).values
+    assert (w.abs().reshape(16, 8, 4).topk(2, -1).values[..., 1] >= dropped).all() and kept > 0
+    mm = magnitude_mask(w, 0.75)
+    assert abs(mm.float().mean().item() - 0.25) < 0.01
+
+
+@pytest.mark.parametrize("layout", ["csr", "bsr"])
+def test_sparse_linear_matches_dense(layout):
+    w = torch.randn(64, 32) * magnitude_mask(torch.randn(64, 32), 0.8)
+    b = torch.randn(64)
+    sl = SparseLinear(w, b, layout, 16)
+    x = torch.randn(3, 5, 32)
+    torch.testing.assert_close(sl(x), torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-5)
+
+
+def test_unstructured_on_trained_mlp(digits_mlp):
+    model, data = digits_mlp
+    x = data.x_test[:64]
+    sm, rep = tf.sparsify(copy.deepcopy(model), tf.UnstructuredSparse(amount=0.8, runs=5, ignored=("net.3",)), x)
+    assert {r["layer"] for r in rep.rows} == {"net.1"}
+    for r in rep.rows:
+        assert abs(r["sparsity"] - 0.8) < 0.01 and r["reason"]
+        assert r["applied"] == (r["kernel"] != "dense")
+    dense_masked = copy.deepcopy(model)
+    for n in ("1",):
+        lin = dense_masked.net[int(n)]
+        lin.weight.data *= magnitude_mask(lin.weight, 0.8)
+    torch.testing.assert_close(sm(x), dense_masked(x), atol=1e-4, rtol=1e-4)
+    assert data.eval_fn(sm) > 0.9
+
+
+def test_semistructured_on_cpu_masks_and_reports(digits_mlp):
+    model, data = digits_mlp
+    sm, rep = tf.sparsify(copy.deepcopy(model), tf.SemiStructured24(), data.x_test[:8])
+    assert all(not r["applied"] and "CUDA" in r["reason"] for r in rep.rows)
+    assert (sm.net[1].weight.reshape(128, -1, 4) != 0).sum(-1).max() <= 2
+    snap = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match="require_kernel.*CUDA"):
+        tf.sparsify(model, tf.SemiStructured24(require_kernel=True), data.x_test[:8])
+    assert all(torch.equal(snap[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+                    reason="2:4 semi-structured kernels need a CUDA GPU with compute capability >= 8.0")
+def test_semistructured_cuda():
+    m = nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 1024)).half().cuda().eval()
+    x = torch.randn(256, 1024, device="cuda", dtype=torch.half)
+    sm, rep = tf.sparsify(copy.deepcopy(m), tf.SemiStructured24(min_speedup=0.0), x)
+    assert all(r["applied"] for r in rep.rows)
+    ref = copy.deepcopy(m)
+    for i in (0, 2):
+        ref[i].weight.data *= tf.prune.sparse.mask_24(ref[i].weight)
+    torch.testing.assert_close(sm(x), ref(x), atol=2e-2, rtol=2e-2)
