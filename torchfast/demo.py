@@ -31,9 +31,22 @@ def demo_rows(calibration) -> list[tuple[str, Callable[[], list]]]:
         from .lowrank import LowRank
         from .quant import Int8Static
         return [LowRank(method="auto", ratio=0.5), Int8Static(calibration=calibration, progress=False)]
+
+    def pruned():
+        from .prune import ChannelPruning
+        return [ChannelPruning(amount=0.3, importance="bn_scale")]
+
+    def pruned_lowrank_int8():
+        from .lowrank import LowRank
+        from .prune import ChannelPruning
+        from .quant import Int8Static
+        return [ChannelPruning(amount=0.3, importance="bn_scale"), LowRank(method="auto", ratio=0.5),
+                Int8Static(calibration=calibration, progress=False)]
     return [("low-rank (data-aware, ratio 0.5)", lowrank),
             ("int8 static (FX, x86, histogram)", int8_static),
-            ("low-rank 0.5 + int8 static", lowrank_int8)]
+            ("low-rank 0.5 + int8 static", lowrank_int8),
+            ("pruned 30% channels (bn_scale, no fine-tune)", pruned),
+            ("pruned 30% + low-rank 0.5 + int8 static", pruned_lowrank_int8)]
 
 
 def run(batch_size: int = 64, runs: int = 30, threads: int | None = None, seed: int = 0) -> str:
