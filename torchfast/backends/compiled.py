@@ -72,9 +72,14 @@ class Compiled(nn.Module):
         return move_batch(args, self.device, cast), move_batch(kwargs, self.device, cast)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        args, kwargs = self._prepare(args, kwargs)
-        with (torch.inference_mode() if self.grad_mode == "inference" else torch.no_grad()):
-            out = self.runnable(*args, **kwargs)
+        if self.grad_mode == "inference":
+            args, kwargs = self._prepare(args, kwargs)
+            with torch.inference_mode():
+                out = self.runnable(*args, **kwargs)
+        else:  # XLA cannot take inference tensors, even when the caller is in inference_mode
+            with torch.inference_mode(False), torch.no_grad():
+                args, kwargs = self._prepare(args, kwargs)
+                out = self.runnable(*args, **kwargs)
         if self.output_type is not None and isinstance(out, Mapping) and not isinstance(out, self.output_type):
             out = self.output_type(**out)
         return out
