@@ -119,7 +119,7 @@ class Wrapped(nn.Module):
 
     @property
     def inner(self) -> Callable:
-        return self._modules.get("module") or self.__dict__["_fn"]
+        return self._modules["module"] if "module" in self._modules else self.__dict__["_fn"]
 
     def _bind(self, args: tuple, kwargs: dict) -> inspect.BoundArguments | None:
         if self._sig is None:
