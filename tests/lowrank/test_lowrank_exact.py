@@ -20,14 +20,14 @@ MODES = ["zeros", "reflect", "circular", "replicate"]
 
 
 def _grid():
-    rng = torch.Generator().manual_seed(0)
+    """Every kernel x geometry; padding_mode and bias rotate through the cases so each value is covered
+    with every kernel shape without the full product."""
     cases = []
-    for k, (s, p, d), mode, bias in itertools.product(KERNELS, GEOMS, MODES, (True, False)):
+    for i, (k, (s, p, d)) in enumerate(itertools.product(KERNELS, GEOMS)):
+        mode = MODES[i % len(MODES)]
         if mode != "zeros" and isinstance(p, str) and p == "same" and d != 1:
-            continue
-        if torch.randint(0, 3, (1,), generator=rng).item() and mode != "zeros":
-            continue  # sample the non-zero padding modes to keep the grid fast
-        cases.append((k, s, p, d, mode, bias))
+            mode = "zeros"
+        cases.append((k, s, p, d, mode, i % 3 != 0))
     return cases
 
 
