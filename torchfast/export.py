@@ -24,6 +24,12 @@ __all__ = ["save", "load", "artifact_format", "FORMATS"]
 FORMATS = ("torchscript", "exported_program", "tensorrt", "state_dict")
 
 
+def _quiet():
+    from .backends._warnings import quiet_deprecations
+    from .backends.torchscript import _MSG
+    return quiet_deprecations("torchscript", _MSG)
+
+
 def _compiled_type():
     from .backends.compiled import Compiled
     return Compiled
@@ -85,7 +91,8 @@ def save(obj: Any, path: str | os.PathLike, format: str = "torchscript", *, exam
                 artifact = freeze(to_torchscript(source, example_inputs))
             finally:
                 source.train(was)
-        torch.jit.save(artifact, str(path))
+        with _quiet():
+            torch.jit.save(artifact, str(path))
         return path
 
     # exported_program
@@ -141,7 +148,8 @@ def load(path: str | os.PathLike, *, device: str | torch.device | None = None, a
     kind = artifact_format(path)
     path = str(path)
     if kind == "torchscript":
-        return torch.jit.load(path, map_location=device)
+        with _quiet():
+            return torch.jit.load(path, map_location=device)
     if kind == "exported_program":
         try:
             ep = torch.export.load(path)

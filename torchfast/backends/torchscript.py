@@ -59,9 +59,10 @@ def freeze(scripted: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
 
 def _clone(m: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
     buf = io.BytesIO()
-    torch.jit.save(m, buf)
-    buf.seek(0)
-    return torch.jit.load(buf)
+    with quiet_deprecations("torchscript", _MSG):
+        torch.jit.save(m, buf)
+        buf.seek(0)
+        return torch.jit.load(buf)
 
 
 def build(model: nn.Module, example_inputs: Any, options: Options, *, dynamic_batch: bool = False) -> Built:
