@@ -85,7 +85,7 @@ def run(batch_size: int = 64, runs: int = 30, threads: int | None = None, seed: 
         cmp = compare_latency(model, m, example, runs=runs, threads=threads)
         rows.append(row(name, m, (cmp.candidate.median_ms, cmp.speedup)))
     table = format_table(rows)
-    print(f"\nbatch {batch_size}, {torch.get_num_threads()} threads, latency interleaved with the original "
+    print(f"\nbatch {batch_size}, {threads or torch.get_num_threads()} threads, latency interleaved with the original "
           f"({runs} runs each)\n")
     print(table)
     return table
