@@ -101,3 +101,12 @@ def test_cuda_half():
     pm, _ = tf.prune(m, x, tf.ChannelPruning(amount=0.5), inplace=False)
     assert pm.conv1.weight.device.type == "cuda" and pm.conv1.weight.dtype == torch.half
     assert pm(x).shape == (2, 10)
+
+
+def test_training_mode_model_is_not_touched(digits_cnn):
+    model, data = digits_cnn
+    model.train()
+    snap = state_snapshot(model)
+    pm, _ = tf.prune(model, data.x_test[:8], tf.ChannelPruning(amount=0.3), inplace=False)
+    assert model.training and pm.training
+    assert _same(snap, state_snapshot(model))  # BN running stats untouched by tracing / FLOP counting

@@ -189,11 +189,16 @@ def prune(model: nn.Module, example_inputs: Any, config: ChannelPruning | None =
         report.add_row(layer=shown, type="group", before=f"{len(comps)} channels", after=f"{len(comps)} channels",
                        applied=False, reason=f"kept: {reason}")
 
-    try:
+    modes = {m: m.training for m in list(model.modules()) + list(work.modules())}
+    try:  # in eval mode: counting must not update the user's BatchNorm statistics
+        model.eval(), work.eval()
         flops_before = count_flops(model, example_inputs)
         flops_after = count_flops(work, example_inputs) if new_modules else flops_before
     except Exception:  # pragma: no cover - exotic ops FlopCounterMode cannot see
         flops_before = flops_after = None
+    finally:
+        for m, t in modes.items():
+            m.train(t)
     p_before = sum(p.numel() for p in model.parameters())
     p_after = sum(p.numel() for p in work.parameters())
 

@@ -9,16 +9,19 @@ model's Python code calls it (``F.relu``, ``Tensor.__iadd__``, ``torch.cat``, ``
 BatchNorm, LayerNorm, Embedding, ``nn.MultiheadAttention``, Hugging Face ``query/key/value`` self-attention),
 whose insides are not recorded. The alternatives, measured on this project's models:
 
-* ``torch.fx.symbolic_trace`` fails on Hugging Face BERT (data-dependent control flow in
-  transformers 5's mask handling) and on any model with Python branching on tensor values;
-* ``torch.export`` covers BERT but takes seconds to tens of seconds per model on 2 cores, lowers to
-  ATen ops (``addmm``, ``_native_batch_norm_legit``...) so layer identity must be recovered from
-  metadata, and refuses models with unbacked data-dependent shapes;
+* ``torch.fx.symbolic_trace`` fails on Hugging Face BERT in transformers 5 ("'Proxy' object does not
+  support item assignment", measured on all-MiniLM-L6-v2) and on any model that branches on tensor values;
+* ``torch.export`` does cover BERT and is quick (~1 s for resnet50 or MiniLM here), but it lowers to ATen
+  (``conv2d``/``addmm``/``_native_batch_norm_legit_no_training``, attention split into matmuls), so layer
+  identity must be rebuilt from ``nn_module_stack`` metadata, ``nn.MultiheadAttention`` disappears as a
+  unit, and it refuses models with data-dependent Python control flow that run fine eagerly;
 * the autograd graph of one pass (Torch-Pruning's choice) only sees differentiable ops, needs grads on
-  every parameter, and knocks ``nn.MultiheadAttention`` off its fast path into ATen pieces.
+  every parameter, and also knocks ``nn.MultiheadAttention`` off its fast path into ATen pieces.
 
-A function-mode trace covers every model that runs eagerly (the same models the user runs), at the
-semantic level where channel rules are simple, in one forward (~the cost of inference).
+A function-mode trace covers every model that runs eagerly (the same models the user runs), keeps
+whole layers (Conv, Linear, BN, attention) as units, and sees ops at the level where channel rules are
+simple, for the cost of one forward plus ~0.5 s of bookkeeping (resnet50). Every torchvision classifier
+tried (resnet, densenet, mobilenet_v3, efficientnet, vgg, vit) and HF BERT trace this way.
 
 What the graph tracks
 ---------------------
