@@ -18,6 +18,7 @@ from torchfast.measure import compare_latency, fidelity, size_of
 from torchfast.report import format_table
 
 warnings.simplefilter("ignore")
+PT2E = False
 
 
 def _lowrank(model, calibration, example_inputs, **kw):
@@ -40,6 +41,11 @@ def article(runs: int, threads: int, bar) -> list[dict]:
         q, _ = tf.quantize(model, tf.Int8Dynamic(), example_inputs=x); cands.append(("int8 dynamic", q))
         q, _ = tf.quantize(model, tf.Int8Static(calibration=data.calibration(), progress=False), example_inputs=x)
         cands.append(("int8 static", q))
+        if PT2E and "CNN" in label:
+            q, _ = tf.quantize(model, tf.Int8Static(calibration=data.calibration(), method="pt2e", progress=False),
+                               example_inputs=x)
+            q(x)  # compile outside the timed region
+            cands.append(("int8 static PT2E + inductor", q))
         lr = _lowrank(model, data.calibration(), x, ratio=0.5)
         if lr is not None:
             q, _ = tf.quantize(lr, tf.Int8Static(calibration=data.calibration(), progress=False), example_inputs=x)
@@ -113,9 +119,12 @@ def main(argv=None) -> None:
     p.add_argument("--only", nargs="*", default=["article", "minilm", "resnet"])
     p.add_argument("--runs", type=int, default=12)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--pt2e", action="store_true", help="add the PT2E + inductor row for the digits CNN (compiles)")
     a = p.parse_args(argv)
+    global PT2E
+    PT2E = a.pt2e
     torch.set_num_threads(a.threads)
-    total = {"article": 7, "minilm": 4, "resnet": 4}
+    total = {"article": 7 + a.pt2e, "minilm": 4, "resnet": 4}
     t0 = time.perf_counter()
     out = []
     with tqdm(total=sum(total[s] for s in a.only), desc="quantize benchmark", unit="row") as bar:

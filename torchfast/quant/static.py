@@ -99,7 +99,11 @@ def _fx_one(model: nn.Module, cfg: Int8Static, batches: list[Batch], reduce_rang
             child_batches = [b for b in inputs[name] if not (isinstance(b, tuple) and len(b) == 2 and isinstance(b[1], dict))]
             full = f"{prefix}.{name}" if prefix else name
             child = model.get_submodule(name)
-            if not child_batches or not any(p.is_floating_point() for p in child.parameters()):
+            if not any(p.is_floating_point() for p in child.parameters()):
+                continue
+            if not child_batches:
+                why = "called with keyword arguments" if inputs[name] else "not called on the calibration batches"
+                untraced.append((full, why))
                 continue
             child_skip = tuple(s[len(name) + 1:] for s in skip if s.startswith(name + "."))
             if name in skip:
@@ -148,7 +152,11 @@ def layer_report(original: nn.Module, quantized: nn.Module, untraced: list[tuple
             report.add_row(**row, applied=False, scheme="fp32", reason=why)
         prev_name = name
     for u, why in untraced:
-        report.note(f"{u} could not be traced by torch.fx ({why}); it stays float and its children were quantized separately")
+        if why.startswith(("called with", "not called")):
+            report.note(f"{u} was {why}; it stays float")
+        else:
+            report.note(f"{u} could not be traced by torch.fx ({why}); it stays float and its children "
+                        f"were quantized separately")
     return report
 
 
