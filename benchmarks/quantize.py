@@ -46,10 +46,10 @@ def article(runs: int, threads: int, bar) -> list[dict]:
                                example_inputs=x)
             q(x)  # compile outside the timed region
             cands.append(("int8 static PT2E + inductor", q))
-        lr = _lowrank(model, data.calibration(), x, ratio=0.5)
+        lr = _lowrank(model, data.calibration(), x, method="auto", flops_reduction=2.0, allocation="global")
         if lr is not None:
             q, _ = tf.quantize(lr, tf.Int8Static(calibration=data.calibration(), progress=False), example_inputs=x)
-            cands.append(("low-rank 0.5 + int8 static", q))
+            cands.append(("low-rank (2x fewer FLOPs, global) + int8 static", q))
         for name, m in cands:
             cmp = compare_latency(model, m, x, runs=runs, threads=threads)
             rows.append({"model": label, "variant": name, "size (MB)": size_of(m).mb,
@@ -72,10 +72,10 @@ def minilm(runs: int, threads: int, bar) -> list[dict]:
     cands = [("fp32", model), ("torch.ao quantize_dynamic, stock (per-tensor, 7-bit)", stock),
              (f"torchfast Int8Dynamic (auto: {rep.summary['layers quantized']} int8 layers, "
               f"{rep.summary['activation bits']}-bit act)", ours)]
-    lr = _lowrank(model, bl[1:3], x, ratio=0.5)
+    lr = _lowrank(model, bl[1:3], x, method="svd", flops_reduction=1.25, allocation="global")
     if lr is not None:
         q, _ = tf.quantize(lr, tf.Int8Dynamic(), example_inputs=x)
-        cands.append(("low-rank 0.5 + Int8Dynamic", q))
+        cands.append(("low-rank (1.25x fewer FLOPs, global) + Int8Dynamic", q))
     for name, m in cands:
         cmp = compare_latency(model, m, x, runs=runs, threads=threads)
         rows.append({"model": "all-MiniLM-L6-v2 b8 s128", "variant": name, "size (MB)": size_of(m).mb,
