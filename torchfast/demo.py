@@ -32,7 +32,8 @@ def demo_rows(calibration) -> list[tuple[str, Callable[[], list]]]:
     def lowrank_int8():
         from .lowrank import LowRank
         from .quant import Int8Static
-        return [LowRank(method="auto", ratio=0.5), Int8Static(calibration=calibration, progress=False)]
+        return [LowRank(method="auto", flops_reduction=2.0, allocation="global"),
+                Int8Static(calibration=calibration, progress=False)]
 
     def pruned():
         from .prune import ChannelPruning
@@ -46,7 +47,7 @@ def demo_rows(calibration) -> list[tuple[str, Callable[[], list]]]:
                 Int8Static(calibration=calibration, progress=False)]
     return [("low-rank (data-aware, 2x fewer FLOPs)", lowrank),
             ("int8 static (FX, x86, histogram)", int8_static),
-            ("low-rank 0.5 + int8 static", lowrank_int8),
+            ("low-rank (2x fewer FLOPs) + int8 static", lowrank_int8),
             ("pruned 30% channels (bn_scale, no fine-tune)", pruned),
             ("pruned 30% + low-rank 0.5 + int8 static", pruned_lowrank_int8)]
 
