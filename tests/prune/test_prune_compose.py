@@ -3,20 +3,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import torchfast as tf
 
-
-def _train(data):
-    return [(data.x_train[i:i + 64], data.y_train[i:i + 64]) for i in range(0, len(data.x_train), 64)]
 
 
 def test_prune_then_int8_static(digits_cnn):
     pytest.importorskip("torchfast.quant")
     model, data = digits_cnn
     pm, _ = tf.prune(model, data.x_test[:16], tf.ChannelPruning(amount=0.3, importance="bn_scale"))
-    pm, _ = tf.finetune(pm, _train(data), F.cross_entropy, epochs=1, lr=2e-3)
     acc_pruned = data.eval_fn(pm)
     qm, rep = tf.quantize(pm, tf.Int8Static(calibration=data.calibration()), example_inputs=data.x_test[:16])
     assert qm(data.x_test[:4]).shape == (4, 10)
@@ -36,8 +31,6 @@ def test_prune_and_lowrank_both_orders(digits_cnn):
     base = sum(p.numel() for p in lm2.parameters())
     pm2, rep = tf.prune(lm2, x, tf.ChannelPruning(amount=0.3, importance="bn_scale"), inplace=False)
     assert pm2(x).shape == (16, 10) and rep.summary["params after"] < base
-    pm2, _ = tf.finetune(pm2, _train(data), F.cross_entropy, epochs=1, lr=2e-3)
-    assert data.eval_fn(pm2) > 0.9
 
 
 def test_recipe_stage(digits_cnn):

@@ -31,27 +31,26 @@ def test_sparse_linear_matches_dense(layout):
     torch.testing.assert_close(sl(x), torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-5)
 
 
-def test_unstructured_on_trained_mlp(digits_mlp):
-    model, data = digits_mlp
+def test_unstructured_on_trained_cnn(digits_cnn):
+    model, data = digits_cnn
     x = data.x_test[:64]
-    sm, rep = tf.sparsify(copy.deepcopy(model), tf.UnstructuredSparse(amount=0.8, runs=5, ignored=("net.3",)), x)
-    assert {r["layer"] for r in rep.rows} == {"net.1"}
+    sm, rep = tf.sparsify(copy.deepcopy(model), tf.UnstructuredSparse(amount=0.8, runs=5, ignored=("classifier.4",)), x)
+    assert {r["layer"] for r in rep.rows} == {"classifier.1"}
     for r in rep.rows:
         assert abs(r["sparsity"] - 0.8) < 0.01 and r["reason"]
         assert r["applied"] == (r["kernel"] != "dense")
     dense_masked = copy.deepcopy(model)
-    for n in ("1",):
-        lin = dense_masked.net[int(n)]
-        lin.weight.data *= magnitude_mask(lin.weight, 0.8)
+    lin = dense_masked.classifier[1]
+    lin.weight.data *= magnitude_mask(lin.weight, 0.8)
     torch.testing.assert_close(sm(x), dense_masked(x), atol=1e-4, rtol=1e-4)
     assert data.eval_fn(sm) > 0.9
 
 
-def test_semistructured_on_cpu_masks_and_reports(digits_mlp):
-    model, data = digits_mlp
+def test_semistructured_on_cpu_masks_and_reports(digits_cnn):
+    model, data = digits_cnn
     sm, rep = tf.sparsify(copy.deepcopy(model), tf.SemiStructured24(), data.x_test[:8])
     assert all(not r["applied"] and "CUDA" in r["reason"] for r in rep.rows)
-    assert (sm.net[1].weight.reshape(128, -1, 4) != 0).sum(-1).max() <= 2
+    assert (sm.classifier[1].weight.reshape(256, -1, 4) != 0).sum(-1).max() <= 2
     snap = copy.deepcopy(model.state_dict())
     with pytest.raises(RuntimeError, match="require_kernel.*CUDA"):
         tf.sparsify(model, tf.SemiStructured24(require_kernel=True), data.x_test[:8])

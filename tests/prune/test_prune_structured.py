@@ -65,7 +65,7 @@ def test_digits_finetune_recovers(digits_cnn):
     model, data = digits_cnn
     pm, _ = tf.prune(model, data.x_test[:16], tf.ChannelPruning(amount=0.5, importance="bn_scale"), inplace=False)
     train = [(data.x_train[i:i + 64], data.y_train[i:i + 64]) for i in range(0, len(data.x_train), 64)]
-    pm, rep = tf.finetune(pm, train, torch.nn.functional.cross_entropy, epochs=2, lr=2e-3, eval_fn=data.eval_fn)
+    pm, rep = tf.finetune(pm, train, torch.nn.functional.cross_entropy, epochs=1, lr=2e-3, eval_fn=data.eval_fn)
     assert rep.summary["metric after"] >= 0.95
     assert rep.summary["metric after"] > rep.summary["metric before"]
 
@@ -81,7 +81,7 @@ def test_inplace_commits_into_user_tree(digits_cnn):
 def test_resnet18_residual_groups():
     torch.manual_seed(0)
     m = torchvision.models.resnet18(num_classes=10).eval()
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(1, 3, 32, 32)
     pm, rep, fams = _check_pruned_equals_masked(m, x, tf.ChannelPruning(amount=0.5))
     assert len(fams) == 12  # 4 residual streams + the inner channels of 8 blocks
     # one residual stream: every conv writing into / reading from it shares the same width
@@ -103,7 +103,7 @@ def test_densenet_concat():
 def test_mobilenet_v3_depthwise_and_se():
     torch.manual_seed(0)
     m = torchvision.models.mobilenet_v3_small(num_classes=10).eval()
-    pm, rep, _ = _check_pruned_equals_masked(m, torch.randn(2, 3, 64, 64), tf.ChannelPruning(amount=0.3))
+    pm, rep, _ = _check_pruned_equals_masked(m, torch.randn(1, 3, 32, 32), tf.ChannelPruning(amount=0.3))
     blk = pm.features[4].block
     dw = blk[1][0]
     assert dw.groups == dw.in_channels == dw.out_channels == blk[0][0].out_channels < 240
@@ -138,7 +138,7 @@ def test_vit_heads_and_mlp():
 def test_bert_minilm_heads_and_neurons(minilm):
     from torchfast.zoo.minilm import batches, embedding_cosine
     model, tok = minilm
-    b = batches(tok, n_batches=1, batch_size=4, seq_len=32)
+    b = batches(tok, n_batches=1, batch_size=2, seq_len=16)
     p0, _ = tf.prune(model, b[0], tf.ChannelPruning(amount=0.0), inplace=False)
     assert embedding_cosine(model, p0, b) > 0.99999
     pm, rep, _ = _check_pruned_equals_masked(model, b[0], tf.ChannelPruning(amount=0.5), atol=1e-3)
