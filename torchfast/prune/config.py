@@ -66,11 +66,12 @@ class ChannelPruning(Config):
 class UnstructuredSparse(Config):
     """Zero the ``amount`` smallest-magnitude weights of each Linear; swap in a sparse kernel where measured faster.
 
-    layouts: sparse formats tried on CPU ('csr', 'bsr'); ``min_speedup``: a sparse kernel must beat the
+    layouts: sparse formats tried on CPU ("csr"; "bsr" is available but never beat dense on unstructured
+    masks in benchmarks/prune.py); ``min_speedup``: a sparse kernel must beat the
     dense layer by this factor on the layer's real input shape, else the layer stays dense (with zeros).
     """
     amount: float = 0.9
-    layouts: tuple[str, ...] = ("csr", "bsr")
+    layouts: tuple[str, ...] = ("csr",)
     blocksize: int = 16
     min_speedup: float = 1.1
     ignored: tuple[str, ...] = ()
