@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import re
 import sys
 import time
@@ -154,11 +155,17 @@ def main(argv=None) -> None:
     took = time.perf_counter() - t0
     print(f"\ntotal {took:.0f}s", flush=True)
     if a.write:
-        write(parts, a, took)
+        # sections not rerun (--only) keep the figures of their last run
+        cache = Path("/tmp/torchfast-lowrank-parts.json")
+        old = json.loads(cache.read_text()) if cache.exists() else {}
+        cache.write_text(json.dumps({**old, **parts}))
+        write({**old, **parts}, a, took)
 
 
 def write(parts: dict, a, took: float) -> None:
     cmd = "flock /tmp/torchfast-bench.lock .venv/bin/python benchmarks/lowrank.py --write" + (" --quick" if a.quick else "")
+    if a.only:
+        cmd += f"  (this update: --only {a.only})"
     body = [SECTION, "", f"Command: `{cmd}` ({took:.0f} s, {a.threads} threads, "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).", ""]
     if "vision" in parts:

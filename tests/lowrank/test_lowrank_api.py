@@ -160,3 +160,10 @@ def test_recipe_stage_registered():
     from torchfast.recipe import apply_recipe
     m, reps = apply_recipe(small(), [tf.LowRank(ratio=0.5)], example_inputs=X, calibration=[X])
     assert reps[0].summary["data_aware"] is True and isinstance(m.fc, LowRankLinear)
+
+
+def test_tucker_ranks_clamped_to_what_the_kernel_has():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1))  # r_in = 1 -> r_out can be at most 1*3*3
+    out, rep = tf.decompose(m, tf.LowRank(method="tucker", ratio=0.25, min_flops_reduction=0), inplace=False)
+    assert rep.rows[0]["rank"] == "1,9" and out(torch.randn(1, 3, 8, 8)).shape == (1, 64, 8, 8)

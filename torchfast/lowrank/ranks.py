@@ -108,14 +108,21 @@ class Geometry:
         return self.cin * r_in + r_out * r_in * self.kh * self.kw + self.out * r_out + b
 
 
+def clamp_tucker(g: Geometry, r_in: int, r_out: int) -> tuple[int, int]:
+    """Tucker ranks the kernel can have: r_in <= min(C_in, C_out*kh*kw), r_out <= min(C_out, r_in*kh*kw)."""
+    kk = g.kh * g.kw
+    r_in = max(1, min(r_in, g.cin, g.out * kk))
+    return r_in, max(1, min(r_out, g.out, r_in * kk))
+
+
 def ranks_at_budget(g: Geometry, method: str, budget: float) -> tuple[int, ...]:
     """The largest ranks whose FLOPs fit in ``budget`` (at least 1). Tucker keeps r_in/r_out ~ C_in/C_out."""
     if method == "tucker":
         best = (1, 1)
         for r_out in range(1, g.out + 1):
-            r_in = min(g.cin, max(1, round(r_out * g.cin / g.out)))
-            if g.flops("tucker", (r_in, r_out)) <= budget:
-                best = (r_in, r_out)
+            ranks = clamp_tucker(g, round(r_out * g.cin / g.out), r_out)
+            if g.flops("tucker", ranks) <= budget:
+                best = ranks
             else:
                 break
         return best
@@ -127,6 +134,12 @@ def ranks_at_budget(g: Geometry, method: str, budget: float) -> tuple[int, ...]:
 def resolve_ranks(g: Geometry, name: str, method: str, kind: str, value,
                   spectra: Callable[[str], tuple[torch.Tensor, ...]]) -> tuple[int, ...]:
     """Ranks of ``method`` for layer ``name`` under the rule (kind, value); raises on an impossible rank."""
+    ranks = _resolve(g, name, method, kind, value, spectra)
+    return clamp_tucker(g, *ranks) if method == "tucker" else ranks
+
+
+def _resolve(g: Geometry, name: str, method: str, kind: str, value,
+             spectra: Callable[[str], tuple[torch.Tensor, ...]]) -> tuple[int, ...]:
     mx = g.max_ranks(method)
     if kind == "rank":
         r = value[name] if isinstance(value, dict) else value
