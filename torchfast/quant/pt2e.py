@@ -35,6 +35,19 @@ def _quantizer(cfg: Int8Static):
     return q
 
 
+def _drop_unused_tensors(gm: torch.fx.GraphModule) -> None:
+    """convert_pt2e folds weights into int8 constants but leaves the float originals attached: drop them."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name not in used:
+            owner, _, attr = name.rpartition(".")
+            mod = gm.get_submodule(owner) if owner else gm
+            if attr in mod._parameters:
+                del mod._parameters[attr]
+            elif attr in mod._buffers:
+                del mod._buffers[attr]
+
+
 def _export(model: nn.Module, args: tuple, kwargs: dict) -> nn.Module:
     """torch.export with a dynamic batch dimension (calibration and serving batch sizes differ), static if that fails."""
     from torch.export import Dim
@@ -63,6 +76,7 @@ def quantize_pt2e_static(model: nn.Module, cfg: Int8Static, batches: list[Batch]
         prepared = prepare_pt2e(exported, _quantizer(cfg))
         run_calibration(prepared, batches, progress=cfg.progress, desc=f"calibrating (pt2e, {cfg.observer})")
         converted = convert_pt2e(prepared)
+        _drop_unused_tensors(converted)
     compiled = torch.compile(converted, backend="inductor")
     report = Report("int8 static quantization (PT2E, X86InductorQuantizer + inductor)",
                     columns=["layer", "applied", "scheme", "reason"])
