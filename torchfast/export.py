@@ -50,6 +50,9 @@ def save(obj: Any, path: str | os.PathLike, format: str = "torchscript", *, exam
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    from .dropin import Wrapped
+    if isinstance(obj, Wrapped):  # a drop-in wrapper (wrap(), optimize()) saves what it holds
+        obj = obj.inner
     Compiled = _compiled_type()
     compiled = obj if isinstance(obj, Compiled) else None
     source = obj

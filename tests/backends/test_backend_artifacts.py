@@ -102,3 +102,13 @@ def test_save_rejects_bad_requests(tmp_path):
         torchfast.save(lin, tmp_path / "x.pt")
     with pytest.raises(FileNotFoundError):
         torchfast.load(tmp_path / "missing.pt")
+
+
+def test_save_unwraps_a_dropin_wrapper(digits_mlp, tmp_path):
+    """tf.save(optimize(...).model) / tf.save(wrap(compiled)) saves the compiled module the wrapper holds."""
+    model, data = digits_mlp
+    x = data.x_test[:8]
+    wrapped = torchfast.wrap(torchfast.compile(model, x, backend="torchscript"), x, like=model)
+    path = torchfast.save(wrapped, tmp_path / "mlp.pt", format="torchscript")
+    loaded = torch.jit.load(str(path))
+    torch.testing.assert_close(loaded(x), model(x).detach(), rtol=1e-5, atol=1e-5)
