@@ -142,3 +142,23 @@ def batches_list(batches: Iterable[Batch] | Batch | None) -> list[Batch]:
 def state_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     """A cheap fingerprint of a model's tensors, for tests and for proving a failed transform changed nothing."""
     return {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def capture_inputs(model: nn.Module, names: list[str], batch: Batch) -> dict[str, tuple]:
+    """Run ``model(batch)`` once and record the positional inputs each named submodule received first."""
+    seen: dict[str, tuple] = {}
+    hooks = []
+    for name in names:
+        mod = model.get_submodule(name)
+
+        def hook(m, args, _name=name):
+            if _name not in seen:
+                seen[_name] = tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
+        hooks.append(mod.register_forward_pre_hook(hook))
+    try:
+        with torch.inference_mode():
+            call_model(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen

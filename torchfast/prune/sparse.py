@@ -22,7 +22,7 @@ from torch import nn
 
 from ..config import Config
 from ..measure import compare_latency
-from ..modules import call_model, check_module, set_submodule
+from ..modules import capture_inputs, check_module, set_submodule
 from ..report import Report
 from .config import SemiStructured24, UnstructuredSparse
 
@@ -76,19 +76,7 @@ def mask_24(w: torch.Tensor) -> torch.Tensor:
 
 
 def _input_shapes(model: nn.Module, names: list[str], example_inputs: Any) -> dict[str, torch.Size]:
-    shapes: dict[str, torch.Size] = {}
-    hooks = []
-    for n in names:
-        def hook(m, args, n=n):
-            shapes.setdefault(n, args[0].shape)
-        hooks.append(model.get_submodule(n).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            call_model(model, example_inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    return shapes
+    return {n: args[0].shape for n, args in capture_inputs(model, names, example_inputs).items()}
 
 
 def _semi_structured_ok(w: torch.Tensor) -> str | None:

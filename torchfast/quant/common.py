@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..measure import compare_latency
-from ..modules import Batch, call_model
+from ..modules import capture_inputs  # re-exported for quant's modules
 
 __all__ = ["AlreadyQuantizedError", "check_not_quantized", "skipped", "capture_inputs", "time_layer"]
 
@@ -50,26 +50,6 @@ def check_not_quantized(model: nn.Module, scheme: str) -> None:
 
 def skipped(name: str, skip: tuple[str, ...]) -> bool:
     return any(name == s or name.startswith(s + ".") for s in skip)
-
-
-def capture_inputs(model: nn.Module, names: list[str], batch: Batch) -> dict[str, tuple]:
-    """Run ``model(batch)`` once and record the positional inputs each named submodule received first."""
-    seen: dict[str, tuple] = {}
-    hooks = []
-    for name in names:
-        mod = model.get_submodule(name)
-
-        def hook(m, args, _name=name):
-            if _name not in seen:
-                seen[_name] = tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
-        hooks.append(mod.register_forward_pre_hook(hook))
-    try:
-        with torch.inference_mode():
-            call_model(model, batch)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
 
 
 def time_layer(fp32: Callable, candidate: Callable, args: tuple, runs: int = 9) -> tuple[float, float]:
