@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .modules import evaluating
+
 __all__ = ["save", "load", "artifact_format", "FORMATS"]
 
 FORMATS = ("torchscript", "exported_program", "tensorrt", "state_dict")
@@ -88,12 +90,8 @@ def save(obj: Any, path: str | os.PathLike, format: str = "torchscript", *, exam
             if example_inputs is None:
                 raise ValueError("saving an nn.Module as TorchScript needs example_inputs to trace it")
             from .backends.torchscript import freeze, to_torchscript
-            was = source.training
-            source.eval()
-            try:
+            with evaluating(source):
                 artifact = freeze(to_torchscript(source, example_inputs))
-            finally:
-                source.train(was)
         with _quiet():
             torch.jit.save(artifact, str(path))
         return path
@@ -110,12 +108,8 @@ def save(obj: Any, path: str | os.PathLike, format: str = "torchscript", *, exam
         if example_inputs is None:
             raise ValueError("saving an nn.Module as an ExportedProgram needs example_inputs to export it")
         from .backends.export import export_program, exportable
-        was = source.training
-        source.eval()
-        try:
+        with evaluating(source):
             ep = export_program(exportable(source, example_inputs)[0], example_inputs, dynamic_batch=dynamic_batch)
-        finally:
-            source.train(was)
     torch.export.save(ep, str(path))
     return path
 

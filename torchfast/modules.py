@@ -5,6 +5,7 @@ qualified name, and run the model on a user batch whatever its form (tensor, tup
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -162,3 +163,20 @@ def capture_inputs(model: nn.Module, names: list[str], batch: Batch) -> dict[str
         for h in hooks:
             h.remove()
     return seen
+
+
+@contextlib.contextmanager
+def evaluating(*models: nn.Module) -> Iterator[None]:
+    """Run the block with ``models`` in eval mode, then give every submodule back its own train/eval flag.
+
+    Restoring per submodule (not ``model.train(was)``) keeps a user's mixed modes intact, e.g. a
+    frozen BatchNorm left in eval inside a model that is training.
+    """
+    modes = {m: m.training for model in models for m in model.modules()}
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for m, t in modes.items():
+            m.training = t

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modules import call_model, model_device, move_batch
+from ..modules import call_model, evaluating, model_device, move_batch
 
 
 @dataclass
@@ -106,11 +106,9 @@ def collect(model: nn.Module, layers: dict[str, nn.Module], shape_batch: Any, ca
         return fn
 
     handles = [m.register_forward_hook(hook(n, m)) for n, m in layers.items()]
-    flags = {m: m.training for m in model.modules()}
     device = model_device(model)
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(model):
             if shape_batch is not None:
                 phase["shapes"] = True
                 call_model(model, move_batch(shape_batch, device))
@@ -125,6 +123,4 @@ def collect(model: nn.Module, layers: dict[str, nn.Module], shape_batch: Any, ca
         phase["cov"] = phase["shapes"] = False
         for h in handles:
             h.remove()
-        for m, t in flags.items():
-            m.training = t
     return stats

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..measure import count_flops
-from ..modules import batches_list, call_model, check_module, first_tensor, set_submodule
+from ..modules import batches_list, call_model, check_module, evaluating, first_tensor, set_submodule
 from ..report import Report
 from .config import ChannelPruning
 from .graph import DependencyGraph, Family, TraceError, _tensors
@@ -114,12 +114,8 @@ def plan(model: nn.Module, example_inputs: Any, cfg: ChannelPruning, *, calibrat
     fams, blocked = g.families()
     if cfg.importance == "taylor" and fams and (cfg.amount > 0 or cfg.layer_amounts):
         batches = batches_list(calibration)[:4] or [example_inputs]
-        was = model.training
-        model.eval()
-        try:
+        with evaluating(model):
             _taylor_grads(model, batches, cfg.loss_fn)
-        finally:
-            model.train(was)
     try:
         removed = _choose(g, fams, model, cfg, report) if cfg.amount > 0 or cfg.layer_amounts else set()
     finally:
@@ -175,6 +171,7 @@ def prune(model: nn.Module, example_inputs: Any, config: ChannelPruning | None =
                 was = work.training
                 work.eval()
                 out = call_model(work, example_inputs)
+                # not evaluating(): the rebuilt layers are new modules and must take the model's mode
                 work.train(was)
         except Exception as e:
             raise PruneError(f"the pruned model fails on the example inputs ({type(e).__name__}: {e}); "
@@ -189,16 +186,12 @@ def prune(model: nn.Module, example_inputs: Any, config: ChannelPruning | None =
         report.add_row(layer=shown, type="group", before=f"{len(comps)} channels", after=f"{len(comps)} channels",
                        applied=False, reason=f"kept: {reason}")
 
-    modes = {m: m.training for m in list(model.modules()) + list(work.modules())}
     try:  # in eval mode: counting must not update the user's BatchNorm statistics
-        model.eval(), work.eval()
-        flops_before = count_flops(model, example_inputs)
-        flops_after = count_flops(work, example_inputs) if new_modules else flops_before
+        with evaluating(model, work):
+            flops_before = count_flops(model, example_inputs)
+            flops_after = count_flops(work, example_inputs) if new_modules else flops_before
     except Exception:  # pragma: no cover - exotic ops FlopCounterMode cannot see
         flops_before = flops_after = None
-    finally:
-        for m, t in modes.items():
-            m.train(t)
     p_before = sum(p.numel() for p in model.parameters())
     p_after = sum(p.numel() for p in work.parameters())
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..modules import call_model
+from ..modules import call_model, evaluating
 from .graph import (_CREATE, _ELEMENTWISE, _REDUCE, _RESHAPE, _SPATIAL, DependencyGraph, Layout, TraceError,
                     _dims_arg, _norm_dim, _op_label, _op_name, _tensors, reshape_map)
 
@@ -391,15 +391,13 @@ def trace(model: nn.Module, example_inputs: Any, ignored: tuple[str, ...] = ()) 
                 finally:
                     tr.busy = False
 
-    modes = {m: m.training for m in model.modules()}
     for m in model.modules():
         if isinstance(m, torch.jit.ScriptModule):
             continue
         handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(m.register_forward_hook(post, with_kwargs=True))
-    model.eval()
     try:
-        with torch.no_grad(), tr:
+        with torch.no_grad(), evaluating(model), tr:
             out = call_model(model, example_inputs)
     except Exception as e:
         where = tr.stack[-1] if tr.stack else "<root>"
@@ -410,8 +408,6 @@ def trace(model: nn.Module, example_inputs: Any, ignored: tuple[str, ...] = ()) 
     finally:
         for h in handles:
             h.remove()
-        for m, t in modes.items():
-            m.train(t)
     g.output = out
     for t in _tensors(out):
         lay = g.layout(t)
