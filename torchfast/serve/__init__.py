@@ -18,6 +18,8 @@ _EXPORTS: dict[str, str] = {
     "RequestTimeout": "torchfast.serve.batcher",
     "BatcherClosed": "torchfast.serve.batcher",
     "NonFiniteOutput": "torchfast.serve.batcher",
+    "ModelError": "torchfast.serve.batcher",
+    "WorkerError": "torchfast.serve.batcher",
     "SequencePadding": "torchfast.serve.collate",
     "BatcherMetrics": "torchfast.serve.metrics",
     "InputSpec": "torchfast.serve.model",

@@ -5,6 +5,9 @@ first); a batch is cut when it holds ``max_batch_size`` rows or when the oldest 
 waited ``max_delay_ms`` (so a lone request never waits longer than that). Each request moves through
 QUEUED -> RUNNING -> DONE under one lock, and its answer is a ``concurrent.futures.Future`` set exactly
 once: a result, its own error, a timeout, a cancellation, or a shutdown error - never two, never none.
+A cancel racing the worker never makes it complete a done future, a model raising a ``BaseException``
+fails only its own request (as :class:`ModelError`), and a failure inside the worker itself answers the
+requests it had taken with :class:`WorkerError` while the worker goes on serving.
 """
 from __future__ import annotations
 
@@ -41,6 +44,16 @@ class BatcherClosed(ServeError):
 
 class NonFiniteOutput(ServeError):
     """``nan_guard`` is on and this request's output holds NaN or Inf."""
+
+
+class ModelError(ServeError):
+    """The model raised something that is not an ``Exception`` (a ``BaseException`` subclass from user
+    code); it is handed to the request as this ordinary error so no caller or event loop is torn down."""
+
+
+class WorkerError(ServeError):
+    """The batcher itself failed while this request was in flight; the request was answered with this
+    error and the worker went on serving the others."""
 
 
 _QUEUED, _RUNNING, _DONE = 0, 1, 2
@@ -109,6 +122,7 @@ class DynamicBatcher:
         self._seq = itertools.count()
         self._accepting = True
         self._thread: threading.Thread | None = None
+        self._in_flight: list[_Request] = []     # taken by the worker, not yet answered
         if start:
             self.start()
 
@@ -231,7 +245,7 @@ class DynamicBatcher:
             self._remove(r)
             r.state = _DONE
             r._outcome = outcome
-            r.future.set_exception(exc)
+            _settle(r.future, exc=exc)
 
     def _expire(self, r: _Request) -> None:
         with self._cond:
@@ -253,10 +267,30 @@ class DynamicBatcher:
     # ---------------------------------------------------------------- the worker
     def _loop(self) -> None:
         while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            self._run(batch)
+            self._in_flight = []
+            try:
+                batch = self._next_batch()
+                if batch is None:
+                    return
+                self._run(batch)
+            except BaseException as e:  # noqa: BLE001 - the worker outlives any failure of its own
+                self._fail_in_flight(e)
+
+    def _fail_in_flight(self, e: BaseException) -> None:
+        """Answer every request taken for the failed batch (and not yet answered) with a WorkerError."""
+        err = WorkerError(f"batcher {self.name!r} failed while running this request "
+                          f"({type(e).__name__}: {str(e)[:200]}); the request may be retried")
+        err.__cause__ = e
+        for r in self._in_flight:
+            with self._cond:
+                if r.state == _QUEUED:
+                    self._remove(r)
+                r.state = _DONE
+                if not r.future.done():
+                    r._outcome = "error"
+            _settle(r.future, exc=err)
+        self._in_flight = []
+        time.sleep(0.001)  # a failure that repeats must not spin a core
 
     def _next_batch(self) -> list[_Request] | None:
         with self._cond:
@@ -276,15 +310,19 @@ class DynamicBatcher:
                     break
                 nearest = min([due] + [q.deadline for q in self._queue if q.deadline is not None])
                 self._cond.wait(max(0.0, nearest - now))
-            taken = []
+            taken = self._in_flight
             for r in self._trim_to_bucket(group, rows):
                 self._remove(r)
-                if r.future.set_running_or_notify_cancel():
+                try:
+                    running = r.future.set_running_or_notify_cancel()
+                except RuntimeError:  # someone outside completed the future: nothing left to answer
+                    running = False
+                if running:
                     r.state = _RUNNING
                     taken.append(r)
                 else:
                     r.state = _DONE  # cancelled just now; _on_done counts it
-            return taken
+            return list(taken)
 
     def _pick(self) -> tuple[list[_Request], int]:
         """The head request's shape group, in priority order, up to max_batch_size rows."""
@@ -324,14 +362,18 @@ class DynamicBatcher:
                 r.state = _DONE
                 r._outcome = "ok" if ok else "error"
             if ok:
-                r.future.set_result(val)
+                _settle(r.future, result=val)
             else:
-                r.future.set_exception(val)
+                _settle(r.future, exc=val)
 
     def _run_isolated(self, group: list[_Request], first: bool = False, waits=None) -> list[tuple[bool, Any]]:
         try:
             return [(True, v) for v in self._call(group, waits if first else None)]
-        except Exception as e:  # noqa: BLE001 - any model error is the request's answer
+        except BaseException as e:  # noqa: BLE001 - any model error is the request's answer
+            if not isinstance(e, Exception):
+                wrapped = ModelError(f"model {self.name!r} raised {type(e).__name__}: {str(e)[:200]}")
+                wrapped.__cause__ = e
+                e = wrapped
             if len(group) == 1:
                 return [(False, e)]
             if not self.isolate_errors:
@@ -405,6 +447,19 @@ class DynamicBatcher:
     def snapshot(self) -> dict[str, Any]:
         """Counts by outcome, queue depth, batch sizes and timing quantiles as a plain dict."""
         return self.metrics.snapshot()
+
+
+def _settle(fut: cf.Future, result: Any = None, exc: BaseException | None = None) -> bool:
+    """Complete ``fut`` unless it is already done (cancelled by its caller at the same moment): a request
+    is answered at most once, and a lost race never raises inside the worker."""
+    try:
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+        return True
+    except (cf.InvalidStateError, RuntimeError):
+        return False
 
 
 def _call_model(model: Callable, x: Any) -> Any:
