@@ -1,7 +1,8 @@
 """Walking and swapping submodules by qualified name, filters, and calling a model on a batch.
 
-Every transform needs the same three things: find the layers it may touch, replace one by its
-qualified name, and run the model on a user batch whatever its form (tensor, tuple, dict).
+Every transform needs the same four things: find the layers it may touch, replace them by their
+qualified names, run the model on a user batch whatever its form (tensor, tuple, dict), and leave
+the user's model as it was when it fails (train/eval flags, all-or-none swaps).
 """
 from __future__ import annotations
 
@@ -140,13 +141,28 @@ def batches_list(batches: Iterable[Batch] | Batch | None) -> list[Batch]:
     return list(batches)
 
 
+class ExampleInputError(ValueError):
+    """The model does not run on the example inputs it was given (wrong shape, dtype or form)."""
+
+
+def describe_batch(batch: Batch) -> str:
+    """``input 0: (2, 3, 8, 8) float32, input 'mask': (2, 8) int64``: what a batch holds, for error messages."""
+    args, kwargs = split_batch(batch)
+    items = [(f"input {i}", a) for i, a in enumerate(args)] + [(f"input {k!r}", v) for k, v in kwargs.items()]
+    return ", ".join(f"{n}: {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" if isinstance(t, torch.Tensor)
+                     else f"{n}: {type(t).__name__}" for n, t in items)
+
+
 def state_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     """A cheap fingerprint of a model's tensors, for tests and for proving a failed transform changed nothing."""
     return {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
 def capture_inputs(model: nn.Module, names: list[str], batch: Batch) -> dict[str, tuple]:
-    """Run ``model(batch)`` once and record the positional inputs each named submodule received first."""
+    """Run ``model(batch)`` once in eval mode and record the positional inputs each named submodule received first.
+
+    Eval mode: a capture must not update BatchNorm statistics or draw dropout masks.
+    """
     seen: dict[str, tuple] = {}
     hooks = []
     for name in names:
@@ -157,26 +173,65 @@ def capture_inputs(model: nn.Module, names: list[str], batch: Batch) -> dict[str
                 seen[_name] = tuple(a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args)
         hooks.append(mod.register_forward_pre_hook(hook))
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), evaluating(model):
             call_model(model, batch)
+    except Exception as e:
+        raise ExampleInputError(f"{type(model).__name__} fails on the example inputs ({describe_batch(batch)}): "
+                                f"{type(e).__name__}: {e}") from e
     finally:
         for h in hooks:
             h.remove()
     return seen
 
 
+# ---------------------------------------------------------------- leaving the user's model as it was
+def training_flags(*models: nn.Module) -> dict[nn.Module, bool]:
+    """Every submodule's own train/eval flag; ``restore_training_flags`` puts them back.
+
+    ``model.train(was)`` would reset them all to the root's flag and lose a user's mixed modes,
+    e.g. a frozen BatchNorm left in eval inside a model that is training.
+    """
+    return {m: m.training for model in models for m in model.modules()}
+
+
+def restore_training_flags(flags: Mapping[nn.Module, bool]) -> None:
+    for m, t in flags.items():
+        m.training = t
+
+
 @contextlib.contextmanager
 def evaluating(*models: nn.Module) -> Iterator[None]:
-    """Run the block with ``models`` in eval mode, then give every submodule back its own train/eval flag.
-
-    Restoring per submodule (not ``model.train(was)``) keeps a user's mixed modes intact, e.g. a
-    frozen BatchNorm left in eval inside a model that is training.
-    """
-    modes = {m: m.training for model in models for m in model.modules()}
+    """Run the block with ``models`` in eval mode, then give every submodule back its own train/eval flag."""
+    flags = training_flags(*models)
     try:
         for model in models:
             model.eval()
         yield
     finally:
-        for m, t in modes.items():
-            m.training = t
+        restore_training_flags(flags)
+
+
+def swap_modules(model: nn.Module, replacements: Mapping[str, nn.Module]) -> None:
+    """Replace several submodules by qualified name, all or none.
+
+    Every name is resolved before the first swap, and a swap that raises puts back the ones already
+    made, so a transform that commits its work this way never leaves a half-changed model.
+    """
+    slots = []
+    for name, new in replacements.items():
+        if name == "":
+            raise ValueError("cannot replace the root module in place; use the returned model instead")
+        parent_name, _, child = name.rpartition(".")
+        parent = get_submodule(model, parent_name)
+        if child not in parent._modules:
+            raise KeyError(f"no submodule named {name!r} in {type(model).__name__}")
+        slots.append((parent, child, parent._modules[child], new))
+    done = []
+    try:
+        for parent, child, old, new in slots:
+            setattr(parent, child, new)
+            done.append((parent, child, old))
+    except BaseException:
+        for parent, child, old in reversed(done):
+            parent._modules[child] = old
+        raise

@@ -20,16 +20,13 @@ from torch import nn
 
 from .config import Config, ConfigError, check_range
 from .measure import Fidelity, compare_latency, count_flops, fidelity, size_of
-from .modules import batches_list, call_model, check_module
+from .modules import (ExampleInputError, batches_list, call_model, check_module, describe_batch,
+                      restore_training_flags, training_flags)
 from .dropin import eval_mode
 from .recipe import apply_stage, stage_for
 from .report import Report
 
 __all__ = ["Tolerance", "StageResult", "Optimized", "optimize", "describe", "ExampleInputError"]
-
-
-class ExampleInputError(ValueError):
-    """The model does not run on the example inputs it was given (wrong shape, dtype or form)."""
 
 
 @dataclass(frozen=True)
@@ -220,15 +217,6 @@ def _size(model: nn.Module) -> tuple[float | None, int | None]:
         return None, None
 
 
-def _training_flags(model: nn.Module) -> dict[nn.Module, bool]:
-    return {m: m.training for m in model.modules()}
-
-
-def _restore_flags(flags: dict[nn.Module, bool]) -> None:
-    for m, t in flags.items():
-        m.training = t
-
-
 def _compile(model: nn.Module, example_inputs: Any, backend: str, options: dict) -> nn.Module:
     try:
         from . import backends
@@ -308,18 +296,19 @@ def optimize(model: nn.Module, example_inputs: Any, recipe: Sequence[Config] | s
 
     from tqdm.auto import tqdm
 
-    flags = _training_flags(model)
+    flags = training_flags(model)
     eval_mode(model)
     try:
         with torch.inference_mode():
             try:
                 call_model(model, example_inputs)
             except Exception as e:
-                raise ExampleInputError(f"the model does not run on example_inputs: {type(e).__name__}: {e}") from e
+                raise ExampleInputError(f"the model does not run on example_inputs ({describe_batch(example_inputs)}): "
+                                        f"{type(e).__name__}: {e}") from e
         return _run(model, example_inputs, recipe, backend, options, eval_fn, tol, calib, val, output_fn,
                     runs, warmup, threads, on_error, dynamic_dims, tqdm, progress)
     finally:
-        _restore_flags(flags)
+        restore_training_flags(flags)
 
 
 def _run(original, example, recipe, backend, options, eval_fn, tol, calib, val, output_fn,

@@ -13,7 +13,8 @@ from torch import nn
 from .config import Config
 from .report import Report
 
-# A stage function: (model, config, example_inputs, calibration) -> (model, report)
+# A stage function: (model, config, example_inputs, calibration) -> (model, report). It may reuse the
+# model it is given (no copy): its callers (optimize, the demo, the CLI) hand it their own copy.
 StageFn = Callable[[nn.Module, Config, Any, list | None], tuple[nn.Module, Report]]
 
 _STAGES: dict[type, StageFn] = {}

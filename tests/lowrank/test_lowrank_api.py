@@ -98,7 +98,7 @@ def test_inplace_false_copies_and_report_lists_every_layer():
 
 def test_inplace_and_dtype_preserved():
     m = small().double()
-    out, _ = tf.decompose(m, tf.LowRank(ratio=0.5))
+    out, _ = tf.decompose(m, tf.LowRank(ratio=0.5), inplace=True)
     assert out is m and isinstance(m.fc, LowRankLinear)
     assert all(p.dtype == torch.float64 for p in m.parameters())
     assert m(X.double()).dtype == torch.float64

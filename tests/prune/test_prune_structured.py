@@ -73,7 +73,7 @@ def test_digits_finetune_recovers(digits_cnn):
 def test_inplace_commits_into_user_tree(digits_cnn):
     model, data = digits_cnn
     first = model.features[0]
-    out, _ = tf.prune(model, data.x_test[:4], tf.ChannelPruning(amount=0.5))
+    out, _ = tf.prune(model, data.x_test[:4], tf.ChannelPruning(amount=0.5), inplace=True)
     assert out is model and model.features[0] is not first and model.features[0].out_channels == 16
 
 

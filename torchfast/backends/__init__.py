@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..modules import Batch, call_model, first_tensor, model_device, move_batch
+from ..modules import (Batch, ExampleInputError, call_model, describe_batch, first_tensor, model_device, move_batch,
+                       restore_training_flags, training_flags)
 from ..report import Report
 from .compiled import Built, Compiled
 from .inputs import batch_size_of, resize_batch
@@ -74,6 +75,10 @@ def compile(model: nn.Module, example_inputs: Batch, backend: str = "inductor", 
     model serves any batch size (checked on a second batch size). ``verify``: compare with eager on the
     example (max abs error, cosine) into the report. Other ``options`` go to the backend's options
     dataclass (e.g. ``max_autotune=True`` for inductor); unknown names are an error.
+
+    The compiled module runs ``model`` itself where the backend can (eager, inductor share its modules
+    and weights), so on success ``model`` is left in eval mode, as ``torchfast.wrap`` leaves it. On any
+    error it is unchanged, every submodule's train/eval flag included.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -89,8 +94,20 @@ def compile(model: nn.Module, example_inputs: Batch, backend: str = "inductor", 
     if dynamic_batch:
         batch_size_of(example_inputs)  # clear error now if there is no batch dimension
 
-    was_training = model.training
-    model.eval()
+    flags = training_flags(model)
+    try:
+        model.eval()
+        return _build(model, example_inputs, backend, impl, opts, dev, dt, kind, scripted, dynamic_batch, verify, warmup)
+    except BaseException:
+        restore_training_flags(flags)
+        raise
+
+
+def _build(model: nn.Module, example_inputs: Batch, backend: str, impl: Any, opts: Any, dev: torch.device,
+           dt: torch.dtype, kind: str | None, scripted: bool, dynamic_batch: bool, verify: bool,
+           warmup: int) -> Compiled:
+    """The part of ``compile`` that runs with ``model`` in eval mode; every failure is a BackendError
+    (or an ExampleInputError when the eager model itself does not run on the example)."""
     work = model
     if dev != model_device(model) or (dt != torch.float32 and kind is None):
         if scripted:
@@ -101,8 +118,12 @@ def compile(model: nn.Module, example_inputs: Batch, backend: str = "inductor", 
                                                      "dynamic_batch": dynamic_batch, "quantized": kind or "no"})
     reference = None
     if verify:
-        with torch.inference_mode():
-            reference = call_model(model, example_inputs)
+        try:
+            with torch.inference_mode():
+                reference = call_model(model, example_inputs)
+        except Exception as e:
+            raise ExampleInputError(f"{type(model).__name__} does not run on example_inputs in eager mode "
+                                    f"({describe_batch(example_inputs)}): {type(e).__name__}: {e}") from e
     try:
         t0 = time.perf_counter()
         built: Built = impl.build(work, inputs, opts, dynamic_batch=dynamic_batch)
@@ -115,11 +136,10 @@ def compile(model: nn.Module, example_inputs: Batch, backend: str = "inductor", 
             out = call_model(compiled, inputs)
         compiled.compile_time_s = time.perf_counter() - t0
     except BackendError:
-        model.train(was_training)
         raise
     except Exception as e:
-        model.train(was_training)
-        raise BackendError(f"backend {backend!r} failed to compile {type(model).__name__}: {type(e).__name__}: {e}") from e
+        raise BackendError(f"backend {backend!r} failed to compile {type(model).__name__} on "
+                           f"({describe_batch(example_inputs)}): {type(e).__name__}: {e}") from e
 
     report.summary["compile_time_s"] = round(compiled.compile_time_s, 3)
     report.summary.update(built.info)

@@ -20,7 +20,8 @@ __all__ = ["decompose", "LowRank", "LowRankLinear", "LowRankConv2d"]
 
 
 def _stage(model: nn.Module, config: LowRank, example_inputs: Any, calibration: list | None) -> tuple[nn.Module, Report]:
-    return decompose(model, config, calibration=calibration, example_inputs=example_inputs)
+    # stages run on their caller's own copy
+    return decompose(model, config, calibration=calibration, example_inputs=example_inputs, inplace=True)
 
 
 register_stage(LowRank, _stage)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modules import call_model, evaluating, model_device, move_batch
+from ..modules import ExampleInputError, call_model, describe_batch, evaluating, model_device, move_batch
 
 
 @dataclass
@@ -111,16 +111,24 @@ def collect(model: nn.Module, layers: dict[str, nn.Module], shape_batch: Any, ca
         with torch.no_grad(), evaluating(model):
             if shape_batch is not None:
                 phase["shapes"] = True
-                call_model(model, move_batch(shape_batch, device))
+                _run(model, shape_batch, device, "example_inputs")
                 phase["shapes"] = False
             for i, b in enumerate(calibration):
                 phase["cov"] = True
                 phase["mask"] = b.get("attention_mask") if isinstance(b, dict) else None
                 phase["shapes"] = shape_batch is None and i == 0
-                call_model(model, move_batch(b, device))
+                _run(model, b, device, f"calibration batch {i}")
                 phase["shapes"] = False
     finally:
         phase["cov"] = phase["shapes"] = False
         for h in handles:
             h.remove()
     return stats
+
+
+def _run(model: nn.Module, batch: Any, device: torch.device, what: str) -> None:
+    try:
+        call_model(model, move_batch(batch, device))
+    except Exception as e:
+        raise ExampleInputError(f"{type(model).__name__} fails on {what} ({describe_batch(batch)}): "
+                                f"{type(e).__name__}: {e}") from e

@@ -1,7 +1,8 @@
-"""``decompose()``: find the layers, collect statistics, factorize, guard, swap, report.
+"""``decompose()``: find the layers, collect statistics, factorize, guard, report, swap.
 
 Everything up to the final swap only reads the model (the accuracy-budgeted search swaps layers one
-at a time and puts them back in a ``finally``), so a raise leaves the user's model as it was.
+at a time and puts them back in a ``finally``), and the swap is all-or-none, so a raise leaves the
+user's model as it was.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..modules import FilterFn, batches_list, check_module, maybe_copy, set_submodule
+from ..modules import FilterFn, batches_list, check_module, maybe_copy, swap_modules
 from ..report import Report
 from . import decompose as D
 from .calibrate import LayerStats, collect
@@ -212,8 +213,10 @@ def find_layers(model: nn.Module, cfg: LowRank, filter_fn: FilterFn | None) -> t
 
 # ---------------------------------------------------------------- the transform
 def decompose(model: nn.Module, config: LowRank | None = None, filter_fn: FilterFn | None = None,
-              calibration: Any = None, example_inputs: Any = None, inplace: bool = True) -> tuple[nn.Module, Report]:
+              calibration: Any = None, example_inputs: Any = None, inplace: bool = False) -> tuple[nn.Module, Report]:
     """Factorize the Conv2d/Linear layers of ``model`` as ``config`` says; returns ``(model, report)``.
+
+    ``inplace=False`` works on a copy; ``inplace=True`` swaps the factorized layers into ``model``.
 
     calibration: batches (tensor / tuple / dict each) of real inputs: turns on data-aware
         factorization and output-error scoring. example_inputs: one batch at the real shape, used for
@@ -246,12 +249,10 @@ def decompose(model: nn.Module, config: LowRank | None = None, filter_fn: Filter
     from .select import choose  # the per-layer decision (rank rule or budgeted search, FLOPs, speed guard)
     decisions, search_summary = choose(work, layers, cfg)
 
-    # ---- swap (the only mutation)
-    for layer, cand, _ in decisions:
-        if cand is not None:
-            set_submodule(work, layer.name, cand.module)
     rep = _report(cfg, data_aware, layers, decisions, skipped_rows, stats)
     rep.summary.update(search_summary)
+    # ---- swap (the only mutation)
+    swap_modules(work, {layer.name: cand.module for layer, cand, _ in decisions if cand is not None})
     return work, rep
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..measure import compare_latency
-from ..modules import get_submodule, set_submodule
+from ..modules import evaluating, get_submodule, set_submodule
 from .config import LowRank
 from .ranks import allocate
 
@@ -121,7 +121,8 @@ def choose(model: nn.Module, layers: list, cfg: LowRank) -> tuple[list, dict]:
     """[(layer, applied candidate or None, info)], plus summary figures of the search if one ran."""
     decisions, summary = [], {}
     if cfg.budget is not None:
-        chosen, summary = _search(model, layers, cfg)
+        with evaluating(model):  # eval_fn scores an inference model: no BatchNorm updates, no dropout
+            chosen, summary = _search(model, layers, cfg)
         for layer in layers:
             c = chosen.get(layer.name)
             if c is None:

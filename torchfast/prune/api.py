@@ -2,8 +2,8 @@
 
 Trace -> coupled groups -> importance -> choose what to remove -> rebuild smaller layers on a copy ->
 run the copy on the example inputs and check every output keeps its shape -> only then commit the new
-layers into the user's module tree (``inplace=True``, default) or return the copy. Any error leaves the
-user's model exactly as it was.
+layers into the user's module tree (``inplace=True``) or return the copy (``inplace=False``, default).
+Any error leaves the user's model exactly as it was, train/eval flags included.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..measure import count_flops
-from ..modules import batches_list, call_model, check_module, evaluating, first_tensor, set_submodule
+from ..modules import batches_list, call_model, check_module, evaluating, first_tensor, set_submodule, swap_modules
 from ..report import Report
 from .config import ChannelPruning
 from .graph import DependencyGraph, Family, TraceError, _tensors
@@ -126,7 +126,7 @@ def plan(model: nn.Module, example_inputs: Any, cfg: ChannelPruning, *, calibrat
 
 
 def prune(model: nn.Module, example_inputs: Any, config: ChannelPruning | None = None, *,
-          calibration: list | None = None, inplace: bool = True) -> tuple[nn.Module, Report]:
+          calibration: list | None = None, inplace: bool = False) -> tuple[nn.Module, Report]:
     """Structured pruning on the model's dependency graph. Returns (pruned model, report)."""
     t0 = time.perf_counter()
     check_module(model)
@@ -166,13 +166,9 @@ def prune(model: nn.Module, example_inputs: Any, config: ChannelPruning | None =
 
     ref_shapes = _shapes(g.output)
     if new_modules:
-        try:
-            with torch.no_grad():
-                was = work.training
-                work.eval()
+        try:  # rebuilt layers carry the flag of the layer they replace, so evaluating() restores them too
+            with torch.no_grad(), evaluating(work):
                 out = call_model(work, example_inputs)
-                # not evaluating(): the rebuilt layers are new modules and must take the model's mode
-                work.train(was)
         except Exception as e:
             raise PruneError(f"the pruned model fails on the example inputs ({type(e).__name__}: {e}); "
                              f"the original model is unchanged. Please report this model.") from e
@@ -199,9 +195,8 @@ def prune(model: nn.Module, example_inputs: Any, config: ChannelPruning | None =
     if inplace and new_modules and not root_replaced:
         user_aliases = _aliases(model)
         user_by_name = dict(model.named_modules(remove_duplicate=False))
-        for mod, new in new_modules.items():
-            for alias in user_aliases[id(user_by_name[mod])]:
-                set_submodule(model, alias, new)
+        swap_modules(model, {alias: new for mod, new in new_modules.items()
+                             for alias in user_aliases[id(user_by_name[mod])] if alias})
         result = model
     elif inplace and not new_modules:
         result = model
@@ -223,7 +218,8 @@ def prune(model: nn.Module, example_inputs: Any, config: ChannelPruning | None =
 def _stage(model: nn.Module, config: ChannelPruning, example_inputs: Any, calibration: list | None):
     if example_inputs is None and calibration:
         example_inputs = batches_list(calibration)[0]
-    return prune(model, example_inputs, config, calibration=calibration)
+    # stages run on their caller's own copy
+    return prune(model, example_inputs, config, calibration=calibration, inplace=True)
 
 
 __all__ = ["prune", "plan", "PruneError", "TraceError"]

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..config import Config
 from ..measure import compare_latency
-from ..modules import capture_inputs, check_module, set_submodule
+from ..modules import capture_inputs, check_module, swap_modules
 from ..report import Report
 from .config import SemiStructured24, UnstructuredSparse
 
@@ -94,8 +94,12 @@ def _semi_structured_ok(w: torch.Tensor) -> str | None:
 
 
 def sparsify(model: nn.Module, config: Config | None = None, example_inputs: Any = None, *,
-             inplace: bool = True) -> tuple[nn.Module, Report]:
-    """Mask Linear weights (2:4 or unstructured magnitude) and use sparse kernels where measured faster."""
+             inplace: bool = False) -> tuple[nn.Module, Report]:
+    """Mask Linear weights (2:4 or unstructured magnitude) and use sparse kernels where measured faster.
+
+    ``inplace=False`` works on a copy; ``inplace=True`` writes the masks and kernels into ``model`` once
+    every layer is decided (a raise leaves it as it was).
+    """
     check_module(model)
     cfg = config if config is not None else SemiStructured24()
     if not isinstance(cfg, (SemiStructured24, UnstructuredSparse)):
@@ -116,19 +120,21 @@ def sparsify(model: nn.Module, config: Config | None = None, example_inputs: Any
     report = Report(f"sparsify: {type(cfg).__name__}")
     if example_inputs is None:
         report.note(f"no example_inputs: kernels timed on {DEFAULT_ROWS} input rows per layer")
+    # decided layer by layer, committed at the end: a raise half-way leaves every weight as it was
+    swaps: dict[str, nn.Module] = {}
+    masks: dict[str, torch.Tensor] = {}
     for n in names:
         m = work.get_submodule(n)
         if n not in shapes and example_inputs is not None:
             report.add_row(layer=n, applied=False, reason="not called by the example inputs; left unchanged")
             continue
-        w = m.weight
         try:
-            keep = mask_24(w) if isinstance(cfg, SemiStructured24) else magnitude_mask(w, cfg.amount)
+            keep = mask_24(m.weight) if isinstance(cfg, SemiStructured24) else magnitude_mask(m.weight, cfg.amount)
         except ValueError as e:
             report.add_row(layer=n, applied=False, reason=str(e))
             continue
-        with torch.no_grad():
-            w.mul_(keep.to(w.dtype))
+        w = m.weight.detach() * keep.to(m.weight.dtype)
+        bias = None if m.bias is None else m.bias.detach()
         rows = shapes[n][:-1].numel() if n in shapes else DEFAULT_ROWS
         x = torch.randn(max(1, rows), m.in_features, device=w.device, dtype=w.dtype)
         row = dict(layer=n, shape=f"{m.in_features}->{m.out_features}", rows=rows,
@@ -140,7 +146,7 @@ def sparsify(model: nn.Module, config: Config | None = None, example_inputs: Any
             if why is None:
                 from torch.sparse import to_sparse_semi_structured
                 sm = copy.deepcopy(m)
-                sm.weight = nn.Parameter(to_sparse_semi_structured(w.detach()), requires_grad=False)
+                sm.weight = nn.Parameter(to_sparse_semi_structured(w), requires_grad=False)
                 candidates.append(("2:4 semi-structured", sm))
             else:
                 row.update(kernel="dense", applied=False, reason=why)
@@ -150,10 +156,10 @@ def sparsify(model: nn.Module, config: Config | None = None, example_inputs: Any
             for layout in cfg.layouts if w.device.type == "cpu" else ():
                 if layout == "bsr" and (m.in_features % cfg.blocksize or m.out_features % cfg.blocksize):
                     continue
-                candidates.append((layout, SparseLinear(w, m.bias, layout, cfg.blocksize)))
+                candidates.append((layout, SparseLinear(w, bias, layout, cfg.blocksize).train(m.training)))
         for cname, cm in candidates:
             try:
-                cmp = compare_latency(lambda t: F.linear(t, w, m.bias), cm, x, runs=getattr(cfg, "runs", 15))
+                cmp = compare_latency(lambda t: F.linear(t, w, bias), cm, x, runs=getattr(cfg, "runs", 15))
             except Exception as e:  # a kernel that does not run here is a kernel that does not win
                 row.setdefault("notes", f"{cname} failed: {type(e).__name__}")
                 continue
@@ -161,17 +167,29 @@ def sparsify(model: nn.Module, config: Config | None = None, example_inputs: Any
             if cmp.speedup > best_speed:
                 best, best_speed, best_name = cm, cmp.speedup, cname
         if best is not None and best_speed >= cfg.min_speedup:
-            set_submodule(work, n, best)
+            swaps[n] = best
             row.update(kernel=best_name, applied=True, reason=f"{best_speed:.2f}x faster than dense")
-        elif "reason" not in row:
-            row.update(kernel="dense", applied=False,
-                       reason=f"sparse kernels lose to dense here (best {best_speed:.2f}x < {cfg.min_speedup}); zeros kept dense")
+        else:
+            masks[n] = keep
+            if "reason" not in row:
+                row.update(kernel="dense", applied=False,
+                           reason=f"sparse kernels lose to dense here (best {best_speed:.2f}x < {cfg.min_speedup}); zeros kept dense")
         report.add_row(**row)
+    _commit(work, swaps, masks)
     applied = report.where(applied=True)
     report.summary.update({"layers": len(names), "sparse kernels used": len(applied),
                            "config": cfg.to_dict()})
     return work, report
 
 
+def _commit(model: nn.Module, swaps: dict[str, nn.Module], masks: dict[str, torch.Tensor]) -> None:
+    """Swap in the winning kernels (all or none), then zero the masked weights of the layers kept dense."""
+    swap_modules(model, swaps)
+    with torch.no_grad():
+        for n, keep in masks.items():
+            w = model.get_submodule(n).weight
+            w.mul_(keep.to(w.dtype))
+
+
 def _sparse_stage(model: nn.Module, config: Config, example_inputs: Any, calibration: list | None):
-    return sparsify(model, config, example_inputs)
+    return sparsify(model, config, example_inputs, inplace=True)  # stages run on their caller's own copy

@@ -136,6 +136,13 @@ def _hf_attention(m: nn.Module, keep: dict) -> nn.Module:
 
 
 def rebuild_module(m: nn.Module, keep: dict) -> nn.Module:
+    """The smaller copy of ``m`` keeping ``keep``'s channels/heads, with ``m``'s own train/eval flag."""
+    new = _rebuild(m, keep)
+    new.training = m.training
+    return new
+
+
+def _rebuild(m: nn.Module, keep: dict) -> nn.Module:
     if isinstance(m, _CONV):
         return _conv(m, keep)
     if isinstance(m, nn.Linear):

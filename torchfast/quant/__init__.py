@@ -6,12 +6,12 @@ The config says what; the implementation (torch.ao x86/fbgemm kernels, FX graph 
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Iterable
 
 from torch import nn
 
-from ..modules import Batch, check_module
+from ..dropin import eval_mode
+from ..modules import Batch, check_module, restore_training_flags, training_flags
 from ..recipe import register_stage
 from ..report import Report
 from .calibrate import CalibrationError
@@ -30,13 +30,17 @@ def quantize(model: nn.Module, config: QuantConfig, example_inputs: Batch | None
     ``example_inputs``: a representative batch (tensor, tuple, dict). Int8Dynamic and HalfPrecision use it
     to time each candidate against fp32 and keep only what is faster; Int8Static checks calibration batches
     against it. ``calibration`` is a fallback for ``Int8Static(calibration=None)`` (recipes pass theirs).
-    On any error the caller's model is unchanged.
+
+    The returned model is in eval mode: it is an inference model. With ``inplace=False`` (the default)
+    the caller's model is not changed, train/eval flags included; with ``inplace=True`` it is reused
+    and, on success, comes back in eval mode as part of the result. On any error the caller's model is
+    unchanged.
     """
     check_module(model)
     if not isinstance(config, QuantConfig):
         raise TypeError(f"quantize() takes Int8Dynamic, Int8Static, WeightOnly, Float8 or HalfPrecision, "
                         f"got {type(config).__name__}")
-    was_training = model.training
+    flags = training_flags(model)
     try:
         model.eval()
         if isinstance(config, Int8Dynamic):
@@ -56,11 +60,12 @@ def quantize(model: nn.Module, config: QuantConfig, example_inputs: Batch | None
             out, rep = cast_half(model, config, example_inputs)
         else:  # pragma: no cover
             raise TypeError(f"no quantization transform for {type(config).__name__}")
+        eval_mode(out)
     except BaseException:
-        model.train(was_training)
+        restore_training_flags(flags)
         raise
-    if out is not model:
-        model.train(was_training)
+    if not getattr(config, "inplace", False):
+        restore_training_flags(flags)
     rep.summary.setdefault("config", config.to_dict())
     return out, rep
 

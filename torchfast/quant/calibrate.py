@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..modules import Batch, call_model, split_batch
+from ..modules import describe_batch as describe
 
 __all__ = ["CalibrationError", "collect", "check_batch", "run_calibration", "describe"]
 
@@ -23,14 +24,6 @@ class CalibrationError(ValueError):
 def _tensors(batch: Batch) -> list[tuple[str, Any]]:
     args, kwargs = split_batch(batch)
     return [(f"input {i}", a) for i, a in enumerate(args)] + [(f"input {k!r}", v) for k, v in kwargs.items()]
-
-
-def describe(batch: Batch) -> str:
-    parts = []
-    for name, t in _tensors(batch):
-        parts.append(f"{name}: {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" if isinstance(t, torch.Tensor)
-                     else f"{name}: {type(t).__name__}")
-    return ", ".join(parts)
 
 
 def collect(calibration: Iterable[Batch] | Batch | None, max_batches: int | None = None) -> list[Batch]:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..modules import Batch, model_device, set_submodule
+from ..modules import Batch, model_device, swap_modules
 from ..report import Report
 from .common import capture_inputs, check_not_quantized, skipped, time_layer
 from .config import Int8Dynamic
@@ -164,7 +164,7 @@ def quantize_dynamic(model: nn.Module, cfg: Int8Dynamic, example_inputs: Batch |
 
     report = Report("int8 dynamic quantization",
                     columns=["layer", "type", "shape", "applied", "scheme", "fp32 ms", "int8 ms", "speedup", "reason"])
-    applied = 0
+    chosen: dict[str, nn.Module] = {}  # swapped in only once every layer is decided
     for name in names:
         mod = work.get_submodule(name)
         cands: dict[str, nn.Module] = {}
@@ -201,8 +201,7 @@ def quantize_dynamic(model: nn.Module, cfg: Int8Dynamic, example_inputs: Batch |
         row.update({"fp32 ms": fp32_ms, "int8 ms": timed.get(best), "scheme": scheme,
                     "speedup": (fp32_ms / timed[best]) if timed else None})
         if faster or cfg.keep_slower:
-            set_submodule(work, name, cands[best])
-            applied += 1
+            chosen[name] = cands[best]
             report.add_row(**row, applied=True)
         else:
             report.add_row(**{**row, "scheme": "fp32"}, applied=False,
@@ -210,12 +209,13 @@ def quantize_dynamic(model: nn.Module, cfg: Int8Dynamic, example_inputs: Batch |
     for name, why in reasons.items():
         mod = model.get_submodule(name)
         report.add_row(layer=name, type=type(mod).__name__, shape=_describe(mod), applied=False, scheme="fp32", reason=why)
-    report.summary.update({"scheme": "int8 dynamic", "layers quantized": applied,
-                           "layers kept in float": len(report.rows) - applied,
+    report.summary.update({"scheme": "int8 dynamic", "layers quantized": len(chosen),
+                           "layers kept in float": len(report.rows) - len(chosen),
                            "backends tried": ", ".join(backends),
                            "activation bits": 8 if full_range else 7})
     if not names:
         report.note("no Linear/LSTM/GRU layer to quantize: the model is returned unchanged")
     if example_inputs is None:
         report.note("no example inputs: layers were quantized without timing them against fp32")
+    swap_modules(work, chosen)
     return work, report

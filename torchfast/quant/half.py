@@ -69,17 +69,20 @@ def cast_half(model: nn.Module, cfg: HalfPrecision, example_inputs: Batch | None
             "use Int8Dynamic/Int8Static on this CPU"
         raise UnsupportedDeviceError(f"HalfPrecision(float16) on CPU: this CPU has no native fp16 arithmetic (no AMX-FP16), "
                                      f"so fp16 only costs precision; {bf16} (keep_slower=True forces fp16)")
-    work = model if cfg.inplace else copy.deepcopy(model)
-    half = HalfPrecisionModule(work.to(dtype), dtype)
     report = Report(f"{name} casting", columns=["layer", "applied", "scheme", "reason"])
     report.summary.update({"scheme": name})
     if example_inputs is not None:
-        cmp = compare_latency(model, half, example_inputs, runs=7, warmup=2)
+        # timed on a cast copy against the untouched fp32 model: the caller's model changes only once it wins
+        trial = HalfPrecisionModule(copy.deepcopy(model).to(dtype), dtype)
+        cmp = compare_latency(model, trial, example_inputs, runs=7, warmup=2)
         report.summary.update({"fp32 ms": cmp.baseline.median_ms, f"{name} ms": cmp.candidate.median_ms,
                                "speedup": cmp.speedup})
         if cmp.speedup <= 1.0 and not cfg.keep_slower:
             report.add_row(layer="<model>", applied=False, scheme="fp32",
                            reason=f"{name} measured slower than fp32 on the example inputs ({cmp.speedup:.2f}x)")
-            return (work.float() if cfg.inplace else model), report
+            return (model if cfg.inplace else copy.deepcopy(model)), report
+        half = trial if not cfg.inplace else HalfPrecisionModule(model.to(dtype), dtype)
+    else:
+        half = HalfPrecisionModule((model if cfg.inplace else copy.deepcopy(model)).to(dtype), dtype)
     report.add_row(layer="<model>", applied=True, scheme=f"{name} weights and activations (inputs cast in, outputs back to float32)")
     return half, report

@@ -12,7 +12,7 @@ import copy
 import torch
 from torch import nn
 
-from ..modules import model_device, model_dtype
+from ..modules import model_device, model_dtype, swap_modules
 from ..report import Report
 from .common import check_not_quantized, skipped
 from .config import Float8, WeightOnly
@@ -44,9 +44,13 @@ def _apply(model: nn.Module, ao_config, names: list[str], reasons: dict[str, str
     from torchao.quantization import quantize_
 
     work = model if inplace else copy.deepcopy(model)
-    chosen = set(names)
+    quantized: dict[str, nn.Module] = {}  # each layer quantized on its own copy, swapped in once all are done
     with quiet("torchao"):
-        quantize_(work, ao_config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in chosen)
+        for name in names:
+            holder = nn.Sequential(copy.deepcopy(work.get_submodule(name)))
+            quantize_(holder, ao_config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+            quantized[name] = holder[0]
+    swap_modules(work, quantized)
     report = Report(title, columns=["layer", "shape", "applied", "scheme", "reason"])
     for name in names:
         mod = work.get_submodule(name)
