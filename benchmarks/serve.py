@@ -160,8 +160,7 @@ SPECS = {  # name -> (payload, content type, max_delay_ms, padding buckets, offl
 def _offline(served, rows: int, runs: int = 5) -> float:
     import torch
     from torchfast.measure import latency
-    from torchfast.serve.http import _example
-    ex = _example(served)
+    ex = served.example()
     if served.name == "minilm":
         ex = {k: torch.ones(rows, 64, dtype=torch.int64) for k in ex}
     else:

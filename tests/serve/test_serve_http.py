@@ -201,7 +201,9 @@ def test_concurrent_clients_each_get_their_own_answer_and_errors_stay_alone(serv
             return await asyncio.gather(*[one(i) for i in range(48)])
     for i, x, r in asyncio.run(go()):
         if i % 7 == 3:
-            assert r.status_code == 500 and "poisoned" in r.json()["error"]
+            body = r.json()
+            assert r.status_code == 500 and "ValueError" in body["error"], body
+            assert "poisoned" not in body["error"] and body["request_id"] in body["error"]  # detail: server log
         else:
             assert r.status_code == 200, r.text
             torch.testing.assert_close(torch.tensor(r.json()["outputs"]["output"]["data"]),

@@ -10,31 +10,29 @@ Errors: 400 malformed body, 404 unknown model, 413 too large, 415 unknown media 
 """
 from __future__ import annotations
 
-import io
-import json
+import asyncio
+import logging
 import math
+import re
 import socket
 import threading
+import time
+import uuid
 from contextlib import asynccontextmanager
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
-import numpy as np
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from .batcher import BatcherClosed, DynamicBatcher, QueueFull, RequestTimeout
+from .codecs import (NPY, SAFETENSORS, HTTPError, decode, encode_npy, encode_safetensors, named_outputs,
+                     tensor_to_json)
 from .metrics import merged_prometheus_text
-from .model import ServedModel, dtype_name, parse_dtype
+from .model import ServedModel
 
-NPY = "application/x-npy"
-SAFETENSORS = "application/x-safetensors"
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
+log = logging.getLogger("torchfast.serve")
 
 
 def make_batcher(served: ServedModel, **knobs: Any) -> DynamicBatcher:
@@ -47,91 +45,30 @@ def make_batcher(served: ServedModel, **knobs: Any) -> DynamicBatcher:
     return DynamicBatcher(served.model, name=served.name, **knobs)
 
 
-# ---------------------------------------------------------------- decoding / encoding
-def _from_json(served: ServedModel, body: bytes) -> dict[str, torch.Tensor]:
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise HTTPError(400, f"body is not valid JSON: {e}") from None
-    if not isinstance(doc, dict) or "inputs" not in doc:
-        raise HTTPError(400, 'JSON body must be an object with "inputs": a nested list, or {input name: nested list}')
-    raw = doc["inputs"]
-    if not isinstance(raw, dict):
-        if len(served.inputs) != 1:
-            raise HTTPError(422, f"model {served.name!r} takes {len(served.inputs)} inputs; send "
-                                 f'"inputs" as an object keyed by {[s.name for s in served.inputs]}')
-        raw = {served.inputs[0].name: raw}
-    specs = {s.name: s for s in served.inputs}
-    out = {}
-    for k, v in raw.items():
-        spec = specs.get(k)
-        want = parse_dtype(spec.dtype) if spec else torch.float32
-        try:
-            arr = np.asarray(v)
-        except ValueError as e:
-            raise HTTPError(422, f"input {k!r} is not a rectangular array (ragged nested lists): {e}") from None
-        if arr.dtype == object or arr.dtype.kind in "USV":
-            raise HTTPError(422, f"input {k!r} must be a rectangular array of numbers")
-        if arr.dtype.kind == "f" and not want.is_floating_point:
-            raise HTTPError(422, f"input {k!r} must hold integers ({dtype_name(want)}), got fractional numbers")
-        out[k] = torch.from_numpy(np.ascontiguousarray(arr)).to(want)
-    return out
-
-
-def _from_npy(served: ServedModel, body: bytes) -> dict[str, torch.Tensor]:
-    if len(served.inputs) != 1:
-        raise HTTPError(415, f"a .npy body carries one tensor but model {served.name!r} takes "
-                             f"{len(served.inputs)} inputs; send safetensors or JSON")
-    try:
-        arr = np.load(io.BytesIO(body), allow_pickle=False)
-    except Exception as e:  # noqa: BLE001 - any parse failure is the client's
-        raise HTTPError(400, f"body is not a valid .npy array: {e}") from None
-    return {served.inputs[0].name: torch.from_numpy(np.ascontiguousarray(arr))}
-
-
-def _from_safetensors(body: bytes) -> dict[str, torch.Tensor]:
-    try:
-        from safetensors.torch import load
-        return dict(load(body))
-    except ImportError:
-        raise HTTPError(415, "safetensors bodies need the 'safetensors' package on the server") from None
-    except Exception as e:  # noqa: BLE001
-        raise HTTPError(400, f"body is not valid safetensors: {e}") from None
-
-
-def _named_outputs(out: Any) -> dict[str, torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return {"output": out}
-    if isinstance(out, Mapping):
-        return {str(k): v for k, v in out.items() if isinstance(v, torch.Tensor)}
-    if isinstance(out, Sequence):
-        return {f"output_{i}": v for i, v in enumerate(out) if isinstance(v, torch.Tensor)}
-    raise HTTPError(500, f"model returned {type(out).__name__}, which holds no tensor to send back")
-
-
-def _json_ready(t: torch.Tensor) -> dict:
-    arr = t.detach().cpu()
-    if arr.dtype in (torch.bfloat16, torch.float16):
-        arr = arr.float()
-    data = arr.numpy().tolist()
-    if arr.is_floating_point() and not bool(torch.isfinite(arr).all()):
-        data = json.loads(json.dumps(data).replace("NaN", "null").replace("Infinity", "null"))
-    return {"shape": list(t.shape), "dtype": dtype_name(t.dtype), "data": data}
-
-
 # ---------------------------------------------------------------- the app
 def create_app(models: Sequence[ServedModel], *, max_batch_size: int = 32, max_delay_ms: float = 5.0,
                preferred_batch_sizes: Sequence[int] | None = None, max_queue_size: int = 256,
                timeout_ms: float | None = 10_000, max_body_bytes: int = 16 << 20, warmup: bool = True,
-               isolate_errors: bool = True, nan_guard: bool = False) -> Any:
-    """A FastAPI app serving ``models``; batchers start with the app and drain when it stops."""
+               isolate_errors: bool = True, nan_guard: bool = False, max_priority: int = 0,
+               body_timeout_s: float = 30.0, large_body_bytes: int = 1 << 20, max_large_bodies: int = 2) -> Any:
+    """A FastAPI app serving ``models``; batchers start with the app and drain when it stops.
+
+    ``max_priority`` is the highest ``x-priority`` a client may ask for (higher asks are capped to it),
+    so no client can starve the others unless the operator allows it. A body must arrive within
+    ``body_timeout_s`` (408 after). At most ``max_large_bodies`` bodies above ``large_body_bytes`` are read
+    and decoded at once, off the event loop, so big uploads cannot stall health checks or pile up memory.
+    """
     served = {m.name: m for m in models}
     if len(served) != len(models):
         raise ValueError(f"model names must be unique, got {[m.name for m in models]}")
+    if body_timeout_s <= 0 or max_large_bodies < 1 or large_body_bytes < 1:
+        raise ValueError(f"body_timeout_s, max_large_bodies and large_body_bytes must be positive, got "
+                         f"{body_timeout_s}, {max_large_bodies}, {large_body_bytes}")
     knobs = dict(max_batch_size=max_batch_size, max_delay_ms=max_delay_ms, max_queue_size=max_queue_size,
                  timeout_ms=timeout_ms, preferred_batch_sizes=preferred_batch_sizes,
                  isolate_errors=isolate_errors, nan_guard=nan_guard)
     state: dict[str, Any] = {"ready": False, "batchers": {}}
+    large_bodies = _LargeBodyGate(max_large_bodies, large_body_bytes)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -139,7 +76,7 @@ def create_app(models: Sequence[ServedModel], *, max_batch_size: int = 32, max_d
             b = make_batcher(m, **knobs)
             state["batchers"][m.name] = b
             if warmup:
-                await b.submit(m.request(_example(m)))
+                await b.submit(m.request(m.example()))
         state["ready"] = True
         yield
         state["ready"] = False
@@ -149,17 +86,29 @@ def create_app(models: Sequence[ServedModel], *, max_batch_size: int = 32, max_d
     app = FastAPI(title="torchfast serve", lifespan=lifespan)
     app.state.torchfast = state
 
-    def err(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-        return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
+    def err(status: int, message: str, headers: dict | None = None, request_id: str | None = None) -> JSONResponse:
+        body: dict[str, Any] = {"error": message, "status": status}
+        if request_id:
+            body["request_id"] = request_id
+            headers = {**(headers or {}), "x-request-id": request_id}
+        return JSONResponse(body, status_code=status, headers=headers)
 
     def lookup(name: str) -> tuple[ServedModel, DynamicBatcher]:
         if name not in served or name not in state["batchers"]:
-            raise HTTPError(404, f"unknown model {name!r}; serving {sorted(served)}")
+            raise HTTPError(404, f"unknown model {name[:100]!r}; serving {sorted(served)}")
         return served[name], state["batchers"][name]
 
     @app.exception_handler(HTTPError)
-    async def _handle(_req, e: HTTPError):
-        return err(e.status, e.message, e.headers)
+    async def _handle(request: Request, e: HTTPError):
+        return err(e.status, e.message, e.headers, getattr(request.state, "request_id", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):
+        rid = getattr(request.state, "request_id", None) or _new_request_id()
+        log.error("request %s (%s %s) failed inside the server", rid, request.method, request.url.path,
+                  exc_info=e)
+        return err(500, f"internal server error ({type(e).__name__}); the server log has the details under "
+                        f"request id {rid}", request_id=rid)
 
     @app.get("/healthz")
     async def healthz():
@@ -188,33 +137,21 @@ def create_app(models: Sequence[ServedModel], *, max_batch_size: int = 32, max_d
 
     @app.post("/v1/models/{name}/infer")
     async def infer(name: str, request: Request):
+        rid = request.state.request_id = _request_id(request.headers.get("x-request-id"))
         m, b = lookup(name)
-        body = await _read_body(request, max_body_bytes)
-        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if ctype in ("application/json", ""):
-            tensors, fmt = _from_json(m, body), "json"
-        elif ctype in (NPY, "application/octet-stream") and body[:6] == b"\x93NUMPY":
-            tensors, fmt = _from_npy(m, body), "npy"
-        elif ctype in (SAFETENSORS, "application/octet-stream"):
-            tensors, fmt = _from_safetensors(body), "safetensors"
-        else:
-            raise HTTPError(415, f"unsupported content-type {ctype!r}; send application/json, {NPY} or {SAFETENSORS}")
+        t = _timeout(request.headers.get("x-timeout-ms") or request.query_params.get("timeout_ms"))
+        priority = _priority(request.headers.get("x-priority"), max_priority)
+        ctype = request.headers.get("content-type", "application/json")
+        async with large_bodies.session() as gate:
+            body = await _read_body(request, max_body_bytes, body_timeout_s, gate)
+            decoded = decode if len(body) < 64 << 10 else None
+            tensors, fmt = decoded(m, body, ctype) if decoded else await run_in_threadpool(decode, m, body, ctype)
+            del body
         try:
             x = m.request(tensors)
             b.check(x)
         except (ValueError, TypeError) as e:
             raise HTTPError(422, str(e)) from None
-        timeout = request.headers.get("x-timeout-ms") or request.query_params.get("timeout_ms")
-        try:
-            t = float(timeout) if timeout is not None else None
-            if t is not None and not (t > 0 and math.isfinite(t)):
-                raise ValueError
-        except ValueError:
-            raise HTTPError(400, f"timeout must be a positive number of milliseconds, got {timeout!r}") from None
-        try:
-            priority = int(request.headers.get("x-priority", "0"))
-        except ValueError:
-            raise HTTPError(400, f"x-priority must be an integer, got {request.headers.get('x-priority')!r}") from None
         try:
             out = await b.submit(x, timeout_ms=t, priority=priority)
         except QueueFull as e:
@@ -224,50 +161,120 @@ def create_app(models: Sequence[ServedModel], *, max_batch_size: int = 32, max_d
         except RequestTimeout as e:
             raise HTTPError(504, str(e)) from None
         except Exception as e:  # noqa: BLE001 - this request's own model error
-            raise HTTPError(500, f"model {name!r} failed on this request: {type(e).__name__}: {e}") from None
-        outs = _named_outputs(out)
+            log.error("request %s: model %r failed", rid, name, exc_info=e)
+            raise HTTPError(500, f"model {name!r} failed on this request ({type(e).__name__}); the server log "
+                                 f"has the details under request id {rid}") from None
+        outs = named_outputs(out)
         accept = request.headers.get("accept", "")
+        headers = {"x-request-id": rid}
         if NPY in accept or (fmt == "npy" and "json" not in accept):
             if len(outs) != 1:
                 raise HTTPError(406, f"model {name!r} has {len(outs)} outputs; a .npy answer holds one")
-            buf = io.BytesIO()
-            t0 = next(iter(outs.values()))
-            np.save(buf, (t0.float() if t0.dtype in (torch.bfloat16,) else t0).numpy(), allow_pickle=False)
-            return Response(buf.getvalue(), media_type=NPY)
+            return Response(encode_npy(next(iter(outs.values()))), media_type=NPY, headers=headers)
         if SAFETENSORS in accept or (fmt == "safetensors" and "json" not in accept):
-            from safetensors.torch import save
-            return Response(save({k: v.contiguous() for k, v in outs.items()}), media_type=SAFETENSORS)
-        return {"model_name": name, "outputs": {k: _json_ready(v) for k, v in outs.items()}}
+            return Response(encode_safetensors(outs), media_type=SAFETENSORS, headers=headers)
+        return JSONResponse({"model_name": name, "outputs": {k: tensor_to_json(v) for k, v in outs.items()}},
+                            headers=headers)
 
     return app
 
 
-async def _read_body(request: Any, limit: int) -> bytes:
+class _LargeBodyGate:
+    """Bounds how many large bodies are in memory at once: a body past ``threshold`` bytes waits for one
+    of ``limit`` slots before more of it is read, and holds the slot until it is decoded."""
+
+    def __init__(self, limit: int, threshold: int):
+        self.limit, self.threshold = limit, threshold
+        self._sem: asyncio.Semaphore | None = None   # made on the server's loop, at first use
+
+    def session(self) -> "_GateSession":
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(self.limit)
+        return _GateSession(self._sem, self.threshold)
+
+
+class _GateSession:
+    def __init__(self, sem: asyncio.Semaphore, threshold: int):
+        self.sem, self.threshold, self.held = sem, threshold, False
+
+    async def admit(self, size: int) -> None:
+        if not self.held and size > self.threshold:
+            await self.sem.acquire()
+            self.held = True
+
+    async def __aenter__(self) -> "_GateSession":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self.held:
+            self.sem.release()
+            self.held = False
+
+
+async def _read_body(request: Any, limit: int, timeout_s: float, gate: _GateSession) -> bytes:
     n = request.headers.get("content-length")
-    if n is not None and n.isdigit() and int(n) > limit:
-        raise HTTPError(413, f"request body of {int(n)} bytes exceeds the limit of {limit} bytes")
+    if n is not None and n.isdigit():
+        if int(n) > limit:
+            raise HTTPError(413, f"request body of {int(n)} bytes exceeds the limit of {limit} bytes")
+        await gate.admit(int(n))
     chunks, size = [], 0
-    async for c in request.stream():
+    deadline = time.monotonic() + timeout_s
+    stream = request.stream().__aiter__()
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            c = await asyncio.wait_for(stream.__anext__(), timeout=max(left, 0.001))
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise HTTPError(408, f"request body not received within {timeout_s:g} s "
+                                 f"({size} bytes arrived)", {"Connection": "close"}) from None
         size += len(c)
         if size > limit:
-            raise HTTPError(413, f"request body exceeds the limit of {limit} bytes")
+            raise HTTPError(413, f"request body exceeds the limit of {limit} bytes", {"Connection": "close"})
+        await gate.admit(size)
         chunks.append(c)
     return b"".join(chunks)
+
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+def _new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def _request_id(given: str | None) -> str:
+    """The client's own id when it is a short plain token (so logs join up), else a fresh one."""
+    return given if given and _REQUEST_ID.match(given) else _new_request_id()
+
+
+def _timeout(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        t = float(text)
+    except ValueError:
+        t = float("nan")
+    if not (t > 0 and math.isfinite(t)):
+        raise HTTPError(400, f"timeout must be a positive number of milliseconds, got {text[:50]!r}")
+    return t
+
+
+def _priority(text: str | None, cap: int) -> int:
+    if text is None:
+        return 0
+    try:
+        p = int(text.strip())
+    except ValueError:
+        raise HTTPError(400, f"x-priority must be an integer, got {text[:50]!r}") from None
+    return max(min(p, cap), -(1 << 31))
 
 
 def _knobs(b: DynamicBatcher) -> dict:
     return {"batching": {"max_batch_size": b.max_batch_size, "max_delay_ms": b.max_delay_ms,
                          "preferred_batch_sizes": list(b.preferred_batch_sizes),
                          "max_queue_size": b.max_queue_size, "timeout_ms": b.timeout_ms}}
-
-
-def _example(m: ServedModel) -> dict[str, torch.Tensor]:
-    out = {}
-    for s in m.inputs:
-        shape = [1] + [d if d != -1 else 8 for d in s.shape]
-        dt = parse_dtype(s.dtype)
-        out[s.name] = torch.ones(shape, dtype=dt) if not dt.is_floating_point else torch.zeros(shape, dtype=dt)
-    return out
 
 
 # ---------------------------------------------------------------- running it

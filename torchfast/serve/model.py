@@ -37,16 +37,26 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 @dataclass(frozen=True)
 class InputSpec:
-    """One model input: its name, per-row shape (no batch dim; -1 = any size) and dtype."""
+    """One model input: its name, per-row shape (no batch dim; -1 = any size) and dtype.
+
+    ``max_shape`` bounds the ``-1`` dims (None = unbounded), from the model's own limit where it has one
+    (a transformer's maximum positions, an ExportedProgram's dynamic-dim range): one oversized request
+    must not pad a whole batch up to its length.
+    """
 
     name: str
     shape: tuple[int, ...]
     dtype: str = "float32"
+    max_shape: tuple[int | None, ...] | None = None
 
     def __post_init__(self) -> None:
         parse_dtype(self.dtype)
         if any((not isinstance(d, int)) or d < -1 or d == 0 for d in self.shape):
             raise ValueError(f"input {self.name!r}: shape {self.shape} must hold positive sizes or -1")
+        if self.max_shape is not None and (len(self.max_shape) != len(self.shape) or any(
+                m is not None and (not isinstance(m, int) or m < 1) for m in self.max_shape)):
+            raise ValueError(f"input {self.name!r}: max_shape {self.max_shape} must give a positive size or "
+                             f"None for each of the {len(self.shape)} dims of {self.shape}")
 
     def check(self, t: torch.Tensor) -> None:
         """Raise ValueError naming the input, the expected and the received shape/dtype."""
@@ -56,9 +66,16 @@ class InputSpec:
             raise ValueError(f"input {self.name!r} must have shape {shown}, got {list(t.shape)}")
         if t.dtype != parse_dtype(self.dtype):
             raise ValueError(f"input {self.name!r} must have dtype {self.dtype}, got {dtype_name(t.dtype)}")
+        for i, (d, m) in enumerate(zip(self.shape, self.max_shape or ())):
+            if d == -1 and m is not None and t.shape[i + 1] > m:
+                raise ValueError(f"input {self.name!r} has size {t.shape[i + 1]} in dim {i + 1}, above the "
+                                 f"model's maximum of {m}")
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "shape": [-1, *self.shape], "dtype": self.dtype}
+        d: dict[str, Any] = {"name": self.name, "shape": [-1, *self.shape], "dtype": self.dtype}
+        if self.max_shape is not None and any(m is not None for m in self.max_shape):
+            d["max_shape"] = [None, *self.max_shape]
+        return d
 
 
 @dataclass
@@ -73,13 +90,27 @@ class ServedModel:
     max_batch_size: int | None = None  # a fixed-shape artifact caps (and pads to) its batch size
     fixed_batch: bool = False
     description: str = ""
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # published in metadata: JSON scalars (or lists of them) only
     knobs: dict = field(default_factory=dict)  # per-model batcher knobs, over the server's defaults
+    tokenizer: Any = field(default=None, repr=False)  # for clients of this process; never published
 
     def metadata(self) -> dict[str, Any]:
+        """The model's interface as plain JSON: nothing from its internals, nothing from the server's disk."""
+        extra = {str(k): v for k, v in self.extra.items() if _json_scalar(v)
+                 or (isinstance(v, (list, tuple)) and len(v) <= 64 and all(_json_scalar(e) for e in v))}
         return {"name": self.name, "description": self.description,
                 "inputs": [s.to_dict() for s in self.inputs], "keyword_inputs": self.keyword_inputs,
-                "sequence_padding": self.sequence is not None, **self.extra}
+                "sequence_padding": self.sequence is not None, **extra}
+
+    def example(self, rows: int = 1) -> dict[str, torch.Tensor]:
+        """A valid request of ``rows`` rows (zeros; ones for integer inputs, 8 for dynamic sizes)."""
+        out = {}
+        for s in self.inputs:
+            lim = s.max_shape or (None,) * len(s.shape)
+            shape = [rows] + [d if d != -1 else min(8, m or 8) for d, m in zip(s.shape, lim)]
+            dt = parse_dtype(s.dtype)
+            out[s.name] = torch.zeros(shape, dtype=dt) if dt.is_floating_point else torch.ones(shape, dtype=dt)
+        return out
 
     def request(self, tensors: dict[str, torch.Tensor]) -> Any:
         """Validate named tensors against the declared inputs and shape them as the model is called."""
@@ -97,6 +128,10 @@ class ServedModel:
         if len(self.inputs) == 1:
             return tensors[self.inputs[0].name]
         return tuple(tensors[s.name] for s in self.inputs)
+
+
+def _json_scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (str, bool, int, float))
 
 
 class MiniLMEmbedder(torch.nn.Module):
@@ -127,9 +162,12 @@ def builtin_model(name: str) -> ServedModel:
         bert, tok = load_minilm()
         seq = SequencePadding(dims={"input_ids": 1, "attention_mask": 1},
                               values={"input_ids": tok.pad_token_id or 0}, output_dims=None, multiple_of=8)
+        longest = getattr(bert.config, "max_position_embeddings", None)
         return ServedModel("minilm", MiniLMEmbedder(bert).eval(),
-                           (InputSpec("input_ids", (-1,), "int64"), InputSpec("attention_mask", (-1,), "int64")),
-                           keyword_inputs=True, sequence=seq, extra={"tokenizer": tok},
+                           (InputSpec("input_ids", (-1,), "int64", (longest,)),
+                            InputSpec("attention_mask", (-1,), "int64", (longest,))),
+                           keyword_inputs=True, sequence=seq, tokenizer=tok,
+                           extra={"max_sequence_length": longest},
                            description="all-MiniLM-L6-v2 sentence embeddings (mean-pooled, normalized, 384-d)")
     import torchvision
     if name in torchvision.models.list_models(module=torchvision.models):
@@ -172,8 +210,20 @@ def _specs_from_exported(ep: Any) -> tuple[tuple[InputSpec, ...], int | None]:
         dims = [d if isinstance(d, int) else -1 for d in val.shape]
         if dims and dims[0] != -1:
             batch = dims[0]
-        specs.append(InputSpec(s.arg.name, tuple(dims[1:]), dtype_name(val.dtype)))
+        tops = [None if isinstance(d, int) else _upper_bound(ep, d) for d in val.shape[1:]]
+        specs.append(InputSpec(s.arg.name, tuple(dims[1:]), dtype_name(val.dtype),
+                               tuple(tops) if any(t is not None for t in tops) else None))
     return tuple(specs), batch
+
+
+def _upper_bound(ep: Any, dim: Any) -> int | None:
+    """The largest size the program accepts for a dynamic dim (None when unbounded)."""
+    try:
+        rng = ep.range_constraints.get(dim.node.expr)
+        upper = int(rng.upper) if rng is not None and rng.upper.is_finite else None
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return upper if upper is not None and 0 < upper < (1 << 62) else None
 
 
 def load_served_model(source: str, name: str | None = None, input_shape: tuple[int, ...] | None = None,

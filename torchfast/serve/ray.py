@@ -9,6 +9,8 @@ bad request fails alone. Needs the ``ray`` extra (``pip install 'torchfast[ray]'
 """
 from __future__ import annotations
 
+import logging
+import uuid
 from typing import Any, Callable, Sequence
 
 
@@ -58,9 +60,9 @@ def ray_deployment(served_factory: Callable[[], Any], *, name: str = "torchfast"
             return val
 
         async def __call__(self, request: Request) -> Any:
-            from .http import HTTPError, _from_json, _json_ready, _named_outputs
+            from .codecs import HTTPError, decode_json, named_outputs, tensor_to_json
             try:
-                x = self.served.request(_from_json(self.served, await request.body()))
+                x = self.served.request(decode_json(self.served, await request.body()))
                 self.runner.check(x)
             except HTTPError as e:
                 return _response(e.status, {"error": e.message})
@@ -68,9 +70,14 @@ def ray_deployment(served_factory: Callable[[], Any], *, name: str = "torchfast"
                 return _response(422, {"error": str(e)})
             kind, val = await self._batched(x)
             if kind == "err":
-                return _response(500, {"error": f"{type(val).__name__}: {val}"})
+                rid = uuid.uuid4().hex[:16]
+                logging.getLogger("torchfast.serve").error("request %s: model %r failed", rid, self.served.name,
+                                                           exc_info=val)
+                return _response(500, {"error": f"model {self.served.name!r} failed on this request "
+                                                f"({type(val).__name__}); the replica's log has the details "
+                                                f"under request id {rid}", "request_id": rid})
             return {"model_name": self.served.name,
-                    "outputs": {k: _json_ready(v) for k, v in _named_outputs(val).items()}}
+                    "outputs": {k: tensor_to_json(v) for k, v in named_outputs(val).items()}}
 
         def stats(self) -> dict:
             return {"batch_sizes": list(self.batch_sizes), **self.runner.snapshot()}

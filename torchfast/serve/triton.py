@@ -219,13 +219,13 @@ def serve_pytriton(served: Any, batching: TritonBatching | None = None, *, http_
     except ImportError as e:
         raise ImportError("serve_pytriton needs nvidia-pytriton (it pins numpy<2: install it in its own "
                           "environment with `pip install nvidia-pytriton`)") from e
-    from .http import _example, _named_outputs
+    from .codecs import named_outputs as _named_outputs
 
     b = batching or TritonBatching()
     lib = _libpython_dir()
     if lib and lib not in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep):
         os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (lib, os.environ.get("LD_LIBRARY_PATH")) if p)
-    example = _example(served)
+    example = served.example()
     with torch.inference_mode():
         outs = _named_outputs(served.model(**served.request(example)) if served.keyword_inputs
                               else _call(served, served.request(example)))
