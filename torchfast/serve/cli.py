@@ -1,4 +1,4 @@
-"""``torchfast serve [PATH|MODEL]``: the CLI engineer's subcommand calls add_arguments()/run();
+"""``torchfast serve [PATH|MODEL]``: the ``torchfast`` command's serve subcommand (add_arguments()/run());
 ``python -m torchfast.serve`` runs it on its own."""
 from __future__ import annotations
 
@@ -33,6 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="per-row input shape for an artifact that does not declare it, e.g. 3,224,224")
     p.add_argument("--input-dtype", default="float32")
     p.add_argument("--nan-guard", action="store_true", help="answer NaN/Inf outputs with an error")
+    p.add_argument("--max-priority", type=int, default=0,
+                   help="highest x-priority a client may ask for (higher asks are capped; default 0: "
+                        "clients cannot jump the queue)")
+    p.add_argument("--body-timeout-s", type=float, default=30.0,
+                   help="a request body must arrive within this many seconds (408 after)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--log-level", default="info")
 
@@ -65,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,
                preferred_batch_sizes=args.preferred_batch_sizes, max_queue_size=args.max_queue_size,
                timeout_ms=args.timeout_ms, max_body_bytes=int(args.max_body_mb * (1 << 20)),
-               nan_guard=args.nan_guard)
+               nan_guard=args.nan_guard, max_priority=args.max_priority, body_timeout_s=args.body_timeout_s)
     return 0
 
 
