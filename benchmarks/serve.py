@@ -257,18 +257,28 @@ def _rss_mb() -> float:
 
 
 def soak(seconds: float, tqdm) -> dict:
-    """Many asyncio clients, 5 % poisoned requests, 5 % short deadlines, 10 % cancelled: count every answer."""
+    """Many asyncio clients, 5 % poisoned requests (3 % raising an Exception, 2 % a BaseException), 5 % short
+    deadlines, 10 % cancelled by their caller and 5 % cancelled from another thread at about their deadline,
+    while a second thread holds the batcher's lock for a few ms every 50 ms (forcing cancels, deadlines and
+    batch cuts to interleave): count every answer."""
+    import threading
+
     import torch
 
-    from torchfast.serve import DynamicBatcher, QueueFull
+    from torchfast.serve import DynamicBatcher, ModelError, QueueFull
     from torchfast.zoo.digits import DigitsCNN
     torch.manual_seed(0)
     cnn = DigitsCNN().eval()
+
+    class Halt(BaseException):
+        pass
 
     class Poisonable(torch.nn.Module):
         def forward(self, x):
             if (x[:, 0, 0, 0] == -999).any():
                 raise RuntimeError("injected failure")
+            if (x[:, 0, 0, 0] == -777).any():
+                raise Halt("injected BaseException")
             return cnn(x)
     b = DynamicBatcher(Poisonable(), max_batch_size=32, max_delay_ms=2, preferred_batch_sizes=[1, 2, 4, 8, 16, 32],
                        max_queue_size=256)
@@ -285,11 +295,13 @@ def soak(seconds: float, tqdm) -> dict:
             k += 1
             rid = cid * 10_000_000 + k
             x = x0.clone()
-            poison = rng.random() < 0.05
+            roll = rng.random()
+            poison = roll < 0.05
             if poison:
-                x[0, 0, 0, 0] = -999
+                x[0, 0, 0, 0] = -999 if roll < 0.03 else -777
+            short = rng.random() < 0.05
             try:
-                fut = b.submit_future(x, timeout_ms=2.0 if rng.random() < 0.05 else None)
+                fut = b.submit_future(x, timeout_ms=2.0 if short else None)
             except QueueFull:
                 outcome["rejected"] += 1
                 await asyncio.sleep(0.001)
@@ -297,7 +309,9 @@ def soak(seconds: float, tqdm) -> dict:
             answers[rid] = 0
             fut.add_done_callback(lambda _f, rid=rid: answers.__setitem__(rid, answers[rid] + 1))
             afut = asyncio.wrap_future(fut)
-            if rng.random() < 0.10:
+            if rng.random() < 0.05:  # cancelled from another thread, about when the deadline expires
+                threading.Timer(rng.uniform(0.0015, 0.0025) if short else rng.uniform(0, 0.003), fut.cancel).start()
+            elif rng.random() < 0.10:
                 await asyncio.sleep(rng.uniform(0, 0.003))
                 afut.cancel()
             try:
@@ -309,8 +323,17 @@ def soak(seconds: float, tqdm) -> dict:
                 outcome["cancelled"] += 1
             except TimeoutError:
                 outcome["timeout"] += 1
-            except RuntimeError as e:
+            except (RuntimeError, ModelError) as e:
                 outcome["error" if "injected" in str(e) and poison else "wrong"] += 1
+
+    stop_holding = threading.Event()
+
+    def hold_lock():  # a worker stalled across deadlines while cancels land
+        while not stop_holding.wait(0.05):
+            with b._cond:
+                time.sleep(rng.uniform(0.001, 0.005))
+    holder = threading.Thread(target=hold_lock, daemon=True)
+    holder.start()
 
     async def main():
         t_end = time.monotonic() + seconds
@@ -322,6 +345,9 @@ def soak(seconds: float, tqdm) -> dict:
                 bar.update()
         await asyncio.gather(*tasks)
     asyncio.run(main())
+    stop_holding.set()
+    holder.join()
+    alive = b.running
     b.close()
     time.sleep(0.2)  # done callbacks of the last answers
     snap = b.snapshot()
@@ -332,7 +358,7 @@ def soak(seconds: float, tqdm) -> dict:
             "wrong": outcome["wrong"], **{k: snap[k] for k in ("ok", "error", "timeout", "cancelled", "rejected")},
             "batches": snap["batches"], "isolation_reruns": snap["isolation_reruns"],
             "rss_mb_after_warmup": round(warm, 1), "rss_mb_end": round(rss[-1], 1) if rss else None,
-            "rss_mb_max": round(max(rss), 1) if rss else None, "seconds": seconds}
+            "rss_mb_max": round(max(rss), 1) if rss else None, "worker_alive_at_end": alive, "seconds": seconds}
 
 
 def main() -> None:
@@ -343,6 +369,7 @@ def main() -> None:
     p.add_argument("--warm", type=float, default=2.0, help="unmeasured warm-up per client run")
     p.add_argument("--rounds", type=int, default=2, help="interleaved windows per mode and level")
     p.add_argument("--soak-seconds", type=float, default=40.0)
+    p.add_argument("--soak-only", action="store_true", help="run only the soak")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads per server (1: OpenMP's spinning threads collapse on a shared, "
                         "oversubscribed 2-core machine: MiniLM batch 1 measured 47 ms with 1 thread, 1384 ms with 2)")
@@ -365,12 +392,13 @@ def main() -> None:
     a.levels = [int(v) for v in a.levels.split(",")]
     t0 = time.time()
     rows: list[dict] = []
-    with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
-        _payloads(tmp)
-        for name in a.models.split(","):
-            bench_model(name, a, tmp, rows, tqdm)
-    print(format_table(rows))
+    if not a.soak_only:
+        with tempfile.TemporaryDirectory() as d:
+            tmp = Path(d)
+            _payloads(tmp)
+            for name in a.models.split(","):
+                bench_model(name, a, tmp, rows, tqdm)
+        print(format_table(rows))
     s = soak(a.soak_seconds, tqdm)
     print("\nsoak:", json.dumps(s))
     print(f"\ntotal {time.time() - t0:.0f} s; torch threads {a.threads}; load average {os.getloadavg()[0]:.1f}")
