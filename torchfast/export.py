@@ -4,13 +4,26 @@
 ``torchfast.compile`` (its native artifact is reused when the format matches), a ScriptModule or an
 ExportedProgram. TorchScript and ExportedProgram files load with plain torch, no torchfast needed.
 
-``load`` is safe by default: it recognizes the archive and reads TorchScript with ``torch.jit.load``,
-ExportedPrograms with ``torch.export.load`` and tensor files with ``torch.load(weights_only=True)``.
-Unpickling arbitrary Python objects (a pickled ``nn.Module``) executes code from the file and
-happens only with ``allow_pickle=True`` — only for files you trust.
+``load`` is safe by default: loading runs nothing from the file (:mod:`torchfast.safe_load` checks it first).
+
+- TorchScript: read by ``torch.jit.load``, whose C++ unpickler never looks up a Python global; archives whose
+  TorchScript defines ``__setstate__`` (code run during loading) are refused.
+- ExportedProgram: every part ``torch.export.load`` would unpickle (sample inputs, pickled weights and
+  constants, opaque objects, legacy and 2.7-format members) must pass torch's weights-only unpickler;
+  AOTInductor shared libraries are refused; the program JSON may hold only names, shape expressions, shape
+  guards and torch operators (torch turns its strings into Python source). torchbind objects are rebuilt by
+  their own registered C++ classes.
+- ``torch.save`` files (tensors, state_dicts) and pre-zip legacy files: ``torch.load(weights_only=True)``.
+
+Anything else raises :class:`UnsafeArtifactError` naming the archive member and why. ``allow_pickle=True``
+skips these checks and unpickles arbitrary objects (a pickled ``nn.Module``): it runs code from the file —
+only for files you trust. Loading safely is not running safely: calling a loaded model runs its own graph
+(TorchScript code or ExportedProgram operators, which may be any torch op, ``torch.from_file`` included),
+so a model from an untrusted source is still untrusted code when it runs.
 """
 from __future__ import annotations
 
+import io
 import os
 import zipfile
 from pathlib import Path
@@ -20,8 +33,9 @@ import torch
 from torch import nn
 
 from .modules import evaluating
+from .safe_load import UnsafeArtifactError, check_archive, load_tensors, open_zip
 
-__all__ = ["save", "load", "artifact_format", "FORMATS"]
+__all__ = ["save", "load", "artifact_format", "FORMATS", "UnsafeArtifactError"]
 
 FORMATS = ("torchscript", "exported_program", "tensorrt", "state_dict")
 
@@ -122,9 +136,13 @@ def artifact_format(path: str | os.PathLike) -> str:
     if not zipfile.is_zipfile(path):
         return "legacy"
     with zipfile.ZipFile(path) as z:
-        names = z.namelist()
-    leaf = {n.split("/", 1)[1] if "/" in n else n for n in names}
-    if "archive_format" in leaf or any(n.startswith("models/") for n in leaf):
+        return _zip_format(z)
+
+
+def _zip_format(z: zipfile.ZipFile) -> str:
+    leaf = {n.split("/", 1)[1] if "/" in n else n for n in z.namelist()}
+    if "archive_format" in leaf or any(n.startswith("models/") for n in leaf) \
+            or "serialized_exported_program.json" in leaf:
         return "exported_program"
     if "constants.pkl" in leaf and any(n.startswith("code/") for n in leaf):
         return "torchscript"
@@ -139,17 +157,24 @@ def load(path: str | os.PathLike, *, device: str | torch.device | None = None, a
 
     Returns a runnable module: a ScriptModule for TorchScript, ``ExportedProgram.module()`` for PT2
     archives (the ExportedProgram itself with ``program=True``), or the tensors/state_dict of a tensor
-    file. ``allow_pickle=True`` permits unpickling arbitrary objects (runs code from the file: trusted
-    files only).
+    file. By default nothing in the file runs while loading (see the module docstring); a part that would
+    raises :class:`UnsafeArtifactError`. ``allow_pickle=True`` lifts that (runs code from the file:
+    trusted files only).
     """
-    kind = artifact_format(path)
-    path = str(path)
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    data = path.read_bytes()       # read once: torch gets the bytes that were checked
+    zf = open_zip(path, data, strict=not allow_pickle)
+    kind = _zip_format(zf) if zf is not None else "legacy"
+    if not allow_pickle and zf is not None:
+        check_archive(path, zf, kind)
     if kind == "torchscript":
         with _quiet():
-            return torch.jit.load(path, map_location=device)
+            return torch.jit.load(io.BytesIO(data), map_location=device)
     if kind == "exported_program":
         try:
-            ep = torch.export.load(path)
+            ep = torch.export.load(io.BytesIO(data))
         except Exception as e:
             if "tensorrt" in str(e).lower():
                 raise RuntimeError(f"{path} holds TensorRT engines: load it on a CUDA host with torch_tensorrt "
@@ -159,12 +184,6 @@ def load(path: str | os.PathLike, *, device: str | torch.device | None = None, a
             return ep
         mod = ep.module()
         return mod.to(device) if device is not None else mod
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        if not allow_pickle:
-            raise RuntimeError(f"{path} is not a TorchScript or ExportedProgram archive and holds more than "
-                               f"tensors ({type(e).__name__}: {str(e).splitlines()[0][:200]}). Loading it would "
-                               f"unpickle arbitrary Python objects, which can run code: pass allow_pickle=True "
-                               f"only for files you trust.") from e
-    return torch.load(path, map_location=device, weights_only=False)
+    if allow_pickle:
+        return torch.load(io.BytesIO(data), map_location=device, weights_only=False)
+    return load_tensors(path, data, zf, map_location=device)

@@ -179,20 +179,14 @@ def builtin_model(name: str) -> ServedModel:
 
 
 def load_artifact(path: str | Path) -> Any:
-    """Load what torchfast.save wrote (ExportedPrograms as programs, so their input shapes are known)."""
+    """Load what torchfast.save wrote (ExportedPrograms as programs, so their input shapes are known).
+
+    Goes through ``torchfast.load`` with its safe default: a file that would run code while loading (a
+    pickle beyond tensors, native code, a program whose strings become Python) raises UnsafeArtifactError.
+    """
+    from ..export import load
     path = Path(path)
-    try:
-        from ..export import load
-    except ImportError:  # torchfast.export absent: plain torch reads both formats
-        load = None
-    if load is not None:
-        obj = load(str(path), program=True)
-    elif path.suffix == ".pt2":
-        obj = torch.export.load(str(path))
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            obj = torch.jit.load(str(path), map_location="cpu")
+    obj = load(str(path), program=True)
     if not callable(obj) and not isinstance(obj, torch.export.ExportedProgram):
         raise ValueError(f"{path} holds {type(obj).__name__} (weights only?), not a runnable model; save it "
                          f"with torchfast.save(model, path, format='torchscript' or 'exported_program')")
