@@ -134,6 +134,24 @@ def compare_latency(baseline: Callable, candidate: Callable, batch: Batch, candi
     return Comparison(_summarize(ta, n), _summarize(tb, n))
 
 
+def compare_many(models: dict[str, Callable], batch: Batch, *, warmup: int = 3, runs: int = 20,
+                 threads: int | None = None) -> dict[str, Latency]:
+    """Time several models round-robin, the order rotating every round, so noise hits all alike."""
+    device = _input_device(batch)
+    names = list(models)
+    with fixed_threads(threads) as n, torch.inference_mode():
+        timers = {k: _timer(models[k], batch, device) for k in names}
+        for _ in range(warmup):
+            for k in names:
+                timers[k]()
+        times: dict[str, list[float]] = {k: [] for k in names}
+        for i in range(runs):
+            order = names[i % len(names):] + names[:i % len(names)]
+            for k in (order if i % 2 == 0 else order[::-1]):
+                times[k].append(timers[k]())
+    return {k: _summarize(v, n) for k, v in times.items()}
+
+
 # ---------------------------------------------------------------- size
 @dataclass(frozen=True)
 class Size:

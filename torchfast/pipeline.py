@@ -239,6 +239,8 @@ def _check_backend(backend: str, model: nn.Module, options: dict) -> None:
     after the recipe; a compile failure then keeps the eager model and the report says why.)"""
     if not isinstance(backend, str):
         raise ConfigError(f"backend must be a name such as 'eager' or 'inductor', got {type(backend).__name__}")
+    if backend == "auto":
+        return
     try:
         from . import backends
     except ModuleNotFoundError as e:
@@ -347,6 +349,18 @@ def _run(original, example, recipe, backend, options, eval_fn, tol, calib, val, 
             r.reason = "rolled back: " + "; ".join(bad)
         return r, stage_speedup
 
+    # an int8 stage at the end of the recipe is lowered to the engine's own int8 toolchain when compiling
+    # (NNCF for OpenVINO, QDQ for ONNX Runtime; under "auto" every backend's lowering is a candidate)
+    lowered = None
+    from .backends import INT8_NATIVE
+    if backend in ("auto", *INT8_NATIVE) and recipe and type(recipe[-1]).__name__ in ("Int8Static", "Int8Dynamic"):
+        lowered = recipe[-1]
+        recipe = recipe[:-1]
+        options = {**options, "int8": lowered, "calibration": calib}
+        bar.update(1)
+    if backend == "auto":
+        options = {"validation": val, "threads": threads, "progress": False, **options}
+
     current = copy.deepcopy(original)
     for cfg in recipe:
         name = describe(cfg)
@@ -373,7 +387,8 @@ def _run(original, example, recipe, backend, options, eval_fn, tol, calib, val, 
         bar.update(1)
 
     transformed = current
-    bar.set_postfix_str(f"compile: {backend}")
+    compile_name = f"compile: {backend}" + (f" + {describe(lowered)}" if lowered is not None else "")
+    bar.set_postfix_str(compile_name)
     t0 = time.perf_counter()
     compiled = transformed
     try:
@@ -381,7 +396,7 @@ def _run(original, example, recipe, backend, options, eval_fn, tol, calib, val, 
         with torch.inference_mode():
             call_model(compiled, example)  # first call: where lazy backends really compile
         seconds = getattr(compiled, "compile_time_s", None) or (time.perf_counter() - t0)
-        r, _ = measure(compiled, f"compile: {backend}", seconds, getattr(compiled, "report", None),
+        r, _ = measure(compiled, compile_name, seconds, getattr(compiled, "report", None),
                        prev=transformed, flops=False)  # min_speedup applies to the backend too
         # same weights and graph as the eager model: TorchScript freezing turns weights into constants that
         # state_dict() no longer shows, so size/params/FLOPs are the transformed model's
@@ -397,7 +412,7 @@ def _run(original, example, recipe, backend, options, eval_fn, tol, calib, val, 
         compiled = transformed
         msg = f"{type(e).__name__}: {e}"
         warnings.warn(f"torchfast.optimize: backend {backend!r} failed, returning the eager model: {msg}", stacklevel=3)
-        r = StageResult(f"compile: {backend}", False, f"failed, kept the eager model: {msg}",
+        r = StageResult(compile_name, False, f"failed, kept the eager model: {msg}",
                         seconds=time.perf_counter() - t0)
     results.append(r)
     bar.update(1)

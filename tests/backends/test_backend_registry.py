@@ -22,7 +22,8 @@ class Exploding(nn.Module):
 
 
 def test_every_backend_declares_its_capabilities():
-    assert list_backends() == ["eager", "torchscript", "inductor", "export", "tensorrt", "xla"]
+    assert list_backends() == ["eager", "torchscript", "inductor", "export", "tensorrt", "onnxruntime", "openvino",
+                               "xla"]
     for name in list_backends():
         b = get_backend(name)
         assert b.devices and b.dtypes and b.summary

@@ -1,8 +1,11 @@
 """Compile a model for a target: ``torchfast.compile(model, example_inputs, backend="inductor")``.
 
-Backends: eager | torchscript | inductor | export | tensorrt | xla (see ``registry.BACKENDS`` for what
-each supports). The request is validated against the backend's declaration before any work; the
-result is a drop-in :class:`Compiled` module whose report holds compile time and output fidelity.
+Backends: eager | torchscript | inductor | export | onnxruntime | openvino | tensorrt | xla, and
+``auto`` (build every available one, keep the fastest faithful one; see ``auto.py``). See
+``registry.BACKENDS`` for what each supports. The request is validated against the backend's
+declaration before any work; the result is a drop-in :class:`Compiled` module whose report holds
+compile time and output fidelity. ``int8=Int8Static(...)|Int8Dynamic()`` lowers int8 to the backend's
+own toolchain (torch.ao/PT2E, ONNX Runtime QDQ, OpenVINO NNCF).
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ from .compiled import Built, Compiled
 from .inputs import batch_size_of, resize_batch
 from .registry import (BACKENDS, Backend, BackendError, check, get_backend, list_backends, normalize_dtype,
                        quantization_kind)
+
+INT8_NATIVE = ("onnxruntime", "openvino")  # int8 through the engine's own toolchain (build_int8)
 
 __all__ = ["compile", "Compiled", "Backend", "BackendError", "BACKENDS", "get_backend", "list_backends",
            "quantization_kind"]
@@ -66,7 +71,7 @@ def _options(impl: Any, backend: str, options: dict[str, Any]) -> Any:
 
 def compile(model: nn.Module, example_inputs: Batch, backend: str = "inductor", *, device: Any = None,
             dtype: Any = None, dynamic_batch: bool = False, verify: bool = True, warmup: int = 2,
-            **options: Any) -> Compiled:
+            int8: Any = None, calibration: Any = None, **options: Any) -> Compiled:
     """Compile ``model`` for ``backend`` and return a drop-in module.
 
     ``example_inputs``: one batch (tensor, tuple of positional inputs, or dict of keyword inputs).
@@ -76,12 +81,24 @@ def compile(model: nn.Module, example_inputs: Batch, backend: str = "inductor", 
     example (max abs error, cosine) into the report. Other ``options`` go to the backend's options
     dataclass (e.g. ``max_autotune=True`` for inductor); unknown names are an error.
 
+    ``int8``: an ``Int8Static``/``Int8Dynamic`` config lowered to this backend's own int8 toolchain
+    (``calibration`` batches, or the config's own, for static). ``backend="auto"``: see
+    :func:`torchfast.backends.auto.compile_auto` (its keyword options: ``candidates``, ``validation``,
+    ``min_cosine``, ``min_cosine_int8``, ``runs``, ``threads``).
+
     The compiled module runs ``model`` itself where the backend can (eager, inductor share its modules
     and weights), so on success ``model`` is left in eval mode, as ``torchfast.wrap`` leaves it. On any
     error it is unchanged, every submodule's train/eval flag included.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if backend == "auto":
+        from .auto import compile_auto
+        return compile_auto(model, example_inputs, device=device, dtype=dtype, dynamic_batch=dynamic_batch,
+                            int8=int8, calibration=calibration, **options)
+    if int8 is not None and backend not in INT8_NATIVE:
+        return _compile_torch_int8(model, example_inputs, backend, int8, calibration, device=device, dtype=dtype,
+                                   dynamic_batch=dynamic_batch, verify=verify, warmup=warmup, **options)
     spec = get_backend(backend)
     dev = _resolve_device(spec, model, device)
     dt = normalize_dtype(dtype)
@@ -94,18 +111,55 @@ def compile(model: nn.Module, example_inputs: Batch, backend: str = "inductor", 
     if dynamic_batch:
         batch_size_of(example_inputs)  # clear error now if there is no batch dimension
 
+    lowering = _int8_lowering(int8, calibration) if int8 is not None else None
     flags = training_flags(model)
     try:
         model.eval()
-        return _build(model, example_inputs, backend, impl, opts, dev, dt, kind, scripted, dynamic_batch, verify, warmup)
+        return _build(model, example_inputs, backend, impl, opts, dev, dt, kind, scripted, dynamic_batch, verify,
+                      warmup, lowering)
     except BaseException:
         restore_training_flags(flags)
         raise
 
 
+def _int8_lowering(int8: Any, calibration: Any) -> dict[str, Any]:
+    """The backend-neutral int8 request: mode and calibration batches (checked before any work)."""
+    from ..modules import batches_list
+    from ..quant.config import Int8Dynamic, Int8Static
+    if not isinstance(int8, (Int8Static, Int8Dynamic)):
+        raise BackendError(f"int8 must be an Int8Static or Int8Dynamic config, got {type(int8).__name__}")
+    if isinstance(int8, Int8Dynamic):
+        return {"mode": "dynamic", "calibration": None}
+    source = calibration if calibration is not None else int8.calibration
+    calib = batches_list(source) if source is not None else []
+    if int8.max_batches:
+        calib = calib[:int8.max_batches]
+    if not calib:
+        raise BackendError("Int8Static needs calibration batches: Int8Static(calibration=batches) or "
+                           "compile(..., calibration=batches)")
+    return {"mode": "static", "calibration": calib}
+
+
+def _compile_torch_int8(model: nn.Module, example_inputs: Batch, backend: str, int8: Any, calibration: Any,
+                        **kwargs: Any) -> Compiled:
+    """int8 on a PyTorch backend: torchfast's own quantize() (torch.ao / PT2E), then compile that."""
+    import dataclasses
+
+    from ..quant import quantize
+    from ..quant.config import Int8Static
+    cfg = int8
+    if isinstance(cfg, Int8Static) and backend in ("inductor", "export") and cfg.method != "pt2e":
+        cfg = dataclasses.replace(cfg, method="pt2e")  # torch.ao modules do not compile there; PT2E does
+    q, _ = quantize(model, cfg, example_inputs=example_inputs, calibration=calibration)
+    if quantization_kind(q) is None:
+        raise BackendError(f"{type(cfg).__name__} left {type(model).__name__} float (no layer was quantizable "
+                           f"or faster in int8 here); see quantize()'s report")
+    return compile(q, example_inputs, backend, **kwargs)
+
+
 def _build(model: nn.Module, example_inputs: Batch, backend: str, impl: Any, opts: Any, dev: torch.device,
            dt: torch.dtype, kind: str | None, scripted: bool, dynamic_batch: bool, verify: bool,
-           warmup: int) -> Compiled:
+           warmup: int, lowering: dict[str, Any] | None = None) -> Compiled:
     """The part of ``compile`` that runs with ``model`` in eval mode; every failure is a BackendError
     (or an ExampleInputError when the eager model itself does not run on the example)."""
     work = model
@@ -126,7 +180,10 @@ def _build(model: nn.Module, example_inputs: Batch, backend: str, impl: Any, opt
                                     f"({describe_batch(example_inputs)}): {type(e).__name__}: {e}") from e
     try:
         t0 = time.perf_counter()
-        built: Built = impl.build(work, inputs, opts, dynamic_batch=dynamic_batch)
+        if lowering is not None:
+            built: Built = impl.build_int8(work, inputs, opts, dynamic_batch=dynamic_batch, **lowering)
+        else:
+            built = impl.build(work, inputs, opts, dynamic_batch=dynamic_batch)
         compiled = Compiled(built.runnable, backend=backend, device=dev, dtype=dt, dynamic_batch=dynamic_batch,
                             artifact=built.artifact, compile_time_s=0.0, report=report, source=model,
                             example_inputs=example_inputs, output_type=built.output_type,
