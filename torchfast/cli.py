@@ -73,7 +73,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 def _backend_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--backend", default=default,
-                   help=f"compile target: eager, torchscript, inductor, export, tensorrt (CUDA), xla (TPU) (default {default})")
+                   help=f"compile target: eager, torchscript, inductor, export, onnxruntime, openvino, tensorrt (CUDA), "
+                        f"xla (TPU), or auto (build every available one, keep the fastest faithful one) (default {default})")
     p.add_argument("--device", default=None, help="device to compile for: cpu, cuda, xla (default: the model's)")
     p.add_argument("--dtype", default=None, help="compute dtype for the backend: fp32, fp16, bf16 (default fp32)")
     p.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
@@ -99,15 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="auto",
                    help=f"the stages, in order: {recipe_help()}. 'auto' (default): int8-static for models with "
                         f"convolutions, int8-dynamic otherwise")
-    _backend_args(p, "eager")
+    _backend_args(p, "auto")
     p.add_argument("--tolerance", default=None, metavar="SPEC",
                    help="bounds vs the original that make a stage roll back: min_cosine=0.99,max_rel_err=...,"
                         "min_top1_agreement=...,max_metric_drop=0.01,min_speedup=1.05; 'off' keeps every stage "
                         "(default min_cosine=0.99,max_metric_drop=0.01)")
     p.add_argument("--keep-going", action="store_true", help="a stage that raises is rolled back and reported instead of aborting")
     p.add_argument("--out", default=None, metavar="PATH", help="save the optimized model (.pt TorchScript, .pt2 ExportedProgram)")
-    p.add_argument("--format", default=None, choices=("torchscript", "exported_program", "tensorrt", "state_dict"),
-                   help="artifact format for --out (default: from the extension: .pt2 -> exported_program, else torchscript)")
+    p.add_argument("--format", default=None,
+                   choices=("torchscript", "exported_program", "tensorrt", "state_dict", "onnx", "openvino"),
+                   help="artifact format for --out (default: from the extension: .pt2 -> exported_program, "
+                        ".onnx -> onnx, .xml -> openvino, else torchscript)")
     p.add_argument("--report", default=None, metavar="PATH", help="write the full report (.md markdown with per-layer tables, .json JSON)")
     p.add_argument("--chart", default=None, metavar="PNG", help="write a speed-vs-fidelity chart per stage (needs matplotlib)")
     _run_args(p)
@@ -196,7 +199,8 @@ def _backend_options(a) -> dict[str, Any]:
 def _format_for(path: str, fmt: str | None) -> str:
     if fmt:
         return fmt
-    return "exported_program" if path.endswith(".pt2") else "torchscript"
+    return {".pt2": "exported_program", ".onnx": "onnx", ".xml": "openvino"}.get(os.path.splitext(path)[1].lower(),
+                                                                               "torchscript")
 
 
 def save_artifact(model, path: str, fmt: str, example) -> None:

@@ -14,6 +14,8 @@ ExportedProgram. TorchScript and ExportedProgram files load with plain torch, no
   guards and torch operators (torch turns its strings into Python source). torchbind objects are rebuilt by
   their own registered C++ classes.
 - ``torch.save`` files (tensors, state_dicts) and pre-zip legacy files: ``torch.load(weights_only=True)``.
+- ONNX (``.onnx``) and OpenVINO IR (``.xml`` + ``.bin``): protobuf / XML and raw weights, read by the engine
+  itself; no pickle and no Python from the file. They load as a drop-in module running on that engine.
 
 Anything else raises :class:`UnsafeArtifactError` naming the archive member and why. ``allow_pickle=True``
 skips these checks and unpickles arbitrary objects (a pickled ``nn.Module``): it runs code from the file —
@@ -37,7 +39,8 @@ from .safe_load import UnsafeArtifactError, check_archive, load_tensors, open_zi
 
 __all__ = ["save", "load", "artifact_format", "FORMATS", "UnsafeArtifactError"]
 
-FORMATS = ("torchscript", "exported_program", "tensorrt", "state_dict")
+FORMATS = ("torchscript", "exported_program", "tensorrt", "state_dict", "onnx", "openvino")
+_NATIVE = {"onnx": "onnxruntime", "openvino": "openvino"}   # format -> the backend that writes and runs it
 
 
 def _quiet():
@@ -57,7 +60,8 @@ def save(obj: Any, path: str | os.PathLike, format: str = "torchscript", *, exam
 
     ``format``: "torchscript" (frozen TorchScript; libtorch, Triton's PyTorch backend), "exported_program"
     (``torch.export`` PT2 archive), "tensorrt" (a TensorRT-compiled model as an ExportedProgram; needs
-    torch_tensorrt and CUDA), or "state_dict" (weights only). ``example_inputs`` are needed to trace or
+    torch_tensorrt and CUDA), "onnx" (``.onnx``, for ONNX Runtime), "openvino" (``.xml`` + ``.bin`` IR; int8
+    models compiled for these engines save as they run) or "state_dict" (weights only). ``example_inputs`` are needed to trace or
     export a plain module (a compiled one remembers its own). ``dynamic_batch`` defaults to what the
     compiled model was built with (False for a plain module).
     """
@@ -83,6 +87,9 @@ def save(obj: Any, path: str | os.PathLike, format: str = "torchscript", *, exam
             raise TypeError(f"state_dict format needs an nn.Module, got {type(source).__name__}")
         torch.save(source.state_dict(), path)
         return path
+
+    if format in _NATIVE:
+        return _save_native(obj, compiled, source, path, format, example_inputs, dynamic_batch)
 
     if format == "tensorrt":
         from .backends.tensorrt import save_tensorrt
@@ -128,15 +135,48 @@ def save(obj: Any, path: str | os.PathLike, format: str = "torchscript", *, exam
     return path
 
 
+def _save_native(obj: Any, compiled: Any, source: Any, path: Path, format: str, example_inputs: Any,
+                 dynamic_batch: bool) -> Path:
+    """An ONNX file / OpenVINO IR: the compiled model's own when it was built by that engine (int8
+    included), else the float module exported for it now."""
+    from .backends import BackendError, compile as tf_compile, get_backend
+    backend = _NATIVE[format]
+    if compiled is None or compiled.backend != backend:
+        if compiled is not None and compiled.backend in _NATIVE.values():
+            raise BackendError(f"this model was compiled for {compiled.backend!r}; format={format!r} needs a model "
+                               f"compiled with backend={backend!r} (or the nn.Module it came from)")
+        if not isinstance(source, nn.Module) or isinstance(source, torch.jit.ScriptModule):
+            raise TypeError(f"format={format!r} exports an nn.Module, got {type(source).__name__}")
+        if example_inputs is None:
+            raise ValueError(f"saving an nn.Module as {format} needs example_inputs to export it")
+        compiled = tf_compile(source, example_inputs, backend=backend, dynamic_batch=dynamic_batch, verify=False,
+                              warmup=1)
+    impl = get_backend(backend).load()
+    return Path(impl.save_artifact(compiled.artifact, path))
+
+
 def artifact_format(path: str | os.PathLike) -> str:
-    """"torchscript", "exported_program", "torch_save" (a torch.save zip) or "legacy" (pre-zip torch.save / other)."""
+    """"torchscript", "exported_program", "torch_save" (a torch.save zip), "onnx", "openvino" (an IR .xml)
+    or "legacy" (pre-zip torch.save / other)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
+    native = _native_format(path)
+    if native:
+        return native
     if not zipfile.is_zipfile(path):
         return "legacy"
     with zipfile.ZipFile(path) as z:
         return _zip_format(z)
+
+
+def _native_format(path: Path) -> str | None:
+    """ONNX and OpenVINO artifacts, by extension (ONNX files carry no magic number)."""
+    if path.suffix.lower() == ".onnx":
+        return "onnx"
+    if path.suffix.lower() == ".xml":
+        return "openvino"
+    return None
 
 
 def _zip_format(z: zipfile.ZipFile) -> str:
@@ -164,6 +204,14 @@ def load(path: str | os.PathLike, *, device: str | torch.device | None = None, a
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
+    native = _native_format(path)
+    if native:  # protobuf / IR XML + weights: no pickle, no Python from the file
+        from .backends import get_backend
+        backend = get_backend(_NATIVE[native])
+        ok, why = backend.available()
+        if not ok:
+            raise RuntimeError(f"{path} is an {native} artifact: {why}")
+        return backend.load().load_artifact(path, device=device)
     data = path.read_bytes()       # read once: torch gets the bytes that were checked
     zf = open_zip(path, data, strict=not allow_pickle)
     kind = _zip_format(zf) if zf is not None else "legacy"

@@ -173,11 +173,21 @@ class Optimized:
     def save(self, path: str, format: str | None = None, **kwargs: Any):
         """Save the result as a deployable artifact through ``torchfast.save``: the compiled model when the
         backend kept it (its native artifact is reused where the format matches), else the transformed
-        one. ``format`` defaults from the extension: ``.pt2`` -> exported_program, else torchscript."""
+        one. ``format`` defaults from the extension: ``.pt2`` exported_program, ``.onnx`` onnx, ``.xml``
+        openvino, else torchscript. A model whose int8 lives in an engine's own format (NNCF, QDQ) saves
+        only in that format: anything else would silently drop the int8."""
+        import os
+
         from .export import save
-        fmt = format or ("exported_program" if str(path).endswith(".pt2") else "torchscript")
+        ext = os.path.splitext(str(path))[1].lower()
+        fmt = format or {".pt2": "exported_program", ".onnx": "onnx", ".xml": "openvino"}.get(ext, "torchscript")
         inner = self.model.inner if hasattr(self.model, "inner") else self.model
         obj = inner if type(inner).__name__ == "Compiled" else self.transformed
+        native = {"onnxruntime": "onnx", "openvino": "openvino"}.get(getattr(obj, "backend", None))
+        lowered = any(s.applied and s.name.startswith("compile:") and "Int8" in s.name for s in self.stages)
+        if native and lowered and fmt != native:
+            raise ValueError(f"the optimized model is {obj.backend} int8; it saves as format={native!r} "
+                             f"(a .{'onnx' if native == 'onnx' else 'xml'} path), not {fmt!r}")
         if "example_inputs" not in kwargs and getattr(self, "example_inputs", None) is not None:
             kwargs["example_inputs"] = self.example_inputs
         return save(obj, path, format=fmt, **kwargs)
