@@ -47,20 +47,28 @@ def candidates_for(model: nn.Module, *, device: str = "cpu", int8: Any = None,
     unknown = [n for n in names if n not in BACKENDS]
     if unknown:
         raise BackendError(f"unknown backend(s) {unknown} in candidates; choose from {', '.join(BACKENDS)}")
-    names = [n for n in names if device in BACKENDS[n].devices]
-    out = [Candidate(n) for n in names]
+    out = [Candidate(n) for n in names]   # a backend for another device stays a row: skipped, with the reason
     if int8 is not None:
-        for n in names:
+        for n in (n for n in names if device in BACKENDS[n].devices):
+            if n == "inductor" and not getattr(int8, "compile_ok", True):
+                continue  # PT2E + inductor compiles for minutes on small CPUs: only when the config allows it
             if n in INT8_NATIVE or n in _INT8_TORCH:
                 out.append(Candidate(n, int8))
     return out
 
 
-def _build(cand: Candidate, model: nn.Module, example: Any, calibration: list | None, common: dict) -> nn.Module:
-    from . import compile as compile_one
+def _build(cand: Candidate, model: nn.Module, example: Any, calibration: list | None, common: dict,
+           quantized: dict) -> nn.Module:
+    from . import _compile_torch_int8, compile as compile_one
     if cand.int8 is None:
         return compile_one(model, example, backend=cand.backend, **common)
-    return compile_one(model, example, backend=cand.backend, int8=cand.int8, calibration=calibration, **common)
+    if cand.backend in INT8_NATIVE:
+        return compile_one(model, example, backend=cand.backend, int8=cand.int8, calibration=calibration, **common)
+    pt2e = cand.backend in ("inductor", "export")
+    if pt2e not in quantized:  # one calibration per flavour (torch.ao / PT2E), shared by its backends
+        quantized[pt2e] = _compile_torch_int8(model, example, cand.backend, cand.int8, calibration, **common)
+        return quantized[pt2e]
+    return compile_one(quantized[pt2e].source, example, backend=cand.backend, **common)
 
 
 def compile_auto(model: nn.Module, example_inputs: Any, *, device: Any = None, dtype: Any = None,
@@ -91,6 +99,7 @@ def compile_auto(model: nn.Module, example_inputs: Any, *, device: Any = None, d
 
     rows: dict[str, dict] = {}
     built: dict[str, nn.Module] = {}
+    quantized: dict[bool, nn.Module] = {}
     bar = tqdm(cands, desc="auto: build", unit="backend", disable=(not progress) if progress is not None else None)
     for c in bar:
         bar.set_postfix_str(c.name)
@@ -104,7 +113,7 @@ def compile_auto(model: nn.Module, example_inputs: Any, *, device: Any = None, d
             continue
         t0 = time.perf_counter()
         try:
-            m = _build(c, model, example_inputs, calib, common)
+            m = _build(c, model, example_inputs, calib, common, quantized)
             fid = fidelity(model, m, val)
         except Exception as e:  # noqa: BLE001 - a candidate that crashes is a row
             row["status"], row["note"] = "failed", f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
