@@ -41,6 +41,7 @@ _EXPORTS: dict[str, str] = {
     "wrap": "torchfast.dropin",  # not torchfast.wrap: a submodule of that name would shadow the function
     "save": "torchfast.export",
     "load": "torchfast.export",
+    "UnsafeArtifactError": "torchfast.export",
     # serving (subpackage)
     "serve": "torchfast.serve",
 }

@@ -8,7 +8,6 @@ ExportedProgram ``.pt2``).
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
