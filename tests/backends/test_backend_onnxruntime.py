@@ -203,3 +203,16 @@ def test_fp16_compile_runs_in_half(digits_cnn):
     assert out.dtype == torch.float16 and fast.report.summary["dtype"] == "float16"
     with torch.inference_mode():
         assert (out.float() - model(x)).abs().max().item() < 0.05 * model(x).abs().max().item()
+
+
+def test_tuple_output_with_a_constant_round_trips(tmp_path):
+    class TwoHeads(torch.nn.Module):
+        def forward(self, x, scale):
+            return x * scale, None, (x.sum(1),)
+
+    x, s = torch.randn(3, 4), torch.tensor(2.0)
+    built = ortb.build(TwoHeads(), (x, s), ortb.Options(), dynamic_batch=True)
+    loaded = ortb.load_artifact(ortb.save_artifact(built, tmp_path / "two.onnx"))
+    for fn in (built.runnable, loaded):
+        a, none, (b,) = fn(torch.ones(5, 4), s)
+        assert none is None and torch.allclose(a, torch.full((5, 4), 2.0)) and torch.allclose(b, torch.full((5,), 4.0))
