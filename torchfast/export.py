@@ -54,7 +54,7 @@ def _compiled_type():
     return Compiled
 
 
-def save(obj: Any, path: str | os.PathLike, format: str = "torchscript", *, example_inputs: Any = None,
+def save(obj: Any, path: str | os.PathLike, format: str | None = None, *, example_inputs: Any = None,
          dynamic_batch: bool | None = None) -> Path:
     """Write ``obj`` as a deployable artifact; returns the path.
 
@@ -66,6 +66,9 @@ def save(obj: Any, path: str | os.PathLike, format: str = "torchscript", *, exam
     compiled model was built with (False for a plain module).
     """
     from .backends import BackendError
+    if format is None:  # from the extension: .pt2 / .onnx / .xml, else TorchScript
+        format = {".pt2": "exported_program", ".onnx": "onnx", ".xml": "openvino"}.get(
+            Path(path).suffix.lower(), "torchscript")
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     path = Path(path)

@@ -112,3 +112,14 @@ def test_save_unwraps_a_dropin_wrapper(digits_mlp, tmp_path):
     path = torchfast.save(wrapped, tmp_path / "mlp.pt", format="torchscript")
     loaded = torch.jit.load(str(path))
     torch.testing.assert_close(loaded(x), model(x).detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".xml"])
+def test_save_picks_the_engine_format_from_the_extension(tmp_path, suffix):
+    pytest.importorskip("onnxruntime" if suffix == ".onnx" else "openvino")
+    torch.manual_seed(0)
+    lin = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU()).eval()
+    x = torch.randn(4, 3)
+    path = torchfast.save(lin, tmp_path / f"m{suffix}", example_inputs=x)
+    assert artifact_format(path) == ("onnx" if suffix == ".onnx" else "openvino")
+    torch.testing.assert_close(torchfast.load(path)(x), lin(x), atol=1e-5, rtol=1e-5)
