@@ -148,11 +148,17 @@ def test_artifact_round_trip_tensor_output(digits_cnn, tmp_path):
     built = tov.build(model, data.x_test[:4], tov.Options(route="convert_model"), dynamic_batch=True)
     xml = tov.save_artifact(built.artifact, tmp_path / "digits")
     assert xml == tmp_path / "digits.xml" and (tmp_path / "digits.bin").is_file()
-    loaded = tov.load_artifact(xml)
+    loaded = tov.load_artifact(xml, device="cpu")  # the torch spelling, as torchfast.load passes it
     x = data.x_test[:7]
     with torch.inference_mode():
         torch.testing.assert_close(loaded(x), built.runnable(x), atol=1e-6, rtol=0)
         torch.testing.assert_close(loaded(x=x), built.runnable(x), atol=1e-6, rtol=0)
+    # through the public save/load: the format follows the .xml extension
+    fast = torchfast.compile(model, data.x_test[:4], backend="openvino", dynamic_batch=True, verify=False)
+    path = torchfast.save(fast, tmp_path / "public.xml")
+    again = torchfast.load(path)
+    with torch.inference_mode():
+        torch.testing.assert_close(again(x), model(x), atol=1e-4, rtol=0)
 
 
 def test_artifact_round_trip_model_output_as_dict(tmp_path):

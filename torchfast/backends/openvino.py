@@ -225,6 +225,8 @@ def _reshape(om: Any, shapes: list[list[int]], name: str) -> None:
 def _device(options: Options) -> str:
     available = list(_core().available_devices)
     dev = options.device.strip()
+    if ":" not in dev:  # torch spells devices in lower case ("cpu"); OpenVINO in upper case ("CPU", "GPU.0")
+        dev = dev.upper()
     base = dev.split(".")[0]
     if dev in available or base in {d.split(".")[0] for d in available} or dev == "AUTO" \
             or dev.startswith(("AUTO:", "HETERO:", "MULTI:")):
@@ -541,13 +543,14 @@ def save_artifact(artifact: Any, path: str | Path) -> Path:
     return xml
 
 
-def load_artifact(path: str | Path, *, device: str | None = None, options: Options | None = None) -> nn.Module:
+def load_artifact(path: str | Path, *, device: str | torch.device | None = None,
+                  options: Options | None = None) -> nn.Module:
     """An OpenVINO IR as a drop-in module: torch tensors in (positional, or by keyword name as compiled),
     torch tensors out in the stored structure (a ``ModelOutput`` comes back as a dict). Reading an IR
     runs no Python from the file (XML graph + raw weights; no pickle)."""
     options = options or Options()
-    if device is not None:
-        options = options.replace(device=device)
+    if device is not None:  # an OpenVINO device name, or a torch one ("cpu", torch.device("cpu"))
+        options = options.replace(device=device.type if isinstance(device, torch.device) else str(device))
     xml, bin_ = _ir_paths(path)
     if not xml.is_file():
         raise BackendError(f"no OpenVINO model at {xml}")
