@@ -199,8 +199,8 @@ def _backend_options(a) -> dict[str, Any]:
 def _format_for(path: str, fmt: str | None) -> str:
     if fmt:
         return fmt
-    return {".pt2": "exported_program", ".onnx": "onnx", ".xml": "openvino"}.get(os.path.splitext(path)[1].lower(),
-                                                                               "torchscript")
+    from .export import format_for_path
+    return format_for_path(path)
 
 
 def save_artifact(model, path: str, fmt: str, example) -> None:

@@ -37,7 +37,7 @@ from torch import nn
 from .modules import evaluating
 from .safe_load import UnsafeArtifactError, check_archive, load_tensors, open_zip
 
-__all__ = ["save", "load", "artifact_format", "FORMATS", "UnsafeArtifactError"]
+__all__ = ["save", "load", "artifact_format", "format_for_path", "FORMATS", "UnsafeArtifactError"]
 
 FORMATS = ("torchscript", "exported_program", "tensorrt", "state_dict", "onnx", "openvino")
 _NATIVE = {"onnx": "onnxruntime", "openvino": "openvino"}   # format -> the backend that writes and runs it
@@ -66,9 +66,8 @@ def save(obj: Any, path: str | os.PathLike, format: str | None = None, *, exampl
     compiled model was built with (False for a plain module).
     """
     from .backends import BackendError
-    if format is None:  # from the extension: .pt2 / .onnx / .xml, else TorchScript
-        format = {".pt2": "exported_program", ".onnx": "onnx", ".xml": "openvino"}.get(
-            Path(path).suffix.lower(), "torchscript")
+    if format is None:
+        format = format_for_path(path)
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     path = Path(path)
@@ -136,6 +135,12 @@ def save(obj: Any, path: str | os.PathLike, format: str | None = None, *, exampl
             ep = export_program(exportable(source, example_inputs)[0], example_inputs, dynamic_batch=dynamic_batch)
     torch.export.save(ep, str(path))
     return path
+
+
+def format_for_path(path: str | os.PathLike) -> str:
+    """The save format a path's extension names: .pt2, .onnx, .xml (OpenVINO IR), else TorchScript."""
+    return {".pt2": "exported_program", ".onnx": "onnx", ".xml": "openvino"}.get(Path(path).suffix.lower(),
+                                                                               "torchscript")
 
 
 def _save_native(obj: Any, compiled: Any, source: Any, path: Path, format: str, example_inputs: Any,

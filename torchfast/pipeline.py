@@ -176,11 +176,8 @@ class Optimized:
         one. ``format`` defaults from the extension: ``.pt2`` exported_program, ``.onnx`` onnx, ``.xml``
         openvino, else torchscript. A model whose int8 lives in an engine's own format (NNCF, QDQ) saves
         only in that format: anything else would silently drop the int8."""
-        import os
-
-        from .export import save
-        ext = os.path.splitext(str(path))[1].lower()
-        fmt = format or {".pt2": "exported_program", ".onnx": "onnx", ".xml": "openvino"}.get(ext, "torchscript")
+        from .export import format_for_path, save
+        fmt = format or format_for_path(path)
         inner = self.model.inner if hasattr(self.model, "inner") else self.model
         obj = inner if type(inner).__name__ == "Compiled" else self.transformed
         native = {"onnxruntime": "onnx", "openvino": "openvino"}.get(getattr(obj, "backend", None))

@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: export + session match eager, dynamic batch, structure kept, int8 fidelity, .onnx artifacts."""
+"""ONNX Runtime backend: export + runtime match eager, dynamic batch, structure kept, int8 fidelity, .onnx artifacts."""
 from __future__ import annotations
 
 import json

@@ -51,7 +51,7 @@ PRESETS = ("auto", "cnn", "transformer")
 
 @dataclass(frozen=True)
 class Options(Config):
-    """ONNX Runtime session and export settings; the last five apply to int8 (``compile(..., int8=...)``)."""
+    """ONNX Runtime export and runtime settings; the last five apply to int8 (``compile(..., int8=...)``)."""
     threads: int | None = None               # intra-op threads (default: torch.get_num_threads())
     graph_optimization: str = "all"          # all | extended | basic | disabled
     providers: tuple[str, ...] | None = None  # default: CUDA on a cuda device, else CPU; aliases "cpu", "cuda", "tensorrt"
@@ -119,7 +119,7 @@ _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor
 
 
 def resolve_providers(requested: Sequence[str] | None, device: torch.device, available: Sequence[str]) -> list:
-    """The execution providers for a session: the requested ones (aliases expanded, each checked against
+    """The execution providers to run on: the requested ones (aliases expanded, each checked against
     this onnxruntime build, CPU appended as the fallback for unsupported nodes), or by device."""
     index = device.index or 0
     if requested is None:
@@ -154,7 +154,7 @@ def _session(model_bytes: bytes, options: Options, device: torch.device, what: s
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
-    # idle intra-op threads must not spin: they would take the cores from PyTorch (or another session)
+    # idle intra-op threads must not spin: they would take the cores from PyTorch (or another engine)
     # running next in the same process, which on a small CPU costs more than the spin saves
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = _providers(options, device)
@@ -164,7 +164,7 @@ def _session(model_bytes: bytes, options: Options, device: torch.device, what: s
         raise BackendError(f"ONNX Runtime could not load {what}: {_cause(e)}") from e
 
 
-# ---------------------------------------------------------------- running a session like the original module
+# ---------------------------------------------------------------- running the engine like the original module
 class _Runner(NativeRunner):
     """A NativeRunner whose outputs go back to the inputs' device (ONNX Runtime's Python API returns host arrays)."""
 
@@ -179,7 +179,7 @@ class _Runner(NativeRunner):
 
 
 def _run_fn(sess: Any, sig: FlatSignature) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
-    """Feed by name only what the session takes (the exporter drops inputs the graph never reads) and return
+    """Feed by name only what the engine takes (the exporter drops inputs the graph never reads) and return
     outputs in the signature's order. Integer and float inputs are cast to the width the graph declares."""
     takes = {i.name: _NP_TYPES.get(i.type) for i in sess.get_inputs()}
     unknown = [n for n in takes if n not in sig.input_names]

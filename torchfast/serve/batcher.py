@@ -315,7 +315,7 @@ class DynamicBatcher:
                 self._remove(r)
                 try:
                     running = r.future.set_running_or_notify_cancel()
-                except RuntimeError:  # someone outside completed the future: nothing left to answer
+                except RuntimeError:  # the caller completed the future itself: nothing left to answer
                     running = False
                 if running:
                     r.state = _RUNNING

@@ -187,13 +187,13 @@ class _LargeBodyGate:
         self.limit, self.threshold = limit, threshold
         self._sem: asyncio.Semaphore | None = None   # made on the server's loop, at first use
 
-    def session(self) -> "_GateSession":
+    def session(self) -> "_GateSlot":
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.limit)
-        return _GateSession(self._sem, self.threshold)
+        return _GateSlot(self._sem, self.threshold)
 
 
-class _GateSession:
+class _GateSlot:
     def __init__(self, sem: asyncio.Semaphore, threshold: int):
         self.sem, self.threshold, self.held = sem, threshold, False
 
@@ -202,7 +202,7 @@ class _GateSession:
             await self.sem.acquire()
             self.held = True
 
-    async def __aenter__(self) -> "_GateSession":
+    async def __aenter__(self) -> "_GateSlot":
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -211,7 +211,7 @@ class _GateSession:
             self.held = False
 
 
-async def _read_body(request: Any, limit: int, timeout_s: float, gate: _GateSession) -> bytes:
+async def _read_body(request: Any, limit: int, timeout_s: float, gate: _GateSlot) -> bytes:
     n = request.headers.get("content-length")
     if n is not None and n.isdigit():
         if int(n) > limit:
