@@ -194,9 +194,10 @@ def test_a_failure_inside_the_worker_answers_the_batch_and_keeps_serving():
 def test_close_mid_batch_answers_everything_once(drain):
     m = Model()
     m.gate.clear()
-    b = DynamicBatcher(m, max_batch_size=2, max_delay_ms=0, max_queue_size=64)
+    b = DynamicBatcher(m, max_batch_size=2, max_delay_ms=0, max_queue_size=64, start=False)
     ledger = Ledger()
     futs = [ledger.track(i, b.submit_future(torch.full((1, 4), float(i)))) for i in range(2)]
+    b.start()                                             # both are queued: the first batch holds them both
     assert m.entered.wait(10)                             # a batch is running, held by the gate
     futs += [ledger.track(i, b.submit_future(torch.full((1, 4), float(i)))) for i in range(2, 12)]
     futs[5].cancel()
