@@ -13,6 +13,8 @@ import traceback
 from typing import Any, Sequence
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+# torchfast.export.FORMATS, spelled out so that --help does not import torch (a test keeps them equal)
+FORMATS = ("torchscript", "exported_program", "tensorrt", "state_dict", "onnx", "openvino")
 
 DESCRIPTION = """Make a trained PyTorch model faster and smaller for inference, with every step measured.
 
@@ -20,7 +22,7 @@ commands:
   optimize  apply a recipe (low-rank, pruning, quantization, ...) stage by stage, verify each stage
             against the original, roll back stages that break the tolerance, compile, save
   bench     latency/throughput table over batch sizes, baseline and candidate timed interleaved
-  export    save a model as TorchScript (.pt) or ExportedProgram (.pt2) and check it loads back
+  export    save a model as TorchScript (.pt), ExportedProgram (.pt2), ONNX or OpenVINO IR; check it loads back
   serve     serve a model over HTTP with dynamic batching (torchfast serve --help)
 
 examples:
@@ -106,9 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "min_top1_agreement=...,max_metric_drop=0.01,min_speedup=1.05; 'off' keeps every stage "
                         "(default min_cosine=0.99,max_metric_drop=0.01)")
     p.add_argument("--keep-going", action="store_true", help="a stage that raises is rolled back and reported instead of aborting")
-    p.add_argument("--out", default=None, metavar="PATH", help="save the optimized model (.pt TorchScript, .pt2 ExportedProgram)")
+    p.add_argument("--out", default=None, metavar="PATH", help="save the optimized model (.pt TorchScript, .pt2 ExportedProgram, .onnx, .xml OpenVINO IR)")
     p.add_argument("--format", default=None,
-                   choices=("torchscript", "exported_program", "tensorrt", "state_dict", "onnx", "openvino"),
+                   choices=FORMATS,
                    help="artifact format for --out (default: from the extension: .pt2 -> exported_program, "
                         ".onnx -> onnx, .xml -> openvino, else torchscript)")
     p.add_argument("--report", default=None, metavar="PATH", help="write the full report (.md markdown with per-layer tables, .json JSON)")
@@ -131,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Save MODEL in --format, load it back with torchfast.load and compare its outputs with "
                                    "the model's on the example inputs (exit 1 if they differ).")
     _model_args(e)
-    e.add_argument("--format", default=None, choices=("torchscript", "exported_program", "tensorrt", "state_dict"),
+    e.add_argument("--format", default=None, choices=FORMATS,
                    help="artifact format (default: from the extension of --out)")
     e.add_argument("--out", required=True, metavar="PATH", help="where to write the artifact")
     e.add_argument("--recipe", default=None, help=f"apply these stages before exporting (no verification; use optimize for that): {recipe_help()}")

@@ -77,3 +77,50 @@ def test_auto_with_int8_adds_each_lowering_and_optimize_uses_it(digits_cnn):
     assert last.name.startswith("compile: auto + Int8Static") and last.applied, last.reason
     assert len(res.stages) == 2  # the int8 stage ran inside the compile step, not as its own stage
     assert res.report.children[-1].title == "compile: auto"
+
+
+class _Branchy(nn.Module):
+    """Most of its Linears sit behind data-dependent control flow, which torch.ao's FX tracer cannot follow."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x) if x.sum() > -1e9 else x
+        return x
+
+
+class _MostlyUntraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = _Branchy()
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_an_int8_candidate_that_stays_mostly_float_is_a_failed_row_saying_why():
+    model = _MostlyUntraceable().eval()
+    x = torch.randn(8, 16)
+    calib = [torch.randn(8, 16) for _ in range(4)]
+    c = tf.compile(model, x, backend="auto", candidates=["eager", "torchscript"], runs=2, progress=False,
+                   int8=tf.Int8Static(calibration=calib))
+    rows = {r["candidate"]: r for r in c.report.rows}
+    for name in ("eager + int8 static", "torchscript + int8 static"):
+        assert rows[name]["status"] == "failed"
+        assert "quantized only 1 of 5 Linear/Conv layers" in rows[name]["note"], rows[name]["note"]
+    assert rows["eager"]["status"] in ("ok", "chosen")
+
+
+def test_inductor_compiles_the_same_model_twice_in_one_process():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    x = torch.randn(4, 8)
+    first = tf.compile(model, x, backend="inductor")
+    second = tf.compile(model, x, backend="inductor")     # dynamo's cache: no new graph, still compiled
+    torch.testing.assert_close(second(x), model(x))
+    assert "reused the graph" in second.report.to_markdown()
+    torch.testing.assert_close(first(x), model(x))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections import Counter
 from typing import Any
 
 import torch
@@ -150,11 +151,24 @@ def _compile_torch_int8(model: nn.Module, example_inputs: Batch, backend: str, i
     cfg = int8
     if isinstance(cfg, Int8Static) and backend in ("inductor", "export") and cfg.method != "pt2e":
         cfg = dataclasses.replace(cfg, method="pt2e")  # torch.ao modules do not compile there; PT2E does
-    q, _ = quantize(model, cfg, example_inputs=example_inputs, calibration=calibration)
+    q, rep = quantize(model, cfg, example_inputs=example_inputs, calibration=calibration)
     if quantization_kind(q) is None:
         raise BackendError(f"{type(cfg).__name__} left {type(model).__name__} float (no layer was quantizable "
                            f"or faster in int8 here); see quantize()'s report")
+    _check_mostly_int8(rep, type(cfg).__name__, type(model).__name__)
     return compile(q, example_inputs, backend, **kwargs)
+
+
+def _check_mostly_int8(rep: Any, scheme: str, model_name: str) -> None:
+    """An "int8" candidate that left most of its matmuls and convolutions float is not one (a transformer
+    whose blocks torch.ao cannot trace keeps only its pooler in int8): say so instead of timing it."""
+    heavy = [r for r in getattr(rep, "rows", []) if str(r.get("type", "")).startswith(("Linear", "Conv"))]
+    done = [r for r in heavy if r.get("applied") in (True, "yes")]
+    if heavy and len(done) * 2 < len(heavy):
+        reasons = Counter(str(r.get("reason") or "kept float") for r in heavy if r not in done)
+        why = "; ".join(f"{n} x {k}" for k, n in reasons.most_common(3))
+        raise BackendError(f"{scheme} quantized only {len(done)} of {len(heavy)} Linear/Conv layers of {model_name} "
+                           f"({why}); see quantize()'s report")
 
 
 def _build(model: nn.Module, example_inputs: Batch, backend: str, impl: Any, opts: Any, dev: torch.device,

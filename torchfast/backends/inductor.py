@@ -9,6 +9,7 @@ rather than silently falling back to eager.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,11 @@ def _counters() -> tuple[int, int]:
     return graphs, breaks
 
 
+# models this backend compiled: compiling one again with the same settings hits dynamo's cache, which
+# captures no new graph yet runs compiled code
+_COMPILED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
 def build(model: nn.Module, example_inputs: Any, options: Options, *, dynamic_batch: bool = False) -> Built:
     on_cuda = any(t.is_cuda for t in tensors_of(example_inputs))
     inductor_opts = {"freezing": options.freezing, "max_autotune": options.max_autotune,
@@ -51,13 +57,17 @@ def build(model: nn.Module, example_inputs: Any, options: Options, *, dynamic_ba
     with torch.inference_mode():
         call_model(compiled, example_inputs)   # compile now, on the example
     g1, b1 = _counters()
-    if g1 == g0:
-        raise RuntimeError("dynamo captured no graph for this model (it would run in eager): "
-                           "the model may already be compiled in this process or hit the recompile limit")
     notes = []
+    if g1 == g0:
+        # a model compiled before in this process with the same settings reuses dynamo's cached graph
+        if model not in _COMPILED:
+            raise RuntimeError("dynamo captured no graph for this model (it would run in eager); "
+                               "TORCH_LOGS=graph_breaks shows why (or the recompile limit was hit)")
+        notes.append("reused the graph dynamo compiled for this model earlier in this process")
     if b1 > b0:
         notes.append(f"{b1 - b0} graph break(s): those parts run in eager between compiled graphs "
                      "(TORCH_LOGS=graph_breaks shows where)")
+    _COMPILED.add(model)
     info = {"graphs": g1 - g0, "graph_breaks": b1 - b0, "freezing": options.freezing,
             "max_autotune": options.max_autotune, "cudagraphs": inductor_opts["triton.cudagraphs"]}
     return Built(runnable=compiled, info=info, notes=notes)

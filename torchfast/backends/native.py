@@ -20,7 +20,20 @@ from torch import nn
 
 from ..modules import call_model, split_batch
 
-__all__ = ["FlatSignature", "FlatModule", "NativeRunner", "signature_of", "to_numpy"]
+__all__ = ["EngineInput", "FlatSignature", "FlatModule", "NativeRunner", "signature_of", "to_numpy"]
+
+
+@dataclass(frozen=True)
+class EngineInput:
+    """One input as the engine declares it, so a loaded artifact can say what it takes (``torchfast serve``
+    needs no ``--input-shape`` for it): full shape, batch dim included, -1 where any size is accepted."""
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def numpy_to_torch_dtype(dtype: Any) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype=np.dtype(dtype))).dtype
 
 
 @dataclass
@@ -121,7 +134,7 @@ class NativeRunner(nn.Module):
         self._run = run
         self.sig = sig
         self.engine = engine
-
+        self.engine_inputs: list[EngineInput] = []   # filled by the engine where it knows them
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         flat = self.sig.flatten_inputs(args, kwargs)
         outs = self._run([to_numpy(t) for t in flat])

@@ -33,7 +33,8 @@ from ..config import Config, ConfigError, check_choice, check_range
 from ..modules import batches_list, describe_batch, model_dtype, split_batch
 from .compiled import Built
 from .inputs import batch_size_of, resize_batch
-from .native import FlatModule, FlatSignature, NativeRunner, signature_of, to_numpy
+from .native import (EngineInput, FlatModule, FlatSignature, NativeRunner, numpy_to_torch_dtype, signature_of,
+                     to_numpy)
 from .registry import BackendError
 
 __all__ = ["Options", "OnnxArtifact", "build", "build_int8", "export_onnx", "save_artifact", "load_artifact",
@@ -618,4 +619,18 @@ def load_artifact(path: str | Path, *, device: str | torch.device | None = None,
     dev = torch.device(device) if device is not None else torch.device("cpu")
     sess = _session(data, options or Options(), dev, str(path))
     run = _run_fn(sess, sig)
-    return NativeRunner(run, sig, "onnxruntime") if dev.type == "cpu" else _Runner(run, sig, dev)
+    runner = NativeRunner(run, sig, "onnxruntime") if dev.type == "cpu" else _Runner(run, sig, dev)
+    runner.engine_inputs = engine_inputs(sess)
+    return runner
+
+
+def engine_inputs(sess: Any) -> list[EngineInput]:
+    """The graph's inputs: symbolic or unknown dims as -1."""
+    out = []
+    for i in sess.get_inputs():
+        np_type = _NP_TYPES.get(i.type)
+        if np_type is None:
+            continue
+        shape = tuple(d if isinstance(d, int) and d > 0 else -1 for d in (i.shape or ()))
+        out.append(EngineInput(i.name, shape, numpy_to_torch_dtype(np_type)))
+    return out

@@ -61,7 +61,8 @@ from ..config import Config, ConfigError, check_choice, check_range
 from ..modules import batches_list, describe_batch, model_dtype, split_batch
 from .compiled import Built
 from .inputs import resize_batch
-from .native import FlatModule, FlatSignature, NativeRunner, signature_of
+from .native import (EngineInput, FlatModule, FlatSignature, NativeRunner, numpy_to_torch_dtype,
+                     signature_of)
 from .registry import BackendError
 
 __all__ = ["Options", "build", "build_int8", "save_artifact", "load_artifact", "convert"]
@@ -566,4 +567,8 @@ def load_artifact(path: str | Path, *, device: str | torch.device | None = None,
         precision = "f32"
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(str(meta.get("dtype")))
     compiled, _ = _compile(om, options, precision, xml.name)
-    return _Runner(_Engine(compiled, sig, xml.name), sig, dtype)
+    runner = _Runner(_Engine(compiled, sig, xml.name), sig, dtype)
+    runner.engine_inputs = [EngineInput(name, tuple(d.get_length() if d.is_static else -1 for d in p.get_partial_shape()),
+                                        numpy_to_torch_dtype(p.get_element_type().to_dtype()))
+                            for name, p in zip(sig.input_names, compiled.inputs)]
+    return runner

@@ -16,7 +16,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="*", default=["digits"],
-                   help="artifacts written by torchfast.save (.pt TorchScript / .pt2 ExportedProgram) or built-in "
+                   help="artifacts written by torchfast.save (.pt TorchScript, .pt2 ExportedProgram, .onnx, .xml OpenVINO IR) or built-in "
                         "names: digits (trained at startup, the default), minilm, any torchvision model name")
     p.add_argument("--name", action="append", default=None, help="serve the model under this name (repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: loopback only)")

@@ -3,8 +3,8 @@
 ``load_served_model("digits")`` trains the digits CNN (~10 s, real data, ~99 % accuracy) so that
 ``torchfast serve`` alone starts something useful; ``"minilm"`` serves all-MiniLM-L6-v2 sentence
 embeddings with pad-and-mask batching; any torchvision classifier name serves that architecture
-(random weights: for load tests); a path serves what ``torchfast.save`` wrote (TorchScript ``.pt`` or
-ExportedProgram ``.pt2``).
+(random weights: for load tests); a path serves what ``torchfast.save`` wrote (TorchScript ``.pt``,
+ExportedProgram ``.pt2``, ONNX ``.onnx`` or OpenVINO IR ``.xml``; the last three declare their inputs).
 """
 from __future__ import annotations
 
@@ -173,7 +173,7 @@ def builtin_model(name: str) -> ServedModel:
         model = torchvision.models.get_model(name, weights=None).eval()
         return ServedModel(name, model, (InputSpec("input", (3, 224, 224)),),
                            description=f"torchvision {name} with random weights (for load tests, not accuracy)")
-    raise ValueError(f"unknown model {name!r}: give a path to a torchfast.save artifact (.pt / .pt2), "
+    raise ValueError(f"unknown model {name!r}: give a path to a torchfast.save artifact (.pt, .pt2, .onnx, .xml), "
                      f"'digits', 'minilm' or a torchvision model name")
 
 
@@ -219,6 +219,27 @@ def _upper_bound(ep: Any, dim: Any) -> int | None:
     return upper if upper is not None and 0 < upper < (1 << 62) else None
 
 
+def _specs_from_engine(runner: Any, path: Path) -> tuple[tuple[InputSpec, ...], int | None, bool]:
+    """InputSpecs of an ONNX / OpenVINO artifact from the shapes its engine declares, in the call's order."""
+    declared = {e.name: e for e in runner.engine_inputs}
+    names = list(runner.sig.input_names)
+    unread = [n for n in names if n not in declared]
+    if unread:
+        raise ValueError(f"{path}: the graph does not read input(s) {unread} that the model's call takes, so "
+                         f"their shape is unknown; export the model without them to serve it")
+    specs, batches = [], set()
+    for n in names:
+        e = declared[n]
+        if not e.shape:
+            raise ValueError(f"{path}: input {n!r} is a scalar; served models take batched inputs")
+        batches.add(e.shape[0])
+        specs.append(InputSpec(n, tuple(e.shape[1:]), dtype_name(e.dtype)))
+    if len(batches) > 1:
+        raise ValueError(f"{path}: inputs disagree on the batch size {sorted(batches)}; cannot batch requests")
+    batch = batches.pop()
+    return tuple(specs), (None if batch == -1 else batch), runner.sig.n_positional == 0
+
+
 def load_served_model(source: str, name: str | None = None, input_shape: tuple[int, ...] | None = None,
                       input_dtype: str = "float32") -> ServedModel:
     """A path to an artifact, or a built-in name. ``input_shape`` (per row) declares a TorchScript input."""
@@ -229,16 +250,18 @@ def load_served_model(source: str, name: str | None = None, input_shape: tuple[i
             served.name = name
         return served
     obj = load_artifact(p)
-    model, specs, batch = obj, (), None
+    model, specs, batch, keyword = obj, (), None, False
     if isinstance(obj, torch.export.ExportedProgram):
         specs, batch = _specs_from_exported(obj)
         model = obj.module()
+    elif getattr(obj, "engine_inputs", None) and input_shape is None:
+        specs, batch, keyword = _specs_from_engine(obj, p)
     if input_shape is not None:
         specs = (InputSpec("input", tuple(input_shape), input_dtype),)
     if not specs:
         raise ValueError(f"{p}: the artifact does not declare its input shape; pass --input-shape "
                          f"(per row, e.g. 3,224,224) and --input-dtype")
-    served = ServedModel(name or p.stem.split(".")[0], model, specs, max_batch_size=batch,
+    served = ServedModel(name or p.stem.split(".")[0], model, specs, keyword_inputs=keyword, max_batch_size=batch,
                          fixed_batch=batch is not None, description=f"artifact {p.name}")
     if batch is not None:
         served.extra["fixed_batch_size"] = batch
