@@ -42,6 +42,7 @@ _EXPORTS: dict[str, str] = {
     "save": "torchfast.export",
     "load": "torchfast.export",
     "UnsafeArtifactError": "torchfast.export",
+    "TorchfastError": "torchfast.errors",
     # serving (subpackage)
     "serve": "torchfast.serve",
 }

@@ -6,7 +6,6 @@ value), 1 the work itself failed (the message names the step; ``--debug`` shows 
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import sys
 import traceback
@@ -39,16 +38,11 @@ class UsageError(Exception):
 
 
 def _usage_types() -> tuple[type, ...]:
+    from .backends import BackendError
     from .cli_models import SourceError
     from .config import ConfigError
     from .pipeline import ExampleInputError
-    out: list[type] = [UsageError, SourceError, ConfigError, ExampleInputError]
-    try:
-        from .backends import BackendError
-        out.append(BackendError)
-    except ImportError:
-        pass
-    return tuple(out)
+    return (UsageError, SourceError, ConfigError, ExampleInputError, BackendError)
 
 
 # ---------------------------------------------------------------- parser
@@ -146,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------- helpers
 def _kv(items: Sequence[str], what: str) -> dict[str, Any]:
-    from .recipe_syntax import _value
+    from .recipe_syntax import parse_value
     out = {}
     for item in items:
         for tok in item.split(","):
@@ -155,7 +149,7 @@ def _kv(items: Sequence[str], what: str) -> dict[str, Any]:
             k, sep, v = tok.partition("=")
             if not sep or not k.strip():
                 raise UsageError(f"{what}: expected KEY=VALUE, got {tok!r}")
-            out[k.strip()] = _value(v)
+            out[k.strip()] = parse_value(v)
     return out
 
 
@@ -206,14 +200,8 @@ def _format_for(path: str, fmt: str | None) -> str:
 
 
 def save_artifact(model, path: str, fmt: str, example) -> None:
-    try:
-        from .export import save
-    except ImportError as e:
-        raise UsageError(f"--out needs torchfast.export, which is not available here: {e}") from e
-    kwargs = {}
-    params = inspect.signature(save).parameters
-    if "example_inputs" in params:
-        kwargs["example_inputs"] = example
+    from .export import save
+    kwargs = {"example_inputs": example}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
         save(model, path, format=fmt, **kwargs)

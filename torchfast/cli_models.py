@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .dropin import eval_mode
+from .errors import TorchfastError
 
 __all__ = ["Source", "load_source", "parse_shape", "make_inputs", "SourceError", "MODEL_HELP"]
 
@@ -26,7 +27,7 @@ MODEL_HELP = ("MODEL is one of: torchvision:NAME (e.g. torchvision:resnet50; ran
               "or the path of a saved artifact (.pt TorchScript, .pt2 ExportedProgram)")
 
 
-class SourceError(ValueError):
+class SourceError(TorchfastError, ValueError):
     """The MODEL argument or the input options cannot be turned into a model (a usage error)."""
 
 
@@ -169,10 +170,7 @@ def _callable(spec: str, shapes, dtypes, n_calib: int) -> Source:
 
 
 def _artifact(path: str, shapes, dtypes, n_calib: int) -> Source:
-    try:
-        from .export import load
-    except ImportError as e:
-        raise SourceError(f"loading {path} needs torchfast.export, which is not available: {e}") from e
+    from .export import load
     obj = load(path)
     if hasattr(obj, "module") and not isinstance(obj, nn.Module):  # an ExportedProgram
         obj = obj.module()

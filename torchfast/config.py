@@ -7,8 +7,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from .errors import TorchfastError
 
-class ConfigError(ValueError):
+
+class ConfigError(TorchfastError, ValueError):
     """A config value is invalid; the message names the field and the value."""
 
 

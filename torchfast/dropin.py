@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .modules import model_device, split_batch
+from .errors import TorchfastError
 
 __all__ = ["wrap", "Wrapped", "TensorSpec", "InputError", "eval_mode"]
 
@@ -29,7 +30,7 @@ def eval_mode(model: Any) -> Any:
     return model
 
 
-class InputError(ValueError):
+class InputError(TorchfastError, ValueError):
     """An input does not match what the wrapped model was built for; the message names the argument."""
 
 

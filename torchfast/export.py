@@ -45,8 +45,8 @@ _NATIVE = {"onnx": "onnxruntime", "openvino": "openvino"}   # format -> the back
 
 def _quiet():
     from .backends._warnings import quiet_deprecations
-    from .backends.torchscript import _MSG
-    return quiet_deprecations("torchscript", _MSG)
+    from .backends.torchscript import DEPRECATION_NOTE
+    return quiet_deprecations("torchscript", DEPRECATION_NOTE)
 
 
 def _compiled_type():

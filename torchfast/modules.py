@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from .errors import TorchfastError
+
 FilterFn = Callable[[nn.Module, str], bool]
 
 
@@ -141,7 +143,7 @@ def batches_list(batches: Iterable[Batch] | Batch | None) -> list[Batch]:
     return list(batches)
 
 
-class ExampleInputError(ValueError):
+class ExampleInputError(TorchfastError, ValueError):
     """The model does not run on the example inputs it was given (wrong shape, dtype or form)."""
 
 

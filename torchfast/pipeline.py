@@ -179,7 +179,8 @@ class Optimized:
         from .export import format_for_path, save
         fmt = format or format_for_path(path)
         inner = self.model.inner if hasattr(self.model, "inner") else self.model
-        obj = inner if type(inner).__name__ == "Compiled" else self.transformed
+        from .backends.compiled import Compiled
+        obj = inner if isinstance(inner, Compiled) else self.transformed
         native = {"onnxruntime": "onnx", "openvino": "openvino"}.get(getattr(obj, "backend", None))
         lowered = any(s.applied and s.name.startswith("compile:") and "Int8" in s.name for s in self.stages)
         if native and lowered and fmt != native:
@@ -225,19 +226,13 @@ def _size(model: nn.Module) -> tuple[float | None, int | None]:
 
 
 def _compile(model: nn.Module, example_inputs: Any, backend: str, options: dict) -> nn.Module:
-    try:
-        from . import backends
-    except ModuleNotFoundError as e:
-        if e.name != "torchfast.backends":
-            raise
-        if backend == "eager" and not options:  # the backend package is not installed in this checkout
-            return model
-        raise ConfigError(f"backend {backend!r} needs torchfast.backends, which is not available") from e
+    from . import backends
     return backends.compile(model, example_inputs, backend=backend, **options)
 
 
 def _is_backend_error(e: Exception) -> bool:
-    return type(e).__name__ == "BackendError"
+    from .backends.registry import BackendError
+    return isinstance(e, BackendError)
 
 
 def _check_backend(backend: str, model: nn.Module, options: dict) -> None:
@@ -248,14 +243,7 @@ def _check_backend(backend: str, model: nn.Module, options: dict) -> None:
         raise ConfigError(f"backend must be a name such as 'eager' or 'inductor', got {type(backend).__name__}")
     if backend == "auto":
         return
-    try:
-        from . import backends
-    except ModuleNotFoundError as e:
-        if e.name != "torchfast.backends":
-            raise
-        if backend != "eager":
-            raise ConfigError(f"backend {backend!r} needs torchfast.backends, which is not available") from e
-        return
+    from . import backends
     from .modules import model_device
     spec = backends.get_backend(backend)
     device = options.get("device")
@@ -360,7 +348,8 @@ def _run(original, example, recipe, backend, options, eval_fn, tol, calib, val, 
     # (NNCF for OpenVINO, QDQ for ONNX Runtime; under "auto" every backend's lowering is a candidate)
     lowered = None
     from .backends import INT8_NATIVE
-    if backend in ("auto", *INT8_NATIVE) and recipe and type(recipe[-1]).__name__ in ("Int8Static", "Int8Dynamic"):
+    from .quant.config import Int8Dynamic, Int8Static
+    if backend in ("auto", *INT8_NATIVE) and recipe and isinstance(recipe[-1], (Int8Static, Int8Dynamic)):
         lowered = recipe[-1]
         recipe = recipe[:-1]
         options = {**options, "int8": lowered, "calibration": calib}

@@ -52,7 +52,7 @@ def recipe_help() -> str:
             f"fields). Names: {names}. Example: 'lowrank:ratio=0.5,prune:amount=0.3,int8-static'")
 
 
-def _value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     t = text.strip()
     low = t.lower()
     if low in ("true", "yes", "on"):
@@ -62,7 +62,7 @@ def _value(text: str) -> Any:
     if low in ("none", "null"):
         return None
     if "/" in t:
-        return tuple(_value(x) for x in t.split("/") if x)
+        return tuple(parse_value(x) for x in t.split("/") if x)
     for conv in (int, float):
         try:
             return conv(t)
@@ -105,7 +105,7 @@ def _build(name: str, params: dict[str, str], text: str) -> Config:
         raise RecipeSyntaxError(f"stage {name!r} ({cls_name}) has no parameter {', '.join(map(repr, unknown))}; "
                                 f"its parameters: {', '.join(sorted(fields))}")
     kwargs = dict(preset)
-    kwargs.update({k: _coerce(cls, k, _value(v)) for k, v in params.items()})
+    kwargs.update({k: _coerce(cls, k, parse_value(v)) for k, v in params.items()})
     try:
         return cls(**kwargs)
     except ConfigError:

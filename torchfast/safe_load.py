@@ -37,11 +37,12 @@ import zipfile
 from typing import Any
 
 from .safe_program import ProgramCheckError, check_example_inputs, check_program
+from .errors import TorchfastError
 
 __all__ = ["UnsafeArtifactError", "check_archive", "open_zip", "load_tensors"]
 
 
-class UnsafeArtifactError(RuntimeError):
+class UnsafeArtifactError(TorchfastError, RuntimeError):
     """A part of a model file that loading would run, refused because ``allow_pickle`` is False."""
 
     def __init__(self, path: Any, member: str, why: str):

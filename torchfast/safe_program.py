@@ -25,6 +25,8 @@ import re
 import sys
 from typing import Any
 
+from .errors import TorchfastError
+
 __all__ = ["ProgramCheckError", "check_program", "check_example_inputs"]
 
 # Names (ModuleDict keys may hold "-" or spaces). Generated source quotes what is no identifier, and a
@@ -47,7 +49,7 @@ _OPS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast
         ast.GtE)
 
 
-class ProgramCheckError(ValueError):
+class ProgramCheckError(TorchfastError, ValueError):
     """A field of the program JSON that would run code (or is not what torch.export.save writes)."""
 
     def __init__(self, field: str, why: str):

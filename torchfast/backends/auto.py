@@ -36,7 +36,8 @@ class Candidate:
     def name(self) -> str:
         if self.int8 is None:
             return self.backend
-        mode = "static" if type(self.int8).__name__ == "Int8Static" else "dynamic"
+        from ..quant.config import Int8Static
+        mode = "static" if isinstance(self.int8, Int8Static) else "dynamic"
         return f"{self.backend} + int8 {mode}"
 
 

@@ -14,11 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import TorchfastError
+
 __all__ = ["Backend", "BackendError", "BACKENDS", "get_backend", "list_backends", "check",
            "quantization_kind", "normalize_dtype", "DTYPE_NAMES"]
 
 
-class BackendError(ValueError):
+class BackendError(TorchfastError, ValueError):
     """A backend cannot do what was asked (or is not installed); the message says what to change."""
 
 

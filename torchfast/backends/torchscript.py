@@ -19,7 +19,7 @@ from ..modules import call_model, split_batch
 from ._warnings import quiet_deprecations
 from .compiled import Built, plain_dict_output
 
-_MSG = ("torchfast: TorchScript is deprecated upstream (torch.export is its successor); torchfast keeps the "
+DEPRECATION_NOTE = ("torchfast: TorchScript is deprecated upstream (torch.export is its successor); torchfast keeps the "
         "'torchscript' backend for libtorch/Triton deployments.")
 
 
@@ -40,7 +40,7 @@ def to_torchscript(model: nn.Module, example_inputs: Any, method: str = "trace")
     """Trace or script ``model`` (eval mode). Dict inputs are traced as keyword inputs."""
     if isinstance(model, torch.jit.ScriptModule):
         return model
-    with quiet_deprecations("torchscript", _MSG), torch.no_grad():
+    with quiet_deprecations("torchscript", DEPRECATION_NOTE), torch.no_grad():
         if method == "script":
             return torch.jit.script(model)
         args, kwargs = split_batch(example_inputs)
@@ -53,13 +53,13 @@ def to_torchscript(model: nn.Module, example_inputs: Any, method: str = "trace")
 
 
 def freeze(scripted: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
-    with quiet_deprecations("torchscript", _MSG):
+    with quiet_deprecations("torchscript", DEPRECATION_NOTE):
         return torch.jit.freeze(scripted.eval())
 
 
 def _clone(m: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
     buf = io.BytesIO()
-    with quiet_deprecations("torchscript", _MSG):
+    with quiet_deprecations("torchscript", DEPRECATION_NOTE):
         torch.jit.save(m, buf)
         buf.seek(0)
         return torch.jit.load(buf)
@@ -80,7 +80,7 @@ def build(model: nn.Module, example_inputs: Any, options: Options, *, dynamic_ba
     artifact = runnable = freeze(scripted) if options.freeze else scripted
     if options.optimize:
         try:
-            with quiet_deprecations("torchscript", _MSG):
+            with quiet_deprecations("torchscript", DEPRECATION_NOTE):
                 # optimize_for_inference rewrites in place: give it its own copy, keep the artifact portable
                 runnable = torch.jit.optimize_for_inference(_clone(artifact))
         except Exception as e:  # some graphs (custom ops) refuse the oneDNN passes: keep the frozen module

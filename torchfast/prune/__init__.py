@@ -10,26 +10,21 @@ from ..recipe import register_stage
 from .api import PruneError, _stage, prune
 from .config import ChannelPruning, SemiStructured24, UnstructuredSparse
 from .graph import DependencyGraph, TraceError
+from .layers import LayerRule, register_layer
 from .trace import trace
 
 __all__ = ["prune", "ChannelPruning", "sparsify", "SemiStructured24", "UnstructuredSparse", "finetune",
-           "PruneError", "TraceError", "DependencyGraph", "trace"]
+           "PruneError", "TraceError", "DependencyGraph", "trace", "register_layer", "LayerRule"]
+
+from .finetune import finetune
+from .sparse import _sparse_stage, sparsify
 
 register_stage(ChannelPruning, _stage)
-
-try:  # sparse kernels and fine-tuning live in their own files
-    from .sparse import _sparse_stage, sparsify
-    register_stage(SemiStructured24, _sparse_stage)
-    register_stage(UnstructuredSparse, _sparse_stage)
-except ImportError:  # pragma: no cover
-    pass
-try:
-    from .finetune import finetune
-except ImportError:  # pragma: no cover
-    pass
+register_stage(SemiStructured24, _sparse_stage)
+register_stage(UnstructuredSparse, _sparse_stage)
 
 
-# ``torchfast.prune`` is both this package and the public function (DESIGN: ``tf.prune(model, ...)``).
+# ``torchfast.prune`` is both this package and the public function ``tf.prune(model, ...)``.
 # Importing the package binds the *module* to ``torchfast.prune``, so the module itself must be callable:
 # calling it is calling :func:`prune`, and ``torchfast.prune.ChannelPruning`` etc. keep working.
 import sys as _sys

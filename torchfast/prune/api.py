@@ -23,9 +23,10 @@ from .graph import DependencyGraph, Family, TraceError, _tensors
 from .importance import family_scores
 from .structured import describe, keep_indices, rebuild_module
 from .trace import trace
+from ..errors import TorchfastError
 
 
-class PruneError(RuntimeError):
+class PruneError(TorchfastError, RuntimeError):
     """Pruning produced a model that does not run or changes the output shapes; nothing was changed."""
 
 

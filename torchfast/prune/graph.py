@@ -46,11 +46,12 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ..modules import call_model
+from ..errors import TorchfastError
 
 # ------------------------------------------------------------------------------------------ errors
 
 
-class TraceError(RuntimeError):
+class TraceError(TorchfastError, RuntimeError):
     """The model could not be run/traced on the example inputs; the message names the failing op/module."""
 
 

@@ -13,60 +13,25 @@ import torch
 from torch import nn
 
 from .graph import DependencyGraph, Family
-from .trace import _BN, _CONV, attention_kind
+from .layers import BATCHNORM, rule_for
 
 
 def _rows(m: nn.Module, role: str, grads: bool, taylor: bool = False) -> list[torch.Tensor]:
     """Matrices [n, *] whose row i holds what index i of (m, role) owns (or their gradients)."""
-    def t(p):
+    def get(p):
         if p is None:
             return None
         x = p.grad if grads else p
         return None if x is None else x.detach().float()
 
-    out: list[torch.Tensor | None] = []
-    kind = attention_kind(m)
-    if isinstance(m, _CONV) or isinstance(m, nn.Linear):
-        w = t(m.weight)
-        if w is None:
-            return []
-        if role in ("out", "dw"):
-            out = [w.flatten(1), None if m.bias is None else t(m.bias)[:, None]]
-        elif role == "in":
-            out = [w.transpose(0, 1).flatten(1)]
-    elif isinstance(m, _BN) or isinstance(m, nn.LayerNorm):
-        out = [None if m.weight is None else t(m.weight)[:, None]]
-        if taylor and getattr(m, "bias", None) is not None:
-            out.append(t(m.bias)[:, None])
-    elif isinstance(m, nn.Embedding):
-        out = [t(m.weight).t()]
-    elif kind == "mha":
-        E, H = m.embed_dim, m.num_heads
-        w, ow = t(m.in_proj_weight), t(m.out_proj.weight)
-        if w is None or ow is None:
-            return []
-        if role == "in":
-            out = [w.t()]
-        elif role == "out":
-            out = [ow]
-        elif role == "head":
-            out = [w.reshape(3, H, E // H, -1).transpose(0, 1).flatten(1), ow.reshape(-1, H, E // H).transpose(0, 1).flatten(1)]
-    elif kind == "hf":
-        H = m.num_attention_heads
-        ws = [t(getattr(m, n).weight) for n in ("query", "key", "value")]
-        if any(w is None for w in ws):
-            return []
-        if role == "in":
-            out = [w.t() for w in ws]
-        elif role == "head":
-            out = [w.reshape(H, -1) for w in ws]
-    return [o for o in out if o is not None]
+    rule = rule_for(m)
+    return [] if rule is None else [o for o in rule.rows(m, role, get, taylor) if o is not None]
 
 
 def role_scores(m: nn.Module, role: str, importance: str) -> torch.Tensor | None:
     """Score per index of (m, role); None if this role carries no weight for the criterion."""
     if importance == "bn_scale":
-        if not isinstance(m, _BN) or m.weight is None:
+        if not isinstance(m, BATCHNORM) or m.weight is None:
             return None
         return m.weight.detach().float().abs()
     ws = _rows(m, role, grads=False, taylor=importance == "taylor")

@@ -15,6 +15,7 @@ from torch.overrides import TorchFunctionMode
 from ..modules import call_model, evaluating
 from .graph import (_CREATE, _ELEMENTWISE, _REDUCE, _RESHAPE, _SPATIAL, DependencyGraph, Layout, TraceError,
                     _dims_arg, _norm_dim, _op_label, _op_name, _tensors, reshape_map)
+from .layers import is_hf_attention, rule_for, trace_layer
 
 
 class _Unsupported(Exception):
@@ -25,23 +26,12 @@ def attention_kind(m: nn.Module) -> str | None:
     """'mha' for nn.MultiheadAttention, 'hf' for Hugging Face style query/key/value self-attention."""
     if isinstance(m, nn.MultiheadAttention):
         return "mha"
-    if all(isinstance(getattr(m, a, None), nn.Linear) for a in ("query", "key", "value")) \
-            and isinstance(getattr(m, "attention_head_size", None), int) \
-            and isinstance(getattr(m, "num_attention_heads", None), int):
-        return "hf"
-    return None
-
-
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    return "hf" if is_hf_attention(m) else None
 
 
 def is_atomic(m: nn.Module) -> bool:
-    if isinstance(m, (nn.Linear, nn.Embedding) + _CONV + _BN):
-        return True
-    if isinstance(m, nn.LayerNorm):
-        return True
-    return attention_kind(m) is not None
+    """A layer the pruner knows (layers.py): traced as a whole, not op by op."""
+    return rule_for(m) is not None
 
 
 # ------------------------------------------------------------------------------------------ op rules
@@ -247,89 +237,10 @@ def _cat_rule(g: DependencyGraph, name: str, label: str, args: tuple, kwargs: di
 
 
 # ------------------------------------------------------------------------------------------ layers
-def _consume(g: DependencyGraph, name: str, x: Any, slots: torch.Tensor, want_dim: int, what: str) -> None:
-    lay = g.layout(x)
-    if lay is None:
-        return
-    if lay.dim != want_dim or len(lay.ids) != len(slots):
-        g.poison(lay.ids, f"{what} {name} reads channels tracked on dim {lay.dim}")
-        g.poison(slots, f"{what} {name} reads channels tracked on dim {lay.dim}")
-        return
-    g.union(lay.ids, slots)
-
-
 def apply_module(g: DependencyGraph, name: str, m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-    x = args[0] if args else next(iter(kwargs.values()), None)
-    outs = _tensors(out)
-    y = outs[0] if outs else None
-    if y is None:
-        return
-    kind = type(m).__name__
-    if isinstance(m, _CONV):
-        cdim = x.dim() - (m.weight.dim() - 2) - 1
-        if m.groups == 1:
-            _consume(g, name, x, g.role_slots(name, "in", m.in_channels), cdim, kind)
-            o = g.role_slots(name, "out", m.out_channels)
-        elif m.groups == m.in_channels and m.out_channels % m.in_channels == 0:
-            k = m.out_channels // m.in_channels
-            o = g.role_slots(name, "dw", m.out_channels)
-            for j in range(m.out_channels):
-                g.uf.union(int(o[j]), int(o[(j // k) * k]))
-            lay = g.layout(x)
-            if lay is not None:
-                _consume(g, name, x, o[::k], cdim, kind)
-        else:
-            i, o = g.role_slots(name, "in", m.in_channels), g.role_slots(name, "out", m.out_channels)
-            why = f"grouped {kind} {name} (groups={m.groups}) is kept whole"
-            g.poison(i, why), g.poison(o, why)
-            lay = g.layout(x)
-            if lay is not None:
-                g.poison(lay.ids, why)
-        g.set_layout(y, Layout(cdim, o))
-    elif isinstance(m, nn.Linear):
-        _consume(g, name, x, g.role_slots(name, "in", m.in_features), x.dim() - 1, "Linear")
-        g.set_layout(y, Layout(y.dim() - 1, g.role_slots(name, "out", m.out_features)))
-    elif isinstance(m, _BN):
-        s = g.role_slots(name, "bn", m.num_features)
-        _consume(g, name, x, s, 1, kind)
-        g.set_layout(y, Layout(1, s))
-    elif isinstance(m, nn.LayerNorm):
-        if len(m.normalized_shape) != 1:
-            lay = g.layout(x)
-            if lay is not None:
-                g.poison(lay.ids, f"LayerNorm {name} normalizes over several dims")
-            return
-        s = g.role_slots(name, "ln", m.normalized_shape[0])
-        _consume(g, name, x, s, x.dim() - 1, "LayerNorm")
-        g.set_layout(y, Layout(y.dim() - 1, s))
-    elif isinstance(m, nn.Embedding):
-        g.set_layout(y, Layout(y.dim() - 1, g.role_slots(name, "emb", m.embedding_dim)))
-    elif attention_kind(m) == "mha":
-        E = m.embed_dim
-        i, h, o = (g.role_slots(name, "in", E), g.role_slots(name, "head", m.num_heads),
-                   g.role_slots(name, "out", m.out_proj.out_features))
-        qkv = list(args[:3]) + [kwargs[k] for k in ("query", "key", "value") if k in kwargs]
-        if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
-            why = f"MultiheadAttention {name} uses kdim/vdim, bias_k/bias_v or add_zero_attn"
-            for s in (i, h, o):
-                g.poison(s, why)
-        for t in qkv:
-            if isinstance(t, torch.Tensor):
-                _consume(g, name, t, i, t.dim() - 1, "MultiheadAttention")
-        g.set_layout(y, Layout(y.dim() - 1, o))
-    elif attention_kind(m) == "hf":
-        i = g.role_slots(name, "in", m.query.in_features)
-        h = g.role_slots(name, "head", m.num_attention_heads)
-        hs = m.attention_head_size
-        _consume(g, name, x, i, x.dim() - 1, kind)
-        extra = [t for k, t in kwargs.items() if "encoder" in k and isinstance(t, torch.Tensor)]
-        if extra or len({m.query.in_features, m.key.in_features, m.value.in_features}) != 1 \
-                or y.shape[-1] != m.num_attention_heads * hs or m.value.out_features != y.shape[-1]:
-            g.poison(h, f"{kind} {name}: cross-attention or unexpected head layout")
-            g.poison(i, f"{kind} {name}: cross-attention or unexpected head layout")
-        g.set_layout(y, Layout(y.dim() - 1, h.repeat_interleave(hs)))
-    for t in outs[1:]:
-        g.set_layout(t, None)
+    rule = rule_for(m)
+    if rule is not None:
+        trace_layer(g, name, m, rule, args, kwargs, out)
 
 
 # ------------------------------------------------------------------------------------------ tracer

@@ -13,11 +13,12 @@ from torch import nn
 
 from ..modules import Batch, call_model, split_batch
 from ..modules import describe_batch as describe
+from ..errors import TorchfastError
 
 __all__ = ["CalibrationError", "collect", "check_batch", "run_calibration", "describe"]
 
 
-class CalibrationError(ValueError):
+class CalibrationError(TorchfastError, ValueError):
     """A calibration batch does not fit the model; the message names the batch, the input and the value."""
 
 

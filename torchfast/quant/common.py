@@ -9,11 +9,12 @@ from torch import nn
 
 from ..measure import compare_latency
 from ..modules import capture_inputs  # re-exported for quant's modules
+from ..errors import TorchfastError
 
 __all__ = ["AlreadyQuantizedError", "check_not_quantized", "skipped", "capture_inputs", "time_layer"]
 
 
-class AlreadyQuantizedError(ValueError):
+class AlreadyQuantizedError(TorchfastError, ValueError):
     """The model already holds quantized layers; quantizing again would compound errors or fail obscurely."""
 
 

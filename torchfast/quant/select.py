@@ -14,7 +14,7 @@ from torch import nn
 from ..measure import compare_latency, fidelity
 from ..modules import Batch
 from ..report import Report
-from .calibrate import check_all, collect, strip_labels
+from .calibrate import CalibrationError, check_all, collect, strip_labels
 from .common import check_not_quantized
 from .config import Int8Static
 
@@ -42,7 +42,7 @@ def quantize_static(model: nn.Module, cfg: Int8Static, example_inputs: Batch | N
                 from .pt2e import quantize_pt2e_static
                 results[m] = quantize_pt2e_static(work, cfg, batches, example_inputs)
         except Exception as e:
-            if len(methods) == 1 or not isinstance(e, Exception) or type(e).__name__ == "CalibrationError":
+            if len(methods) == 1 or not isinstance(e, Exception) or isinstance(e, CalibrationError):
                 raise
             failures[m] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     if not results:

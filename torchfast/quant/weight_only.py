@@ -17,11 +17,12 @@ from ..report import Report
 from .common import check_not_quantized, skipped
 from .config import Float8, WeightOnly
 from .warnings import import_torchao, quiet
+from ..errors import TorchfastError
 
 __all__ = ["quantize_weight_only", "quantize_float8", "UnsupportedDeviceError"]
 
 
-class UnsupportedDeviceError(RuntimeError):
+class UnsupportedDeviceError(TorchfastError, RuntimeError):
     """The scheme has no kernel on the model's device; the message says what it needs."""
 
 

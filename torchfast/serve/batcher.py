@@ -24,9 +24,10 @@ import torch
 
 from .collate import Parsed, SequencePadding, collate, parse, split_outputs
 from .metrics import BatcherMetrics
+from ..errors import TorchfastError
 
 
-class ServeError(RuntimeError):
+class ServeError(TorchfastError, RuntimeError):
     """Base class of the batcher's own errors."""
 
 

@@ -122,12 +122,8 @@ def write_model_repository(model: Any, repo: str | Path, example_inputs: Any, na
         scripted = model
         torch.jit.save(scripted, str(path))
     else:
-        try:
-            from ..export import save
-            save(model, path, format="torchscript", example_inputs=inputs)
-        except ImportError:  # torchfast.export absent
-            with torch.inference_mode(False), torch.no_grad():
-                torch.jit.save(torch.jit.freeze(torch.jit.trace(model.eval(), inputs)), str(path))
+        from ..export import save
+        save(model, path, format="torchscript", example_inputs=inputs)
         scripted = torch.jit.load(str(path))
     with torch.no_grad():
         outputs = _outputs_of(scripted(*inputs))

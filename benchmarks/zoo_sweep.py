@@ -1,0 +1,171 @@
+"""Every torchfast transform on every model of two zoos: torchvision's classifiers and timm architectures.
+
+For each model (random weights, eval mode, one 224x224 image; each model in its own process with a time
+limit), run ``prune`` (ChannelPruning 30%), ``decompose`` (LowRank defaults), ``quantize`` (Int8Dynamic
+and Int8Static on 2 calibration batches) and ``compile`` (TorchScript), each on the original model. A cell is
+
+- ``ok``: the transform returned a model that runs and keeps the output shape; the cell shows how many
+  layers it changed and skipped (each skipped layer has a named reason in the report);
+- ``refused``: a torchfast error saying what and why (e.g. "nothing to trace");
+- ``RAW``: any other exception -- a traceback from deep inside torch reaching the user, which is a bug.
+
+    .venv/bin/python benchmarks/zoo_sweep.py                      # both zoos
+    .venv/bin/python benchmarks/zoo_sweep.py --zoo timm --models resnet18,convnext_atto
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# timm architectures: a spread of families and the layer types model libraries add (same-padding and
+# weight-standardized convs, BatchNorm+activation, LayerNorm2d, attention blocks, re-parameterizable blocks)
+TIMM = ["resnet18", "resnet26d", "tf_efficientnet_b0", "efficientnet_b0", "mobilenetv3_small_100", "lcnet_050",
+        "ghostnet_100", "rexnet_100", "regnetx_002", "dla34", "densenet121", "repvgg_a0", "mobileone_s0",
+        "nf_resnet26", "nfnet_l0", "convnext_atto", "convnextv2_atto", "edgenext_xx_small", "poolformer_s12",
+        "vit_tiny_patch16_224", "deit_tiny_patch16_224", "pit_ti_224", "levit_128s", "mobilevit_xxs",
+        "efficientformer_l1", "fastvit_t8", "resmlp_12_224", "mixer_s16_224", "ese_vovnet19b_dw", "hrnet_w18_small",
+        "cspresnet50", "gernet_s", "selecsls42b", "tinynet_e", "fbnetc_100", "mnasnet_small", "xcit_nano_12_p16_224",
+        "coat_lite_tiny", "crossvit_tiny_240", "swin_tiny_patch4_window7_224"]
+
+TRANSFORMS = ["prune", "decompose", "int8 dynamic", "int8 static", "compile torchscript"]
+
+
+def _build(zoo: str, name: str):
+    import torch
+    torch.manual_seed(0)
+    if zoo == "timm":
+        import timm
+        m = timm.create_model(name, pretrained=False)
+        size = m.pretrained_cfg.get("input_size", (3, 224, 224)) if hasattr(m, "pretrained_cfg") else (3, 224, 224)
+    else:
+        import torchvision
+        m = torchvision.models.get_model(name, weights=None)
+        size = (3, 299, 299) if name == "inception_v3" else (3, 224, 224)
+    return m.eval(), torch.randn(1, *size, generator=torch.Generator().manual_seed(1))
+
+
+def _counts(report) -> str:
+    rows = getattr(report, "rows", []) or []
+    done = sum(1 for r in rows if r.get("applied") in (True, "yes"))
+    skipped = [r for r in rows if r.get("applied") not in (True, "yes")]
+    unnamed = sum(1 for r in skipped if not r.get("reason"))
+    return f"{done} changed, {len(skipped)} kept" + (f" ({unnamed} without reason)" if unnamed else "")
+
+
+def _run_one(zoo: str, name: str, transforms: list[str], q: "mp.Queue") -> None:
+    warnings.filterwarnings("ignore")
+    import torch
+    torch.set_num_threads(1)
+    import torchfast as tf
+    out: dict[str, str] = {}
+    try:
+        model, x = _build(zoo, name)
+        with torch.no_grad():
+            ref = model(x)
+    except Exception as e:  # noqa: BLE001 - a model the zoo cannot build is not a torchfast result
+        q.put({"model": name, "zoo": zoo, "build": f"{type(e).__name__}: {str(e)[:100]}"})
+        return
+    shape = tuple(ref.shape) if isinstance(ref, torch.Tensor) else None
+    calib = [torch.randn_like(x) for _ in range(2)]
+
+    def attempt(label, fn):
+        t0 = time.perf_counter()
+        try:
+            m, rep = fn()
+            with torch.no_grad():
+                y = m(x)
+            if shape is not None and tuple(y.shape) != shape:
+                out[label] = f"RAW: output shape {tuple(y.shape)} != {shape}"
+            else:
+                out[label] = f"ok: {_counts(rep)} ({time.perf_counter() - t0:.0f} s)"
+        except Exception as e:  # noqa: BLE001 - classified below
+            first = str(e).splitlines()[0][:160] if str(e) else ""
+            if isinstance(e, tf.TorchfastError):
+                out[label] = f"refused: {type(e).__name__}: {first}"
+            else:
+                tb = traceback.extract_tb(e.__traceback__)[-1]
+                out[label] = f"RAW: {type(e).__name__}: {first} [{Path(tb.filename).name}:{tb.lineno}]"
+
+    steps = {
+        "prune": lambda: tf.prune(model, x, tf.ChannelPruning(amount=0.3)),
+        "decompose": lambda: tf.decompose(model, tf.LowRank(), example_inputs=x),
+        "int8 dynamic": lambda: tf.quantize(model, tf.Int8Dynamic(), example_inputs=x),
+        "int8 static": lambda: tf.quantize(model, tf.Int8Static(calibration=calib, progress=False), example_inputs=x),
+        "compile torchscript": lambda: (lambda c: (c, c.report))(tf.compile(model, x, backend="torchscript")),
+    }
+    for t in transforms:
+        attempt(t, steps[t])
+    q.put({"model": name, "zoo": zoo, **out})
+
+
+def sweep(zoo: str, names: list[str], transforms: list[str], timeout_s: float, bar) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    rows = []
+    for name in names:
+        bar.set_postfix_str(f"{zoo}:{name}")
+        q = ctx.Queue()
+        p = ctx.Process(target=_run_one, args=(zoo, name, transforms, q), daemon=True)
+        t0 = time.perf_counter()
+        p.start()
+        p.join(timeout_s)
+        if p.is_alive():
+            p.kill()
+            rows.append({"model": name, "zoo": zoo, "build": f"timeout after {timeout_s:.0f} s"})
+        else:
+            rows.append(q.get() if not q.empty() else {"model": name, "zoo": zoo,
+                                                       "build": f"process died (exit {p.exitcode})"})
+        rows[-1]["time (s)"] = round(time.perf_counter() - t0)
+        bar.update(1)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--zoo", default="torchvision,timm")
+    ap.add_argument("--models", default=None, help="comma-separated names (default: the whole zoo)")
+    ap.add_argument("--transforms", default=",".join(TRANSFORMS))
+    ap.add_argument("--timeout-s", type=float, default=600)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    from tqdm import tqdm
+
+    from torchfast.report import format_table
+    plan = []
+    for zoo in a.zoo.split(","):
+        if a.models:
+            names = a.models.split(",")
+        elif zoo == "timm":
+            names = TIMM
+        else:
+            import torchvision
+            names = torchvision.models.list_models(module=torchvision.models)
+        plan.append((zoo, names))
+    transforms = a.transforms.split(",")
+    rows: list[dict] = []
+    with tqdm(total=sum(len(n) for _, n in plan), desc="zoo sweep", unit="model") as bar:
+        for zoo, names in plan:
+            rows += sweep(zoo, names, transforms, a.timeout_s, bar)
+            if a.json:
+                Path(a.json).write_text(json.dumps(rows, indent=2))
+    cols = ["zoo", "model", "build"] + transforms + ["time (s)"]
+    print(format_table(rows, [c for c in cols if any(c in r for r in rows)]))
+    raw = [(r["model"], t, r[t]) for r in rows for t in transforms if str(r.get(t, "")).startswith("RAW")]
+    summary = {t: {k: sum(1 for r in rows if str(r.get(t, "")).startswith(k)) for k in ("ok", "refused", "RAW")}
+               for t in transforms}
+    print(json.dumps(summary, indent=1))
+    print(f"{len(rows)} models, {len(raw)} raw tracebacks")
+    for m, t, msg in raw:
+        print(f"  {m} / {t}: {msg}")
+    return 1 if raw else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
