@@ -15,6 +15,7 @@ _EXPORTS: dict[str, str] = {
     # foundation
     "Report": "torchfast.report",
     "ConfigError": "torchfast.config",
+    "config_from_dict": "torchfast.config",
     "measure": "torchfast.measure",
     # low-rank
     "decompose": "torchfast.lowrank",
