@@ -254,7 +254,7 @@ def bench(name, model, tok, batch, bar, pruned_only=False, pruned=False) -> list
         bar.set_postfix_str(f"{name} pruned")
         t0 = time.perf_counter()
         # channel counts kept multiples of 16: the int8 kernels work in blocks of 16 output channels
-        p, _ = tf.prune(model, x, tf.ChannelPruning(amount=0.3, importance="l2", round_to=16))
+        p, _ = tf.prune(model, tf.ChannelPruning(amount=0.3, importance="l2", round_to=16), example_inputs=x)
         fid_p = fidelity(name, model, p, held)
         c = tf.compile(p, x, backend="auto", int8=int8, calibration=calib, runs=10, progress=False,
                        validation=held[:2], min_cosine_int8=INT8_COSINE[False])

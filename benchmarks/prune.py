@@ -43,7 +43,7 @@ def vision(runs1: int, runs8: int) -> str:
         f0 = count_flops(m, x1)
         for amount in (0.3, 0.5):
             t0 = time.perf_counter()
-            pm, rep = tf.prune(m, x1, tf.ChannelPruning(amount=amount, importance="l2"), inplace=False)
+            pm, rep = tf.prune(m, tf.ChannelPruning(amount=amount, importance="l2"), example_inputs=x1, inplace=False)
             t_prune = time.perf_counter() - t0
             row = {"model": name, "amount": amount, "params (M)": _params(pm) / 1e6,
                    "params ratio": _params(pm) / _params(m), "GFLOPs/img": count_flops(pm, x1) / 1e9,
@@ -68,7 +68,7 @@ def torch_pruning_reference(runs8: int) -> str:
     m = torchvision.models.resnet50().eval()
     x1, x8 = torch.randn(1, 3, 224, 224), torch.randn(8, 3, 224, 224)
     t0 = time.perf_counter()
-    ours, _ = tf.prune(m, x1, tf.ChannelPruning(amount=0.5, importance="l2"), inplace=False)
+    ours, _ = tf.prune(m, tf.ChannelPruning(amount=0.5, importance="l2"), example_inputs=x1, inplace=False)
     t_ours = time.perf_counter() - t0
     theirs = copy.deepcopy(m)
     t0 = time.perf_counter()
@@ -94,13 +94,14 @@ def digits() -> str:
              "acc after 2-epoch fine-tune (%)": None}]
     for amount in tqdm((0.3, 0.5, 0.7), desc="digits"):
         for imp in ("l2", "bn_scale", "taylor"):
-            pm, rep = tf.prune(m, x, tf.ChannelPruning(amount=amount, importance=imp), calibration=d.calibration(),
+            pm, rep = tf.prune(m, tf.ChannelPruning(amount=amount, importance=imp), example_inputs=x, calibration=d.calibration(),
                                inplace=False)
             acc = d.eval_fn(pm)
             cmp = compare_latency(m, pm, x, runs=20, threads=2)
             pm, frep = tf.finetune(pm, train, F.cross_entropy, epochs=2, lr=2e-3)
-            rows.append({"amount": amount, "importance": imp, "params ratio": rep.summary["params ratio"],
-                         "FLOPs ratio": rep.summary["FLOPs ratio"], "speedup b64": cmp.speedup,
+            # the tables in RESULTS.md give after/before; the report says "x fewer" (before/after)
+            rows.append({"amount": amount, "importance": imp, "params ratio": 1 / rep.summary["params: x fewer"],
+                         "FLOPs ratio": 1 / rep.summary["FLOPs: x fewer"], "speedup b64": cmp.speedup,
                          "acc pruned (%)": 100 * acc, "acc after 2-epoch fine-tune (%)": 100 * d.eval_fn(pm)})
     return format_table(rows)
 
@@ -118,9 +119,9 @@ def minilm(runs: int) -> str:
     for what, amount, layers in tqdm(settings, desc="minilm"):
         for imp in ("l2", "taylor"):
             cfg = tf.ChannelPruning(amount=0.0, importance=imp, layer_amounts={n: amount for n in layers})
-            pm, rep = tf.prune(m, ex, cfg, calibration=ev[:2], inplace=False)
+            pm, rep = tf.prune(m, cfg, example_inputs=ex, calibration=ev[:2], inplace=False)
             rows.append({"removed": what, "amount": amount, "importance": imp,
-                         "params ratio": rep.summary["params ratio"],
+                         "params ratio": 1 / rep.summary["params: x fewer"],  # after/before, as in RESULTS.md
                          "embedding cosine (held-out)": embedding_cosine(m, pm, ev[2:]),
                          "speedup b8 s128": compare_latency(m, pm, ex, runs=runs, warmup=2, threads=2).speedup
                          if imp == "l2" else None})

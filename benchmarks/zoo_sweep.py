@@ -95,7 +95,7 @@ def _run_one(zoo: str, name: str, transforms: list[str], q: "mp.Queue") -> None:
                 out[label] = f"RAW: {type(e).__name__}: {first} [{Path(tb.filename).name}:{tb.lineno}]"
 
     steps = {
-        "prune": lambda: tf.prune(model, x, tf.ChannelPruning(amount=0.3)),
+        "prune": lambda: tf.prune(model, tf.ChannelPruning(amount=0.3), example_inputs=x),
         "decompose": lambda: tf.decompose(model, tf.LowRank(), example_inputs=x),
         "int8 dynamic": lambda: tf.quantize(model, tf.Int8Dynamic(), example_inputs=x),
         "int8 static": lambda: tf.quantize(model, tf.Int8Static(calibration=calib, progress=False), example_inputs=x),

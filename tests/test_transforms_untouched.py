@@ -145,13 +145,13 @@ def test_decompose_failures_change_nothing(inplace, monkeypatch):
 def test_prune_copy_untouched_and_inplace_keeps_each_flag():
     m = mixed()
     before = fingerprint(m)
-    out, rep = tf.prune(m, X, tf.ChannelPruning(amount=0.5))
+    out, rep = tf.prune(m, tf.ChannelPruning(amount=0.5), example_inputs=X)
     assert_untouched(m, before)
     assert out is not m and rep.summary["layers rebuilt"] > 0
     # rebuilt layers take the flag of the layer they replace; the rest keep theirs
     assert fingerprint(out)[2] == before[2]
 
-    out, _ = tf.prune(m, X, tf.ChannelPruning(amount=0.5), inplace=True)
+    out, _ = tf.prune(m, tf.ChannelPruning(amount=0.5), example_inputs=X, inplace=True)
     assert out is m and m.bn.num_features == 4
     assert fingerprint(m)[2] == before[2]
 
@@ -161,13 +161,13 @@ def test_prune_failures_change_nothing(inplace):
     m = mixed(flaky=True)   # traced once, then the pruned copy's check run fails
     before = fingerprint(m)
     with pytest.raises(tf.prune.PruneError, match="second call"):
-        tf.prune(m, X, tf.ChannelPruning(amount=0.5), inplace=inplace)
+        tf.prune(m, tf.ChannelPruning(amount=0.5), example_inputs=X, inplace=inplace)
     assert_untouched(m, before)
 
     m = mixed()
     before = fingerprint(m)
     with pytest.raises(Exception, match="conv"):
-        tf.prune(m, BAD_X, tf.ChannelPruning(amount=0.5), inplace=inplace)
+        tf.prune(m, tf.ChannelPruning(amount=0.5), example_inputs=BAD_X, inplace=inplace)
     assert_untouched(m, before)
 
 
@@ -176,11 +176,11 @@ def test_sparsify_copy_untouched_and_inplace_keeps_batchnorm_statistics():
     cfg = tf.UnstructuredSparse(amount=0.9, runs=3)
     m = mixed()
     before = fingerprint(m)
-    out, _ = tf.sparsify(m, cfg, X)
+    out, _ = tf.sparsify(m, cfg, example_inputs=X)
     assert_untouched(m, before)
     assert out is not m
 
-    out, _ = tf.sparsify(m, cfg, X, inplace=True)
+    out, _ = tf.sparsify(m, cfg, example_inputs=X, inplace=True)
     assert out is m and fingerprint(m)[2] == before[2]
     state = state_snapshot(m)
     for k in ("bn.running_mean", "block.1.running_var", "bn.num_batches_tracked"):
@@ -193,12 +193,12 @@ def test_sparsify_failures_change_nothing(inplace, monkeypatch):
     m = mixed()
     before = fingerprint(m)
     with pytest.raises(ExampleInputError, match=r"\(4, 5, 8, 8\)"):
-        tf.sparsify(m, tf.UnstructuredSparse(amount=0.9, runs=3), BAD_X, inplace=inplace)
+        tf.sparsify(m, tf.UnstructuredSparse(amount=0.9, runs=3), example_inputs=BAD_X, inplace=inplace)
     assert_untouched(m, before)
 
     calls_on_second(monkeypatch, sp, "magnitude_mask")   # fc1 decided, fc2 fails
     with pytest.raises(RuntimeError, match="half-way"):
-        tf.sparsify(m, tf.UnstructuredSparse(amount=0.9, runs=3), X, inplace=inplace)
+        tf.sparsify(m, tf.UnstructuredSparse(amount=0.9, runs=3), example_inputs=X, inplace=inplace)
     assert_untouched(m, before)
 
 
@@ -208,17 +208,17 @@ def test_int8_dynamic(inplace, monkeypatch):
     import torchfast.quant.dynamic as dyn
     m = mixed()
     before = fingerprint(m)
-    out, _ = tf.quantize(m, tf.Int8Dynamic(keep_slower=True, inplace=False), example_inputs=X)
+    out, _ = tf.quantize(m, tf.Int8Dynamic(keep_slower=True), example_inputs=X, inplace=False)
     assert_untouched(m, before)
     assert not out.training
 
     with pytest.raises(ExampleInputError, match=r"Net fails on the example inputs \(input 0: \(4, 5, 8, 8\)"):
-        tf.quantize(m, tf.Int8Dynamic(inplace=inplace), example_inputs=BAD_X)
+        tf.quantize(m, tf.Int8Dynamic(), example_inputs=BAD_X, inplace=inplace)
     assert_untouched(m, before)
 
     calls_on_second(monkeypatch, dyn, "time_layer")   # fc1 timed and chosen, fc2 fails
     with pytest.raises(RuntimeError, match="half-way"):
-        tf.quantize(m, tf.Int8Dynamic(backend="torch.ao", inplace=inplace), example_inputs=X)
+        tf.quantize(m, tf.Int8Dynamic(backend="torch.ao"), example_inputs=X, inplace=inplace)
     assert_untouched(m, before)
 
 
@@ -246,7 +246,7 @@ def test_half_precision(inplace, monkeypatch):
     m = mixed()
     before = fingerprint(m)
     # the cast is timed on a copy with the fp32 model as baseline: in place, nothing is cast before it wins
-    out, rep = tf.quantize(m, tf.HalfPrecision(keep_slower=True, inplace=inplace), example_inputs=X)
+    out, rep = tf.quantize(m, tf.HalfPrecision(keep_slower=True), example_inputs=X, inplace=inplace)
     assert rep.rows[0]["applied"] and out(X).dtype == torch.float32
     if not inplace:
         assert_untouched(m, before)
@@ -257,7 +257,7 @@ def test_half_precision(inplace, monkeypatch):
     before = fingerprint(m)
     monkeypatch.setattr(half, "compare_latency", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("timing fails")))
     with pytest.raises(RuntimeError, match="timing fails"):
-        tf.quantize(m, tf.HalfPrecision(keep_slower=True, inplace=inplace), example_inputs=X)
+        tf.quantize(m, tf.HalfPrecision(keep_slower=True), example_inputs=X, inplace=inplace)
     assert_untouched(m, before)
 
 
@@ -272,7 +272,7 @@ def test_weight_only(inplace, monkeypatch):
 
     calls_on_second(monkeypatch, ao, "quantize_")   # fc1 quantized, fc2 fails
     with pytest.raises(RuntimeError, match="half-way"):
-        tf.quantize(m, tf.WeightOnly(bits=8, inplace=inplace), example_inputs=X)
+        tf.quantize(m, tf.WeightOnly(bits=8), example_inputs=X, inplace=inplace)
     assert_untouched(m, before)
 
 

@@ -1,7 +1,8 @@
 """Recipes: a list of configs, each applied by the transform that owns its config type.
 
-Each transform package registers ``config type -> stage function`` here, so ``optimize()``, the demo
-and the CLI run any recipe without knowing the transforms, and no step is implemented twice.
+Each transform package registers ``config type -> transform`` here, so ``optimize()``, the demo and the
+CLI run any recipe without knowing the transforms, and no step is implemented twice. Every transform
+has the same signature, ``fn(model, config, *, example_inputs, calibration, inplace) -> (model, report)``.
 """
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from torch import nn
 from .config import Config
 from .report import Report
 
-# A stage function: (model, config, example_inputs, calibration) -> (model, report). It may reuse the
-# model it is given (no copy): its callers (optimize, the demo, the CLI) hand it their own copy.
-StageFn = Callable[[nn.Module, Config, Any, list | None], tuple[nn.Module, Report]]
+# A transform: fn(model, config, *, example_inputs, calibration, inplace) -> (model, report). Stages run it
+# with inplace=True: their callers (optimize, the demo, the CLI) hand it their own copy of the model.
+StageFn = Callable[..., tuple[nn.Module, Report]]
 
 _STAGES: dict[type, StageFn] = {}
 # packages that register stages when imported
@@ -48,7 +49,8 @@ def stage_for(config: Config) -> StageFn:
 
 def apply_stage(model: nn.Module, config: Config, example_inputs: Any = None,
                 calibration: list | None = None) -> tuple[nn.Module, Report]:
-    return stage_for(config)(model, config, example_inputs, calibration)
+    """Run the transform of ``config`` on ``model`` in place (the caller passes its own copy)."""
+    return stage_for(config)(model, config, example_inputs=example_inputs, calibration=calibration, inplace=True)
 
 
 def apply_recipe(model: nn.Module, recipe: Iterable[Config], example_inputs: Any = None,

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, _modern_kwargs
 
 __all__ = ["parse_recipe", "STAGE_NAMES", "recipe_help", "RecipeSyntaxError"]
 
@@ -99,6 +99,7 @@ def _build(name: str, params: dict[str, str], text: str) -> Config:
         cls = getattr(importlib.import_module(mod_name), cls_name)
     except (ImportError, AttributeError) as e:
         raise RecipeSyntaxError(f"stage {name!r} needs {mod_name}.{cls_name}, which is not available: {e}") from e
+    params = _modern_kwargs(cls, params)  # former names (skip, ignored) -> exclude; inplace is refused
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(params) - fields)
     if unknown:

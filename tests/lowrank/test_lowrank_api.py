@@ -62,8 +62,10 @@ def test_errors_leave_model_untouched():
         tf.decompose(m, tf.LowRank(rank=100))
     with pytest.raises(TypeError, match="must be a torch.nn.Module"):
         tf.decompose("resnet", tf.LowRank())
-    with pytest.raises(ValueError, match="filter_fn matched none of the 5"):
-        tf.decompose(m, tf.LowRank(), filter_fn=lambda mod, name: name == "nope")
+    with pytest.raises(ConfigError, match="covers all 5 Conv2d/Linear"):
+        tf.decompose(m, tf.LowRank(exclude=("*",)))
+    with pytest.raises(ConfigError, match="'nope'.*no submodule"):
+        tf.decompose(m, tf.LowRank(exclude=("nope",)))
     with pytest.raises(ValueError, match="'nope', which is not a Conv2d/Linear"):
         tf.decompose(m, tf.LowRank(rank={"nope": 2}))
     with pytest.raises(ValueError, match="no Conv2d or Linear"):

@@ -1,4 +1,5 @@
-"""Stage functions registered by the pipeline tests (the real transforms have their own tests)."""
+"""Stage transforms registered by the pipeline tests, with the transform signature (the real transforms have
+their own tests)."""
 from __future__ import annotations
 
 import time
@@ -51,7 +52,7 @@ class _Sleepy(nn.Module):
         return self.inner(x)
 
 
-def _noise(model, cfg, example, calibration):
+def _noise(model, cfg, *, example_inputs=None, calibration=None, inplace=False):
     CALLS.append(f"noise:{cfg.scale}")
     g = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
@@ -62,7 +63,7 @@ def _noise(model, cfg, example, calibration):
     return model, rep
 
 
-def _drop(model, cfg, example, calibration):
+def _drop(model, cfg, *, example_inputs=None, calibration=None, inplace=False):
     CALLS.append("drop")
     lin = next(m for m in model.modules() if isinstance(m, nn.Linear))
     k = int(lin.out_features * cfg.fraction)
@@ -72,14 +73,14 @@ def _drop(model, cfg, example, calibration):
     return model, Report("drop hidden")
 
 
-def _boom(model, cfg, example, calibration):
+def _boom(model, cfg, *, example_inputs=None, calibration=None, inplace=False):
     CALLS.append("boom")
     with torch.no_grad():
         next(model.parameters()).zero_()
     raise RuntimeError("boom: this stage always fails")
 
 
-def _slow(model, cfg, example, calibration):
+def _slow(model, cfg, *, example_inputs=None, calibration=None, inplace=False):
     CALLS.append("slow")
     return _Sleepy(model, cfg.ms), Report("slow")
 

@@ -32,14 +32,14 @@ def test_wrong_shaped_inputs_name_the_layer(digits_cnn):
     model, data = digits_cnn
     snap = state_snapshot(model)
     with pytest.raises(TraceError, match=r"features\.0.*Conv2d|conv2d"):
-        tf.prune(model, torch.randn(2, 3, 16, 16), tf.ChannelPruning(amount=0.3))
+        tf.prune(model, tf.ChannelPruning(amount=0.3), example_inputs=torch.randn(2, 3, 16, 16))
     assert _same(snap, state_snapshot(model)) and model.features[0].out_channels == 32
 
 
 def test_untraceable_models():
     scripted = torch.jit.script(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
     with pytest.raises(TraceError, match="TorchScript"):
-        tf.prune(scripted, torch.randn(1, 4))
+        tf.prune(scripted, example_inputs=torch.randn(1, 4))
 
     class Bad(nn.Module):
         def __init__(self):
@@ -50,19 +50,19 @@ def test_untraceable_models():
             return torch.linalg.solve(self.fc(x), x)  # shapes do not fit
 
     with pytest.raises(TraceError, match="first failing op: torch.*solve"):
-        tf.prune(Bad(), torch.randn(2, 4))
+        tf.prune(Bad(), example_inputs=torch.randn(2, 4))
 
 
-def test_ignored_layers(digits_cnn):
+def test_excluded_layers(digits_cnn):
     model, data = digits_cnn
-    with pytest.raises(ConfigError, match="features.3.*ignored"):
-        tf.ChannelPruning(amount=0.5, ignored=["features.3"], layer_amounts={"features.3": 0.5})
-    with pytest.raises(ValueError, match="no such submodule"):
-        tf.prune(model, data.x_test[:4], tf.ChannelPruning(amount=0.5, ignored=["features.99"]))
-    pm, rep = tf.prune(model, data.x_test[:4], tf.ChannelPruning(amount=0.5, ignored=["features.3"]), inplace=False)
+    with pytest.raises(ConfigError, match="features.3.*excluded"):
+        tf.ChannelPruning(amount=0.5, exclude=["features.3"], layer_amounts={"features.3": 0.5})
+    with pytest.raises(ConfigError, match="'features.99'.*no submodule"):
+        tf.prune(model, tf.ChannelPruning(amount=0.5, exclude=["features.99"]), example_inputs=data.x_test[:4])
+    pm, rep = tf.prune(model, tf.ChannelPruning(amount=0.5, exclude=["features.3"]), example_inputs=data.x_test[:4], inplace=False)
     assert pm.features[3].out_channels == 64 and pm.features[3].in_channels == 32  # nothing touching it changes
     assert pm.features[7].out_channels == 64
-    assert any("ignored" in r["reason"] for r in rep.where(applied=False))
+    assert any("excluded" in r["reason"] for r in rep.where(applied=False))
 
 
 def test_unknown_op_blocks_its_group_with_a_reason():
@@ -78,7 +78,7 @@ def test_unknown_op_blocks_its_group_with_a_reason():
 
     m = Odd().eval()
     x = torch.randn(1, 3, 12, 12)
-    pm, rep = tf.prune(m, x, tf.ChannelPruning(amount=0.5), inplace=False)
+    pm, rep = tf.prune(m, tf.ChannelPruning(amount=0.5), example_inputs=x, inplace=False)
     assert pm.a.out_channels == 4 and pm.b.out_channels == 8  # a's group prunable, b's blocked
     assert any("cumsum" in r["reason"] and "b" in r["layer"] for r in rep.where(applied=False))
     assert pm(x).shape == m(x).shape
@@ -88,7 +88,7 @@ def test_dtype_and_layer_amounts():
     m = nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 12), nn.ReLU(),
                       nn.Linear(12, 3)).double().eval()
     x = torch.randn(5, 6, dtype=torch.float64)
-    pm, _ = tf.prune(m, x, tf.ChannelPruning(amount=0.5, layer_amounts={"3": 0.25}), inplace=False)
+    pm, _ = tf.prune(m, tf.ChannelPruning(amount=0.5, layer_amounts={"3": 0.25}), example_inputs=x, inplace=False)
     assert pm[0].out_features == 8 and pm[2].normalized_shape == (8,) and pm[3].out_features == 9
     assert pm[0].weight.dtype == torch.float64 and pm(x).dtype == torch.float64 and pm(x).shape == (5, 3)
 
@@ -98,7 +98,7 @@ def test_cuda_half():
     import torchvision
     m = torchvision.models.resnet18(num_classes=10).cuda().half().eval()
     x = torch.randn(2, 3, 64, 64, device="cuda", dtype=torch.half)
-    pm, _ = tf.prune(m, x, tf.ChannelPruning(amount=0.5), inplace=False)
+    pm, _ = tf.prune(m, tf.ChannelPruning(amount=0.5), example_inputs=x, inplace=False)
     assert pm.conv1.weight.device.type == "cuda" and pm.conv1.weight.dtype == torch.half
     assert pm(x).shape == (2, 10)
 
@@ -107,6 +107,6 @@ def test_training_mode_model_is_not_touched(digits_cnn):
     model, data = digits_cnn
     model.train()
     snap = state_snapshot(model)
-    pm, _ = tf.prune(model, data.x_test[:8], tf.ChannelPruning(amount=0.3), inplace=False)
+    pm, _ = tf.prune(model, tf.ChannelPruning(amount=0.3), example_inputs=data.x_test[:8], inplace=False)
     assert model.training and pm.training
     assert _same(snap, state_snapshot(model))  # BN running stats untouched by tracing / FLOP counting

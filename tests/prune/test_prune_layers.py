@@ -102,7 +102,7 @@ def test_subclasses_are_pruned_as_sliced_copies_keeping_class_and_behaviour():
     model = _settled(SubclassNet(), x)
     before = state_snapshot(model)
     cfg = tf.ChannelPruning(amount=0.5)
-    pruned, rep = tf.prune(model, x, cfg)
+    pruned, rep = tf.prune(model, cfg, example_inputs=x)
     after = state_snapshot(model)                               # the user's model is untouched
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     for name, cls in [("stem", SamePadConv), ("bn1", BatchNormAct), ("conv2", ScaledStdConv), ("fc1", LinearWithScale)]:
@@ -136,7 +136,7 @@ def test_pruned_subclasses_compute_what_the_masked_original_computes():
     g, _, _, removed = plan(copy.deepcopy(model), x, cfg)
     assert removed
     masked = mask_removed(copy.deepcopy(model), g, removed)
-    pruned, _ = tf.prune(model, x, cfg)
+    pruned, _ = tf.prune(model, cfg, example_inputs=x)
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), masked(x), atol=1e-5, rtol=1e-4)
 
@@ -176,12 +176,12 @@ def clean_rules():
 def test_an_unknown_norm_blocks_its_channels_until_registered(clean_rules):
     x = torch.randn(8, 16)
     model = Mlp().eval()
-    _, rep = tf.prune(model, x, tf.ChannelPruning(amount=0.5))
+    _, rep = tf.prune(model, tf.ChannelPruning(amount=0.5), example_inputs=x)
     assert model.up.out_features == 64 and rep.summary["channels/heads removed"] == 0
     assert any("kept:" in str(r["reason"]) for r in rep.rows)       # the reason is named, nothing crashes
 
     register_layer(MyRMSNorm, kind="norm")
-    pruned, rep = tf.prune(model, x, tf.ChannelPruning(amount=0.5))
+    pruned, rep = tf.prune(model, tf.ChannelPruning(amount=0.5), example_inputs=x)
     assert pruned.up.out_features == 32 and pruned.down.in_features == 32
     assert type(pruned.norm) is MyRMSNorm and pruned.norm.weight.shape == (32,)
     assert pruned(x).shape == (8, 16)
@@ -203,7 +203,7 @@ def test_register_layer_with_a_full_rule(clean_rules):
     register_layer(Dense, LayerRule(trace=LINEAR.trace, rebuild=LINEAR.rebuild, rows=LINEAR.rows,
                                     describe=LINEAR.describe, mask=LINEAR.mask))
     x = torch.randn(3, 8)
-    pruned, rep = tf.prune(model, x, tf.ChannelPruning(amount=0.25))
+    pruned, rep = tf.prune(model, tf.ChannelPruning(amount=0.25), example_inputs=x)
     assert pruned[0].weight.shape == (24, 8) and pruned[2].weight.shape == (4, 24)
     assert pruned(x).shape == (3, 4)
 
@@ -222,6 +222,6 @@ def test_torch_rmsnorm_is_known():
         pytest.skip("this torch has no nn.RMSNorm")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.RMSNorm(64), nn.Linear(64, 16)).eval()
-    pruned, _ = tf.prune(model, torch.randn(4, 16), tf.ChannelPruning(amount=0.5))
+    pruned, _ = tf.prune(model, tf.ChannelPruning(amount=0.5), example_inputs=torch.randn(4, 16))
     assert pruned[2].weight.shape == (32,) and tuple(pruned[2].normalized_shape) == (32,)
     assert pruned(torch.randn(4, 16)).shape == (4, 16)

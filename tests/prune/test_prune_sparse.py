@@ -34,9 +34,10 @@ def test_sparse_linear_matches_dense(layout):
 def test_unstructured_on_trained_cnn(digits_cnn):
     model, data = digits_cnn
     x = data.x_test[:64]
-    sm, rep = tf.sparsify(copy.deepcopy(model), tf.UnstructuredSparse(amount=0.8, runs=5, ignored=("classifier.4",)), x)
-    assert {r["layer"] for r in rep.rows} == {"classifier.1"}
-    for r in rep.rows:
+    sm, rep = tf.sparsify(copy.deepcopy(model), tf.UnstructuredSparse(amount=0.8, runs=5, exclude=("classifier.4",)), example_inputs=x)
+    assert {r["layer"] for r in rep.rows} == {"classifier.1", "classifier.4"}
+    assert "excluded" in rep.where(layer="classifier.4")[0]["reason"]
+    for r in rep.where(layer="classifier.1"):
         assert abs(r["sparsity"] - 0.8) < 0.01 and r["reason"]
         assert r["applied"] == (r["kernel"] != "dense")
     dense_masked = copy.deepcopy(model)
@@ -48,12 +49,12 @@ def test_unstructured_on_trained_cnn(digits_cnn):
 
 def test_semistructured_on_cpu_masks_and_reports(digits_cnn):
     model, data = digits_cnn
-    sm, rep = tf.sparsify(copy.deepcopy(model), tf.SemiStructured24(), data.x_test[:8])
+    sm, rep = tf.sparsify(copy.deepcopy(model), tf.SemiStructured24(), example_inputs=data.x_test[:8])
     assert all(not r["applied"] and "CUDA" in r["reason"] for r in rep.rows)
     assert (sm.classifier[1].weight.reshape(256, -1, 4) != 0).sum(-1).max() <= 2
     snap = copy.deepcopy(model.state_dict())
     with pytest.raises(RuntimeError, match="require_kernel.*CUDA"):
-        tf.sparsify(model, tf.SemiStructured24(require_kernel=True), data.x_test[:8])
+        tf.sparsify(model, tf.SemiStructured24(require_kernel=True), example_inputs=data.x_test[:8])
     assert all(torch.equal(snap[k], v) for k, v in model.state_dict().items())
 
 
@@ -62,7 +63,7 @@ def test_semistructured_on_cpu_masks_and_reports(digits_cnn):
 def test_semistructured_cuda():
     m = nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 1024)).half().cuda().eval()
     x = torch.randn(256, 1024, device="cuda", dtype=torch.half)
-    sm, rep = tf.sparsify(copy.deepcopy(m), tf.SemiStructured24(min_speedup=0.0), x)
+    sm, rep = tf.sparsify(copy.deepcopy(m), tf.SemiStructured24(min_speedup=0.0), example_inputs=x)
     assert all(r["applied"] for r in rep.rows)
     ref = copy.deepcopy(m)
     for i in (0, 2):

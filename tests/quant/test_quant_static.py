@@ -89,11 +89,11 @@ def test_untraceable_module_stays_float_and_children_quantize():
     assert rep.where(layer="0")[0]["applied"]
 
 
-def test_skip_keeps_layer_float(digits_cnn):
+def test_exclude_keeps_layer_float(digits_cnn):
     model, data = digits_cnn
-    q, rep = tf.quantize(model, tf.Int8Static(calibration=data.calibration(2), skip=("classifier.4",), progress=False))
+    q, rep = tf.quantize(model, tf.Int8Static(calibration=data.calibration(2), exclude=("classifier.4",), progress=False))
     row = rep.where(layer="classifier.4")[0]
-    assert not row["applied"] and row["reason"] == "skipped by config"
+    assert not row["applied"] and row["reason"] == "excluded by Int8Static.exclude ('classifier.4')"
     assert isinstance(q.get_submodule("classifier.4"), nn.Linear)
 
 

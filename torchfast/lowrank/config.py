@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from ..config import Config, ConfigError, check_choice, check_range
+from ..config import Config, ConfigError, check_choice, check_range, opaque
 
 METHODS = ("auto", "svd", "channel", "spatial", "tucker")
 
@@ -36,7 +36,11 @@ class LowRank(Config):
     min_flops_reduction: a layer is factorized only if its FLOPs shrink at least this much (0 forces it).
     speed_guard: time each factorized layer against the original on the layer's real input shape
         (interleaved, ``guard_runs`` runs) and keep the original unless it is ``guard_min_speedup`` faster.
+    exclude: qualified module names or fnmatch globs (a name covers its submodules) left as they are,
+        e.g. ``("classifier", "*.attention.*")``; each must match a submodule of the model.
+    ``eval_fn`` is a callable: ``to_dict`` shows its type and ``from_dict`` leaves it unset.
     """
+    _transform = "decompose"
 
     method: str = "auto"
     rank: int | Mapping[str, int] | None = None
@@ -54,11 +58,12 @@ class LowRank(Config):
     guard_runs: int = 10
     guard_min_speedup: float = 1.0
     threads: int | None = None
-    eval_fn: Callable | None = None
+    eval_fn: Callable | None = opaque()
     budget: float | None = None
     search_ratios: tuple = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
     progress: bool = True
     seed: int = 0
+    exclude: tuple[str, ...] = ()
 
     def validate(self) -> None:
         n = "LowRank"

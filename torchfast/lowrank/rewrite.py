@@ -7,6 +7,7 @@ user's model as it was.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -15,8 +16,9 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..modules import FilterFn, batches_list, check_module, maybe_copy, swap_modules
+from ..modules import batches_list, check_module, maybe_copy, swap_modules
 from ..report import Report
+from ..transform import Exclusion, legacy_positional
 from . import decompose as D
 from .calibrate import LayerStats, collect
 from .config import LowRank
@@ -159,9 +161,9 @@ def _shared_weights(model: nn.Module) -> set[int]:
     return {k for k, v in seen.items() if v > 1}
 
 
-def find_layers(model: nn.Module, cfg: LowRank, filter_fn: FilterFn | None) -> tuple[dict[str, nn.Module], list[dict]]:
+def find_layers(model: nn.Module, cfg: LowRank, exclusion: Exclusion) -> tuple[dict[str, nn.Module], list[dict]]:
     """(eligible layers by name, report rows for every other Conv2d/Linear saying why it is left alone)."""
-    eligible, skipped, seen_any, passed_filter = {}, [], 0, 0
+    eligible, skipped, seen_any, not_excluded = {}, [], 0, 0
     shared = _shared_weights(model)
     parents = {}
     for pname, p in model.named_modules():
@@ -175,10 +177,10 @@ def find_layers(model: nn.Module, cfg: LowRank, filter_fn: FilterFn | None) -> t
         g = Geometry.of(m) if not isinstance(m.weight, nn.parameter.UninitializedParameter) else None
         row = {"layer": name, "type": g.describe() if g else type(m).__name__}
         parent = parents.get(name)
-        if filter_fn is not None and not filter_fn(m, name):
-            reason = "excluded by filter_fn"
+        if exclusion(name):
+            reason = exclusion.reason(name)
         else:
-            passed_filter += 1
+            not_excluded += 1
             reason = None
             if isinstance(parent, (LowRankLinear, LowRankConv2d)):
                 reason = "already a factor of a low-rank layer"
@@ -200,8 +202,9 @@ def find_layers(model: nn.Module, cfg: LowRank, filter_fn: FilterFn | None) -> t
             skipped.append({**row, "applied": False, "reason": reason})
     if seen_any == 0:
         raise ValueError(f"{type(model).__name__} has no Conv2d or Linear layer to factorize")
-    if filter_fn is not None and passed_filter == 0:
-        raise ValueError(f"filter_fn matched none of the {seen_any} Conv2d/Linear layers of {type(model).__name__}")
+    if exclusion and not_excluded == 0:
+        raise ConfigError(f"LowRank.exclude {exclusion.patterns!r} covers all {seen_any} Conv2d/Linear layers of "
+                          f"{type(model).__name__}: nothing is left to factorize")
     if rank_map is not None:
         names = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
         for k in rank_map:
@@ -212,22 +215,41 @@ def find_layers(model: nn.Module, cfg: LowRank, filter_fn: FilterFn | None) -> t
 
 
 # ---------------------------------------------------------------- the transform
-def decompose(model: nn.Module, config: LowRank | None = None, filter_fn: FilterFn | None = None,
-              calibration: Any = None, example_inputs: Any = None, inplace: bool = False) -> tuple[nn.Module, Report]:
+def _filter_fn_to_exclude(model: Any, kwargs: dict) -> dict:
+    """The former ``filter_fn(module, name) -> bool`` becomes the names it refused, added to ``LowRank.exclude``."""
+    filter_fn = kwargs.pop("filter_fn", None)
+    if filter_fn is None:
+        return kwargs
+    warnings.warn("decompose(filter_fn=...) is replaced by LowRank(exclude=(module names or globs, ...))",
+                  FutureWarning, stacklevel=3)
+    check_module(model)
+    if not callable(filter_fn):
+        raise TypeError(f"filter_fn must be callable (module, name) -> bool, got {type(filter_fn).__name__}")
+    cfg = kwargs.get("config") or LowRank()
+    if isinstance(cfg, LowRank):
+        refused = tuple(n for n, m in model.named_modules()
+                        if isinstance(m, (nn.Conv2d, nn.Linear)) and n and not filter_fn(m, n))
+        kwargs["config"] = cfg.replace(exclude=cfg.exclude + refused)
+    return kwargs
+
+
+@legacy_positional(("config", "filter_fn", "calibration", "example_inputs", "inplace"), adapt=_filter_fn_to_exclude)
+def decompose(model: nn.Module, config: LowRank | None = None, *, example_inputs: Any = None,
+              calibration: Any = None, inplace: bool = False) -> tuple[nn.Module, Report]:
     """Factorize the Conv2d/Linear layers of ``model`` as ``config`` says; returns ``(model, report)``.
 
-    ``inplace=False`` works on a copy; ``inplace=True`` swaps the factorized layers into ``model``.
-
-    calibration: batches (tensor / tuple / dict each) of real inputs: turns on data-aware
-        factorization and output-error scoring. example_inputs: one batch at the real shape, used for
-        FLOPs and the speed guard (else the first calibration batch is).
+    calibration: batches (tensor / tuple / dict each) of real inputs: turn on data-aware factorization
+        and output-error scoring. example_inputs: one batch at the real shape, for FLOPs and the speed
+        guard (else the first calibration batch is used).
+    inplace: ``False`` (default) factorizes a copy and leaves ``model`` exactly as it was (weights, module
+        types, every submodule's train/eval flag). ``True`` swaps the factorized layers into ``model`` and
+        returns it; the layers left alone keep their parameter objects. Either way a raise changes nothing.
     """
     check_module(model)
     cfg = LowRank() if config is None else config
     if not isinstance(cfg, LowRank):
         raise TypeError(f"config must be a torchfast.LowRank, got {type(cfg).__name__}")
-    if filter_fn is not None and not callable(filter_fn):
-        raise TypeError(f"filter_fn must be callable (module, name) -> bool, got {type(filter_fn).__name__}")
+    exclusion = Exclusion.resolve(model, cfg)
     calib = batches_list(calibration)
     data_aware = bool(calib) if cfg.data_aware is None else cfg.data_aware
     if data_aware and not calib:
@@ -237,7 +259,7 @@ def decompose(model: nn.Module, config: LowRank | None = None, filter_fn: Filter
                          "pass example_inputs (or calibration)")
 
     work = maybe_copy(model, inplace)
-    eligible, skipped_rows = find_layers(work, cfg, filter_fn)
+    eligible, skipped_rows = find_layers(work, cfg, exclusion)
     stats: dict[str, LayerStats] = {}
     if eligible and (example_inputs is not None or calib):
         stats = collect(work, eligible, example_inputs, calib, cfg.max_positions, cfg.max_cov_dim, cfg.seed)
@@ -289,11 +311,11 @@ def _report(cfg: LowRank, data_aware: bool, layers: list[Layer], decisions, skip
         + (", global allocation" if cfg.allocation == "global" and cfg.budget is None else ""),
         "data_aware": data_aware, "layers_factorized": n_applied, "layers_considered": len(layers),
         "layers_skipped": len(layers) - n_applied + len(skipped_rows),
-        "params_before": p0, "params_after": p1, "params_ratio": p0 / p1 if p1 else None,
+        "params_before": p0, "params_after": p1, "params: x fewer": p0 / p1 if p1 else None,
     })
     if known and layers:
         rep.summary.update({"layer_mflops_before": f0 / 1e6, "layer_mflops_after": f1 / 1e6,
-                            "layer_flops_ratio": f0 / f1 if f1 else None})
+                            "FLOPs: x fewer": f0 / f1 if f1 else None})
     else:
         rep.note("FLOPs per layer need the layer's input shape: pass example_inputs or calibration")
     rep.note("params/FLOPs are of the Conv2d/Linear layers considered (FLOPs: 2 per multiply-add, over the "

@@ -7,7 +7,7 @@ those are measured faster (2:4 semi-structured on CUDA, CSR/BSR on CPU).
 from __future__ import annotations
 
 from ..recipe import register_stage
-from .api import PruneError, _stage, prune
+from .api import PruneError, prune
 from .config import ChannelPruning, SemiStructured24, UnstructuredSparse
 from .graph import DependencyGraph, TraceError
 from .layers import LayerRule, register_layer
@@ -17,11 +17,11 @@ __all__ = ["prune", "ChannelPruning", "sparsify", "SemiStructured24", "Unstructu
            "PruneError", "TraceError", "DependencyGraph", "trace", "register_layer", "LayerRule"]
 
 from .finetune import finetune
-from .sparse import _sparse_stage, sparsify
+from .sparse import sparsify
 
-register_stage(ChannelPruning, _stage)
-register_stage(SemiStructured24, _sparse_stage)
-register_stage(UnstructuredSparse, _sparse_stage)
+register_stage(ChannelPruning, prune)
+register_stage(SemiStructured24, sparsify)
+register_stage(UnstructuredSparse, sparsify)
 
 
 # ``torchfast.prune`` is both this package and the public function ``tf.prune(model, ...)``.
@@ -32,8 +32,8 @@ import types as _types
 
 
 class _CallablePackage(_types.ModuleType):
-    def __call__(self, model, example_inputs, config=None, **kwargs):
-        return prune(model, example_inputs, config, **kwargs)
+    def __call__(self, *args, **kwargs):
+        return prune(*args, **kwargs)
 
 
 _sys.modules[__name__].__class__ = _CallablePackage

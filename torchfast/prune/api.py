@@ -1,4 +1,4 @@
-"""``prune(model, example_inputs, ChannelPruning(...)) -> (model, report)``.
+"""``prune(model, ChannelPruning(...), example_inputs=x) -> (model, report)``.
 
 Trace -> coupled groups -> importance -> choose what to remove -> rebuild smaller layers on a copy ->
 run the copy on the example inputs and check every output keeps its shape -> only then commit the new
@@ -18,6 +18,7 @@ from torch import nn
 from ..measure import count_flops
 from ..modules import batches_list, call_model, check_module, evaluating, first_tensor, set_submodule, swap_modules
 from ..report import Report
+from ..transform import Exclusion, legacy_positional, require_names
 from .config import ChannelPruning
 from .graph import DependencyGraph, Family, TraceError, _tensors
 from .importance import family_scores
@@ -111,7 +112,7 @@ def plan(model: nn.Module, example_inputs: Any, cfg: ChannelPruning, *, calibrat
     Returns (graph, prunable families, {reason: blocked components}, roots of components to remove).
     """
     report = report if report is not None else Report("plan")
-    g = trace(model, example_inputs, cfg.ignored)
+    g = trace(model, example_inputs, cfg.exclude)
     fams, blocked = g.families()
     if cfg.importance == "taylor" and fams and (cfg.amount > 0 or cfg.layer_amounts):
         batches = batches_list(calibration)[:4] or [example_inputs]
@@ -126,22 +127,31 @@ def plan(model: nn.Module, example_inputs: Any, cfg: ChannelPruning, *, calibrat
     return g, fams, blocked, removed
 
 
-def prune(model: nn.Module, example_inputs: Any, config: ChannelPruning | None = None, *,
-          calibration: list | None = None, inplace: bool = False) -> tuple[nn.Module, Report]:
-    """Structured pruning on the model's dependency graph. Returns (pruned model, report)."""
+@legacy_positional(("example_inputs", "config"))
+def prune(model: nn.Module, config: ChannelPruning | None = None, *, example_inputs: Any = None,
+          calibration: Any = None, inplace: bool = False) -> tuple[nn.Module, Report]:
+    """Structured pruning on the model's dependency graph. Returns (pruned model, report).
+
+    example_inputs: one batch (tensor / tuple / dict) the graph is traced from (else the first
+        calibration batch). calibration: batches for ``importance="taylor"``.
+    inplace: ``False`` (default) prunes a copy and leaves ``model`` exactly as it was (weights, module
+        types, every submodule's train/eval flag). ``True`` swaps the rebuilt layers into ``model`` and
+        returns it; the untouched layers keep their parameter objects. When the root module itself is
+        rebuilt (a bare Linear) the result is a new module even so. A raise changes nothing either way.
+
+    The former order ``prune(model, example_inputs, config)`` still works, with a FutureWarning.
+    """
     t0 = time.perf_counter()
     check_module(model)
     cfg = config if config is not None else ChannelPruning()
     if not isinstance(cfg, ChannelPruning):
         raise TypeError(f"prune() takes a ChannelPruning config, got {type(cfg).__name__}")
+    if example_inputs is None and calibration is not None:
+        example_inputs = next(iter(batches_list(calibration)), None)
     if example_inputs is None:
         raise ValueError("prune() needs example_inputs: the dependency graph is traced from one forward pass")
-    names = {n for n, _ in model.named_modules()}
-    for ig in list(cfg.ignored) + [n for n, _ in cfg.layer_amounts]:
-        if ig not in names:
-            close = sorted(n for n in names if n and (ig in n or n in ig))[:3]
-            raise ValueError(f"ChannelPruning names layer {ig!r}, but {type(model).__name__} has no such submodule"
-                             + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
+    Exclusion.resolve(model, cfg)
+    require_names(model, [n for n, _ in cfg.layer_amounts], "ChannelPruning.layer_amounts")
 
     work = copy.deepcopy(model)
     report = Report(f"prune: {type(model).__name__}", columns=["layer", "type", "before", "after", "applied", "reason"])
@@ -208,19 +218,12 @@ def prune(model: nn.Module, example_inputs: Any, config: ChannelPruning | None =
         "channels/heads prunable": sum(len(f.components) for f in fams),
         "unprunable groups (see rows)": len(blocked),
         "params before": p_before, "params after": p_after,
-        "params ratio": p_after / max(1, p_before),
+        "params: x fewer": p_before / p_after if p_after else None,
         "FLOPs before": flops_before, "FLOPs after": flops_after,
-        "FLOPs ratio": None if not flops_before else flops_after / flops_before,
+        "FLOPs: x fewer": flops_before / flops_after if flops_before and flops_after else None,
         "layers rebuilt": len(new_modules), "time (s)": time.perf_counter() - t0,
     })
     return result, report
-
-
-def _stage(model: nn.Module, config: ChannelPruning, example_inputs: Any, calibration: list | None):
-    if example_inputs is None and calibration:
-        example_inputs = batches_list(calibration)[0]
-    # stages run on their caller's own copy
-    return prune(model, example_inputs, config, calibration=calibration, inplace=True)
 
 
 __all__ = ["prune", "plan", "PruneError", "TraceError"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
-from ..config import Config, ConfigError, check_choice, check_range
+from ..config import Config, ConfigError, check_choice, check_range, opaque
+from ..transform import Exclusion
 
 IMPORTANCE = ("l1", "l2", "bn_scale", "taylor")
 
@@ -18,23 +19,22 @@ class ChannelPruning(Config):
         default: mean squared output, a label-free proxy).
     scope: 'local' prunes each group by ``amount``; 'global' removes ``amount`` of all prunable channels,
         ranked by group-normalized importance, at most ``max_amount`` of any one group.
-    ignored: layer names (a name covers its submodules) whose channels must not change.
+    exclude: module names or fnmatch globs (a name covers its submodules) whose channels must not change.
     layer_amounts: {layer name: amount} overrides for the groups that layer produces.
     round_to: keep channel counts multiples of this (e.g. 8 for vectorized kernels).
+    ``loss_fn`` is a callable: ``to_dict`` shows its type and ``from_dict`` leaves it unset.
     """
+    _transform = "prune"
     amount: float = 0.3
     importance: str = "l2"
     scope: str = "local"
-    ignored: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
     layer_amounts: Any = ()
     round_to: int = 1
     max_amount: float = 0.9
-    loss_fn: Callable[[Any], Any] | None = None
+    loss_fn: Callable[[Any], Any] | None = opaque()
 
     def __post_init__(self) -> None:
-        if isinstance(self.ignored, str):
-            object.__setattr__(self, "ignored", (self.ignored,))
-        object.__setattr__(self, "ignored", tuple(self.ignored))
         la = self.layer_amounts
         if isinstance(la, Mapping):
             la = tuple(sorted(la.items()))
@@ -49,17 +49,15 @@ class ChannelPruning(Config):
         check_range(n, "max_amount", self.max_amount, 0.0, 1.0, hi_inclusive=False)
         if not isinstance(self.round_to, int) or self.round_to < 1:
             raise ConfigError(f"{n}.round_to must be a positive int, got {self.round_to!r}")
-        for x in self.ignored:
-            if not isinstance(x, str) or not x:
-                raise ConfigError(f"{n}.ignored must hold layer names, got {x!r}")
+        excluded = Exclusion(self.exclude)
         for pair in self.layer_amounts:
             if len(pair) != 2 or not isinstance(pair[0], str):
                 raise ConfigError(f"{n}.layer_amounts must map layer names to amounts, got {pair!r}")
             name, amt = pair
             check_range(n, f"layer_amounts[{name!r}]", amt, 0.0, 1.0, hi_inclusive=False)
-            if any(name == ig or name.startswith(ig + ".") for ig in self.ignored):
-                raise ConfigError(f"{n}: layer {name!r} is in ignored, so it cannot be pruned "
-                                  f"(layer_amounts[{name!r}]={amt})")
+            if excluded(name):
+                raise ConfigError(f"{n}: layer {name!r} is excluded ({excluded.match(name)!r}), so it cannot be "
+                                  f"pruned (layer_amounts[{name!r}]={amt})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,12 +67,14 @@ class UnstructuredSparse(Config):
     layouts: sparse formats tried on CPU ("csr"; "bsr" is available but never beat dense on unstructured
     masks in benchmarks/prune.py); ``min_speedup``: a sparse kernel must beat the
     dense layer by this factor on the layer's real input shape, else the layer stays dense (with zeros).
+    exclude: module names or fnmatch globs (a name covers its submodules) left dense and unmasked.
     """
+    _transform = "sparsify"
     amount: float = 0.9
     layouts: tuple[str, ...] = ("csr",)
     blocksize: int = 16
     min_speedup: float = 1.1
-    ignored: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
     runs: int = 15
 
     def validate(self) -> None:
@@ -94,8 +94,10 @@ class SemiStructured24(Config):
     On CUDA (compute capability >= 8.0, fp16/bf16) weights become ``torch.sparse.to_sparse_semi_structured``
     tensors (sparse tensor cores). Elsewhere the 2:4 masks are applied and the layers stay dense, with a
     report line per layer; ``require_kernel=True`` raises instead.
+    exclude: module names or fnmatch globs (a name covers its submodules) left dense and unmasked.
     """
-    ignored: tuple[str, ...] = ()
+    _transform = "sparsify"
+    exclude: tuple[str, ...] = ()
     require_kernel: bool = False
     min_speedup: float = 1.0
 

@@ -46,6 +46,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ..modules import call_model
+from ..transform import Exclusion
 from ..errors import TorchfastError
 
 # ------------------------------------------------------------------------------------------ errors
@@ -178,7 +179,7 @@ class Family:
 class DependencyGraph:
     """Elements, their (module, role, index) owners, unions and poison reasons, from one traced forward."""
 
-    def __init__(self, model: nn.Module, ignored: Iterable[str] = ()) -> None:
+    def __init__(self, model: nn.Module, exclude: Iterable[str] = ()) -> None:
         self.model = model
         self.uf = _UF()
         self.owner: list[tuple[str, str, int]] = []
@@ -186,7 +187,7 @@ class DependencyGraph:
         self.slots: dict[tuple[str, str], torch.Tensor] = {}  # (module, role) -> element ids by index
         self.layouts: dict[int, Layout] = {}
         self.keep_alive: list[Any] = []
-        self.ignored = tuple(ignored)
+        self.exclusion = Exclusion(exclude, "ChannelPruning")
         self.notes: list[str] = []
         self.module_of: dict[int, str] = {}
         self.param_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
@@ -207,8 +208,8 @@ class DependencyGraph:
         key = (module, role)
         if key not in self.slots:
             self.slots[key] = self.new(n, module, role)
-            if any(module == ig or module.startswith(ig + ".") for ig in self.ignored):
-                self.poison(self.slots[key], f"layer {module} is in ignored")
+            if self.exclusion(module):
+                self.poison(self.slots[key], f"layer {module} is excluded ({self.exclusion.match(module)!r})")
         return self.slots[key]
 
     def poison(self, ids: torch.Tensor | Iterable[int], reason: str) -> None:

@@ -1,4 +1,4 @@
-"""``sparsify(model, SemiStructured24() | UnstructuredSparse(amount=...))``: magnitude masks + sparse kernels.
+"""``sparsify(model, SemiStructured24() | UnstructuredSparse(amount=...), example_inputs=x)``: magnitude masks + sparse kernels.
 
 Zeros only pay when a kernel skips them. Each Linear gets its magnitude mask; then, on the layer's real
 input shape (captured from ``example_inputs``), the candidate kernels are timed against the dense layer
@@ -22,8 +22,9 @@ from torch import nn
 
 from ..config import Config
 from ..measure import compare_latency
-from ..modules import capture_inputs, check_module, swap_modules
+from ..modules import batches_list, capture_inputs, check_module, swap_modules
 from ..report import Report
+from ..transform import Exclusion, legacy_positional
 from .config import SemiStructured24, UnstructuredSparse
 
 DEFAULT_ROWS = 128  # rows (tokens x batch) assumed when no example inputs are given
@@ -93,23 +94,27 @@ def _semi_structured_ok(w: torch.Tensor) -> str | None:
     return None
 
 
-def sparsify(model: nn.Module, config: Config | None = None, example_inputs: Any = None, *,
-             inplace: bool = False) -> tuple[nn.Module, Report]:
+@legacy_positional(("config", "example_inputs"))
+def sparsify(model: nn.Module, config: Config | None = None, *, example_inputs: Any = None,
+             calibration: Any = None, inplace: bool = False) -> tuple[nn.Module, Report]:
     """Mask Linear weights (2:4 or unstructured magnitude) and use sparse kernels where measured faster.
 
-    ``inplace=False`` works on a copy; ``inplace=True`` writes the masks and kernels into ``model`` once
-    every layer is decided (a raise leaves it as it was).
+    example_inputs: one batch at the real shape: each layer is timed on its real input (else the first
+        calibration batch; with neither, on ``DEFAULT_ROWS`` rows). calibration is not used otherwise.
+    inplace: ``False`` (default) works on a copy and leaves ``model`` exactly as it was (weights, module
+        types, every submodule's train/eval flag). ``True`` writes the masks and kernels into ``model`` once
+        every layer is decided and returns it; layers kept dense keep their parameter objects (masked in
+        place). A raise changes nothing either way.
     """
     check_module(model)
     cfg = config if config is not None else SemiStructured24()
     if not isinstance(cfg, (SemiStructured24, UnstructuredSparse)):
         raise TypeError(f"sparsify() takes SemiStructured24 or UnstructuredSparse, got {type(cfg).__name__}")
-    all_names = {n for n, _ in model.named_modules()}
-    for ig in cfg.ignored:
-        if ig not in all_names:
-            raise ValueError(f"{type(cfg).__name__}.ignored names {ig!r}, but the model has no such submodule")
-    names = [n for n, m in model.named_modules() if type(m) is nn.Linear
-             and not any(n == ig or n.startswith(ig + ".") for ig in cfg.ignored)]
+    if example_inputs is None and calibration is not None:
+        example_inputs = next(iter(batches_list(calibration)), None)
+    exclusion = Exclusion.resolve(model, cfg)
+    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    names = [n for n in linears if not exclusion(n)]
     if isinstance(cfg, SemiStructured24) and cfg.require_kernel:
         for n in names:
             why = _semi_structured_ok(model.get_submodule(n).weight)
@@ -120,6 +125,12 @@ def sparsify(model: nn.Module, config: Config | None = None, example_inputs: Any
     report = Report(f"sparsify: {type(cfg).__name__}")
     if example_inputs is None:
         report.note(f"no example_inputs: kernels timed on {DEFAULT_ROWS} input rows per layer")
+    for n in linears:
+        if exclusion(n):
+            m = model.get_submodule(n)
+            report.add_row(layer=n, shape=f"{m.in_features}->{m.out_features}", kernel="dense", applied=False,
+                           reason=exclusion.reason(n))
+    flops = {"before": 0, "after": 0}
     # decided layer by layer, committed at the end: a raise half-way leaves every weight as it was
     swaps: dict[str, nn.Module] = {}
     masks: dict[str, torch.Tensor] = {}
@@ -166,6 +177,10 @@ def sparsify(model: nn.Module, config: Config | None = None, example_inputs: Any
             row[f"{cname} speedup"] = cmp.speedup
             if cmp.speedup > best_speed:
                 best, best_speed, best_name = cm, cmp.speedup, cname
+        dense_flops = 2 * max(1, rows) * m.in_features * m.out_features
+        flops["before"] += dense_flops
+        flops["after"] += (2 * max(1, rows) * int(keep.sum()) if best is not None and best_speed >= cfg.min_speedup
+                           else dense_flops)
         if best is not None and best_speed >= cfg.min_speedup:
             swaps[n] = best
             row.update(kernel=best_name, applied=True, reason=f"{best_speed:.2f}x faster than dense")
@@ -175,11 +190,32 @@ def sparsify(model: nn.Module, config: Config | None = None, example_inputs: Any
                 row.update(kernel="dense", applied=False,
                            reason=f"sparse kernels lose to dense here (best {best_speed:.2f}x < {cfg.min_speedup}); zeros kept dense")
         report.add_row(**row)
+    nonzero_before = _nonzero(work)
     _commit(work, swaps, masks)
     applied = report.where(applied=True)
-    report.summary.update({"layers": len(names), "sparse kernels used": len(applied),
-                           "config": cfg.to_dict()})
+    nonzero_after = _nonzero(work)
+    report.summary.update({
+        "layers": len(names), "sparse kernels used": len(applied),
+        "params: x fewer": nonzero_before / nonzero_after if nonzero_after else None,
+        "FLOPs: x fewer": flops["before"] / flops["after"] if flops["after"] else None,
+        "config": cfg.to_dict()})
+    report.note("params counts nonzero weights (zeros kept dense still take memory); FLOPs are those of the "
+                "Linear layers considered, a sparse kernel counted at its nonzeros")
     return work, report
+
+
+def _nonzero(model: nn.Module) -> int:
+    """Nonzero weights: parameters, and sparse weight buffers by their stored values."""
+    n = 0
+    for t in model.parameters():
+        try:
+            n += int(t.count_nonzero())
+        except Exception:  # a tensor subclass (2:4 weights) without count_nonzero: its stored size
+            n += t.numel()
+    for t in model.buffers():
+        if t.layout in (torch.sparse_csr, torch.sparse_bsr):
+            n += int(t.values().count_nonzero())
+    return n
 
 
 def _commit(model: nn.Module, swaps: dict[str, nn.Module], masks: dict[str, torch.Tensor]) -> None:
@@ -189,7 +225,3 @@ def _commit(model: nn.Module, swaps: dict[str, nn.Module], masks: dict[str, torc
         for n, keep in masks.items():
             w = model.get_submodule(n).weight
             w.mul_(keep.to(w.dtype))
-
-
-def _sparse_stage(model: nn.Module, config: Config, example_inputs: Any, calibration: list | None):
-    return sparsify(model, config, example_inputs, inplace=True)  # stages run on their caller's own copy

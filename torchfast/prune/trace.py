@@ -270,12 +270,13 @@ class _Tracer(TorchFunctionMode):
         return out
 
 
-def trace(model: nn.Module, example_inputs: Any, ignored: tuple[str, ...] = ()) -> DependencyGraph:
-    """Run ``model(example_inputs)`` once (eval mode, no grad) and build its DependencyGraph."""
+def trace(model: nn.Module, example_inputs: Any, exclude: tuple[str, ...] = ()) -> DependencyGraph:
+    """Run ``model(example_inputs)`` once (eval mode, no grad) and build its DependencyGraph; the channels of
+    layers matched by ``exclude`` (module names or globs) are marked unprunable."""
     if isinstance(model, torch.jit.ScriptModule):
         raise TraceError(f"cannot trace {type(model).__name__}: a TorchScript module is opaque to the dependency "
                          "graph; prune the eager nn.Module before scripting it")
-    g = DependencyGraph(model, ignored)
+    g = DependencyGraph(model, exclude)
     tr = _Tracer(g)
     names = {}
     for n, m in model.named_modules(remove_duplicate=True):

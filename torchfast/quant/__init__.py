@@ -1,12 +1,12 @@
 """Quantization: int8 dynamic, int8 static (calibrated), weight-only int8/int4, float8, bf16/fp16.
 
-``model, report = torchfast.quantize(model, Int8Static(calibration=batches), example_inputs=x)``.
+``model, report = torchfast.quantize(model, Int8Static(), example_inputs=x, calibration=batches)``.
 The config says what; the implementation (torch.ao x86/fbgemm kernels, FX graph mode, torchao
 ``quantize_``, PT2E + inductor) is chosen by the transform — by measurement where several can run.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Iterable
 
 from torch import nn
 
@@ -14,6 +14,7 @@ from ..dropin import eval_mode
 from ..modules import Batch, check_module, restore_training_flags, training_flags
 from ..recipe import register_stage
 from ..report import Report
+from ..transform import Exclusion, legacy_positional
 from .calibrate import CalibrationError
 from .common import AlreadyQuantizedError
 from .config import Float8, HalfPrecision, Int8Dynamic, Int8Static, QuantConfig, WeightOnly
@@ -23,56 +24,57 @@ __all__ = ["quantize", "Int8Dynamic", "Int8Static", "WeightOnly", "Float8", "Hal
            "CalibrationError", "AlreadyQuantizedError", "UnsupportedDeviceError"]
 
 
-def quantize(model: nn.Module, config: QuantConfig, example_inputs: Batch | None = None,
-             calibration: Iterable[Batch] | None = None) -> tuple[nn.Module, Report]:
-    """Quantize ``model`` with ``config``; returns (quantized model, per-layer report).
+@legacy_positional(("config", "example_inputs", "calibration"))
+def quantize(model: nn.Module, config: QuantConfig | None = None, *, example_inputs: Batch | None = None,
+             calibration: Iterable[Batch] | None = None, inplace: bool = False) -> tuple[nn.Module, Report]:
+    """Quantize ``model`` with ``config`` (default ``Int8Dynamic()``); returns (quantized model, per-layer report).
 
     ``example_inputs``: a representative batch (tensor, tuple, dict). Int8Dynamic and HalfPrecision use it
     to time each candidate against fp32 and keep only what is faster; Int8Static checks calibration batches
     against it. ``calibration`` is a fallback for ``Int8Static(calibration=None)`` (recipes pass theirs).
 
-    The returned model is in eval mode: it is an inference model. With ``inplace=False`` (the default)
-    the caller's model is not changed, train/eval flags included; with ``inplace=True`` it is reused
-    and, on success, comes back in eval mode as part of the result. On any error the caller's model is
-    unchanged.
+    The returned model is in eval mode: it is an inference model. ``inplace=False`` (default) leaves
+    ``model`` exactly as it was (weights, module types, every submodule's train/eval flag). ``inplace=True``
+    reuses it: Int8Dynamic, WeightOnly and Float8 swap the quantized layers into ``model`` (the layers kept
+    in float keep their parameter objects), HalfPrecision casts ``model`` itself and wraps it; on success
+    ``model`` is left in eval mode as part of the result. Int8Static builds a new graph module either way
+    and never changes ``model``. On any error ``model`` is unchanged.
     """
     check_module(model)
+    config = Int8Dynamic() if config is None else config
     if not isinstance(config, QuantConfig):
         raise TypeError(f"quantize() takes Int8Dynamic, Int8Static, WeightOnly, Float8 or HalfPrecision, "
                         f"got {type(config).__name__}")
+    exclusion = Exclusion.resolve(model, config)
     flags = training_flags(model)
     try:
         model.eval()
         if isinstance(config, Int8Dynamic):
             from .dynamic import quantize_dynamic
-            out, rep = quantize_dynamic(model, config, example_inputs)
+            out, rep = quantize_dynamic(model, config, example_inputs, exclusion, inplace)
         elif isinstance(config, Int8Static):
             from .select import quantize_static
-            out, rep = quantize_static(model, config, example_inputs, calibration)
+            out, rep = quantize_static(model, config, example_inputs, calibration, exclusion)
         elif isinstance(config, WeightOnly):
             from .weight_only import quantize_weight_only
-            out, rep = quantize_weight_only(model, config)
+            out, rep = quantize_weight_only(model, config, exclusion, inplace)
         elif isinstance(config, Float8):
             from .weight_only import quantize_float8
-            out, rep = quantize_float8(model, config)
+            out, rep = quantize_float8(model, config, exclusion, inplace)
         elif isinstance(config, HalfPrecision):
             from .half import cast_half
-            out, rep = cast_half(model, config, example_inputs)
+            out, rep = cast_half(model, config, example_inputs, exclusion, inplace)
         else:  # pragma: no cover
             raise TypeError(f"no quantization transform for {type(config).__name__}")
         eval_mode(out)
     except BaseException:
         restore_training_flags(flags)
         raise
-    if not getattr(config, "inplace", False):
+    if not inplace or isinstance(config, Int8Static):
         restore_training_flags(flags)
     rep.summary.setdefault("config", config.to_dict())
     return out, rep
 
 
-def _stage(model: nn.Module, config: QuantConfig, example_inputs: Any, calibration: list | None):
-    return quantize(model, config, example_inputs=example_inputs, calibration=calibration)
-
-
 for _cfg in (Int8Dynamic, Int8Static, WeightOnly, Float8, HalfPrecision):
-    register_stage(_cfg, _stage)
+    register_stage(_cfg, quantize)

@@ -1,5 +1,5 @@
-"""Shared pieces of the quantization transforms: refusing already-quantized models, skip lists,
-capturing each layer's real inputs, and per-layer timing."""
+"""Shared pieces of the quantization transforms: refusing already-quantized models, capturing each
+layer's real inputs, and per-layer timing."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -11,7 +11,7 @@ from ..measure import compare_latency
 from ..modules import capture_inputs  # re-exported for quant's modules
 from ..errors import TorchfastError
 
-__all__ = ["AlreadyQuantizedError", "check_not_quantized", "skipped", "capture_inputs", "time_layer"]
+__all__ = ["AlreadyQuantizedError", "check_not_quantized", "capture_inputs", "time_layer"]
 
 
 class AlreadyQuantizedError(TorchfastError, ValueError):

@@ -6,12 +6,12 @@ measurement where more than one can run, so user code does not change when PyTor
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-from ..config import Config, ConfigError, check_choice, check_range
+from ..config import Config, ConfigError, check_choice, check_range, opaque
 
 __all__ = ["Int8Dynamic", "Int8Static", "WeightOnly", "Float8", "HalfPrecision", "QuantConfig", "OBSERVERS"]
 
@@ -26,7 +26,10 @@ def _check_names(cls: str, fld: str, value: Any) -> None:
 
 @dataclass(frozen=True)
 class QuantConfig(Config):
-    """Common fields. ``skip``: qualified-name prefixes of layers to leave in floating point."""
+    """Base of the quantization configs. Each has ``exclude``: qualified module names or fnmatch globs
+    (a name covers its submodules) of layers left in floating point. ``inplace`` is an argument of
+    :func:`torchfast.quantize`, not a config field."""
+    _transform = "quantize"
 
 
 @dataclass(frozen=True)
@@ -44,16 +47,14 @@ class Int8Dynamic(QuantConfig):
     per_channel: bool = True
     full_range: bool | None = None
     modules: tuple[str, ...] = _DYNAMIC_MODULES
-    skip: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
     keep_slower: bool = False   # apply int8 even to layers measured slower than fp32
-    inplace: bool = False
 
     def validate(self) -> None:
         check_choice("Int8Dynamic", "backend", self.backend, ("auto", "torch.ao", "torchao"))
         _check_names("Int8Dynamic", "modules", self.modules)
         for m in self.modules:
             check_choice("Int8Dynamic", "modules", m, _DYNAMIC_MODULES)
-        _check_names("Int8Dynamic", "skip", self.skip)
         if self.full_range not in (None, True, False):
             raise ConfigError(f"Int8Dynamic.full_range must be None, True or False, got {self.full_range!r}")
 
@@ -69,14 +70,16 @@ class Int8Static(QuantConfig):
     method: "fx" (FX graph mode, eager int8 kernels, scriptable), "pt2e" (torch.export + torchao
       X86InductorQuantizer, needs torch.compile/inductor to be fast; returns the compiled module), or
       "auto" (fx, plus pt2e when ``compile_ok``; the faster one that keeps fidelity wins).
+    ``calibration`` is data: ``to_dict`` shows its type and ``from_dict`` leaves it unset (pass it to
+    ``quantize(..., calibration=)`` instead).
     """
-    calibration: Any = field(default=None, compare=False, repr=False)
+    calibration: Any = opaque(compare=False, repr=False)
     observer: str = "histogram"
     percentile: float = 99.99
     per_channel: bool = True
     method: str = "fx"
     max_batches: int | None = None
-    skip: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
     compile_ok: bool = False    # allow "auto" to try the PT2E+inductor path (minutes of compile on 2 cores)
     progress: bool = True
 
@@ -86,7 +89,6 @@ class Int8Static(QuantConfig):
         check_range("Int8Static", "percentile", self.percentile, 50.0, 100.0, lo_inclusive=False)
         if self.max_batches is not None:
             check_range("Int8Static", "max_batches", self.max_batches, 1)
-        _check_names("Int8Static", "skip", self.skip)
         if self.calibration is not None and isinstance(self.calibration, (str, bytes, int, float)):
             raise ConfigError(f"Int8Static.calibration must be an iterable of batches, got {self.calibration!r}")
 
@@ -99,13 +101,11 @@ class WeightOnly(QuantConfig):
     """
     bits: int = 8
     group_size: int = 128
-    skip: tuple[str, ...] = ()
-    inplace: bool = False
+    exclude: tuple[str, ...] = ()
 
     def validate(self) -> None:
         check_choice("WeightOnly", "bits", self.bits, (8, 4))
         check_choice("WeightOnly", "group_size", self.group_size, (32, 64, 128, 256))
-        _check_names("WeightOnly", "skip", self.skip)
 
 
 @dataclass(frozen=True)
@@ -113,12 +113,10 @@ class Float8(QuantConfig):
     """float8 (e4m3) weights, and activations when ``dynamic_activations``, through torchao; CUDA sm89+."""
     dynamic_activations: bool = True
     granularity: str = "per_row"
-    skip: tuple[str, ...] = ()
-    inplace: bool = False
+    exclude: tuple[str, ...] = ()
 
     def validate(self) -> None:
         check_choice("Float8", "granularity", self.granularity, ("per_row", "per_tensor"))
-        _check_names("Float8", "skip", self.skip)
 
 
 _HALF = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -128,15 +126,23 @@ _HALF = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float
 @dataclass(frozen=True)
 class HalfPrecision(QuantConfig):
     """Cast weights and activations to bf16/fp16. With example inputs the cast is timed against fp32 and
-    kept only if faster (``keep_slower`` overrides): bf16 wins on CPUs with AVX512-BF16/AMX, fp16 on CUDA."""
+    kept only if faster (``keep_slower`` overrides): bf16 wins on CPUs with AVX512-BF16/AMX, fp16 on CUDA.
+    ``dtype`` may be given by name ('bf16', 'float16', ...); it is stored as the torch dtype. Excluded
+    layers run in float32 inside the half-precision model (inputs cast up, outputs cast back)."""
     dtype: Any = torch.bfloat16
     keep_slower: bool = False
-    inplace: bool = False
+    exclude: tuple[str, ...] = ()
 
-    def validate(self) -> None:
-        if self.dtype not in _HALF:
+    def __post_init__(self) -> None:
+        try:
+            known = self.dtype in _HALF
+        except TypeError:
+            known = False
+        if not known:
             raise ConfigError(f"HalfPrecision.dtype must be torch.bfloat16 or torch.float16 "
                               f"('bf16'/'fp16'), got {self.dtype!r}")
+        object.__setattr__(self, "dtype", _HALF[self.dtype])
+        super().__post_init__()
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -20,7 +20,8 @@ from torch import nn
 
 from ..modules import Batch, model_device, swap_modules
 from ..report import Report
-from .common import capture_inputs, check_not_quantized, skipped, time_layer
+from ..transform import Exclusion
+from .common import capture_inputs, check_not_quantized, time_layer
 from .config import Int8Dynamic
 from .warnings import import_torchao, quiet
 
@@ -135,17 +136,19 @@ def _describe(mod: nn.Module) -> str:
     return f"{mod.input_size}->{mod.hidden_size}x{mod.num_layers}"
 
 
-def quantize_dynamic(model: nn.Module, cfg: Int8Dynamic, example_inputs: Batch | None = None) -> tuple[nn.Module, Report]:
+def quantize_dynamic(model: nn.Module, cfg: Int8Dynamic, example_inputs: Batch | None = None,
+                     exclusion: Exclusion | None = None, inplace: bool = False) -> tuple[nn.Module, Report]:
     check_not_quantized(model, "Int8Dynamic")
     device = model_device(model)
     types = tuple(_TYPES[m] for m in cfg.modules)
+    exclusion = exclusion if exclusion is not None else Exclusion(cfg.exclude, "Int8Dynamic")
     names, reasons = [], {}
     for name, mod in model.named_modules():
         if not isinstance(mod, types) or name == "":
             continue
         w = next(mod.parameters(), None)
-        if skipped(name, cfg.skip):
-            reasons[name] = "skipped by config"
+        if exclusion(name):
+            reasons[name] = exclusion.reason(name)
         elif w is None or w.dtype != torch.float32:
             reasons[name] = f"weights are {None if w is None else w.dtype}; int8 dynamic starts from float32"
         elif isinstance(mod, (nn.LSTM, nn.GRU)) and (getattr(mod, "proj_size", 0) or not mod.bias):
@@ -159,7 +162,7 @@ def quantize_dynamic(model: nn.Module, cfg: Int8Dynamic, example_inputs: Batch |
     if device.type != "cpu":
         backends = ["torchao"]
     full_range = full_range_exact() if cfg.full_range is None else cfg.full_range
-    work = model if cfg.inplace else copy.deepcopy(model)
+    work = model if inplace else copy.deepcopy(model)
     inputs = capture_inputs(work, names, example_inputs) if example_inputs is not None else {}
 
     report = Report("int8 dynamic quantization",

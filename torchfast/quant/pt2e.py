@@ -11,6 +11,7 @@ from torch import nn
 
 from ..modules import Batch, split_batch
 from ..report import Report
+from ..transform import Exclusion
 from .calibrate import run_calibration
 from .config import Int8Static
 from .warnings import import_torchao, quiet
@@ -18,7 +19,7 @@ from .warnings import import_torchao, quiet
 __all__ = ["quantize_pt2e_static"]
 
 
-def _quantizer(cfg: Int8Static):
+def _quantizer(cfg: Int8Static, skip: tuple[str, ...] = ()):
     import_torchao()
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
     from torchao.quantization.pt2e.observer import HistogramObserver, MinMaxObserver
@@ -32,6 +33,8 @@ def _quantizer(cfg: Int8Static):
         config = type(config)(act, act, config.weight, config.bias, config.is_qat)
     q = xiq.X86InductorQuantizer()
     q.set_global(config)
+    for name in skip:  # excluded modules stay float
+        q.set_module_name_qconfig(name, None)
     return q
 
 
@@ -63,23 +66,28 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> nn.Module:
 
 
 def quantize_pt2e_static(model: nn.Module, cfg: Int8Static, batches: list[Batch],
-                         example_inputs: Batch | None = None) -> tuple[nn.Module, Report]:
+                         example_inputs: Batch | None = None,
+                         exclusion: Exclusion | None = None) -> tuple[nn.Module, Report]:
     import_torchao()
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     for m in model.modules():  # in-place activations confuse the quantizer's pattern partitions
         if hasattr(m, "inplace") and isinstance(getattr(m, "inplace"), bool):
             m.inplace = False
+    exclusion = exclusion if exclusion is not None else Exclusion(cfg.exclude, "Int8Static")
+    skip = exclusion.roots(model)
     args, kwargs = split_batch(batches[0] if example_inputs is None else example_inputs)
     with quiet("torchao"), torch.no_grad():
         exported = _export(model, args, kwargs)
-        prepared = prepare_pt2e(exported, _quantizer(cfg))
+        prepared = prepare_pt2e(exported, _quantizer(cfg, skip))
         run_calibration(prepared, batches, progress=cfg.progress, desc=f"calibrating (pt2e, {cfg.observer})")
         converted = convert_pt2e(prepared)
         _drop_unused_tensors(converted)
     compiled = torch.compile(converted, backend="inductor")
     report = Report("int8 static quantization (PT2E, X86InductorQuantizer + inductor)",
                     columns=["layer", "applied", "scheme", "reason"])
+    for name in skip:
+        report.add_row(layer=name, applied=False, scheme="fp32", reason=exclusion.reason(name))
     nq = 0
     for node in converted.graph.nodes:
         if node.op == "call_function" and "dequantize" in str(node.target):

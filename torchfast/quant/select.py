@@ -14,6 +14,7 @@ from torch import nn
 from ..measure import compare_latency, fidelity
 from ..modules import Batch
 from ..report import Report
+from ..transform import Exclusion
 from .calibrate import CalibrationError, check_all, collect, strip_labels
 from .common import check_not_quantized
 from .config import Int8Static
@@ -24,7 +25,7 @@ _COSINE_SLACK = 0.002
 
 
 def quantize_static(model: nn.Module, cfg: Int8Static, example_inputs: Batch | None,
-                    calibration: Iterable[Batch] | None) -> tuple[nn.Module, Report]:
+                    calibration: Iterable[Batch] | None, exclusion: Exclusion | None = None) -> tuple[nn.Module, Report]:
     check_not_quantized(model, "Int8Static")
     source = cfg.calibration if cfg.calibration is not None else calibration
     batches = strip_labels(collect(source, cfg.max_batches), example_inputs)
@@ -37,10 +38,10 @@ def quantize_static(model: nn.Module, cfg: Int8Static, example_inputs: Batch | N
         try:
             if m == "fx":
                 from .static import quantize_fx_static
-                results[m] = quantize_fx_static(work, cfg, batches)
+                results[m] = quantize_fx_static(work, cfg, batches, exclusion)
             else:
                 from .pt2e import quantize_pt2e_static
-                results[m] = quantize_pt2e_static(work, cfg, batches, example_inputs)
+                results[m] = quantize_pt2e_static(work, cfg, batches, example_inputs, exclusion)
         except Exception as e:
             if len(methods) == 1 or not isinstance(e, Exception) or isinstance(e, CalibrationError):
                 raise

@@ -20,6 +20,7 @@ from torch import nn
 from ..modules import Batch, call_model, split_batch
 from ..report import Report
 from .calibrate import run_calibration
+from ..transform import Exclusion
 from .config import Int8Static
 from .dynamic import full_range_exact
 from .observers import activation_observer, weight_observer
@@ -125,7 +126,7 @@ def _is_quantized_module(mod: nn.Module) -> bool:
 
 
 def layer_report(original: nn.Module, quantized: nn.Module, untraced: list[tuple[str, str]],
-                 skip: tuple[str, ...], scheme: str) -> Report:
+                 exclusion: Exclusion, scheme: str) -> Report:
     report = Report("int8 static quantization (FX graph mode, x86)",
                     columns=["layer", "type", "applied", "scheme", "reason"])
     qmods = dict(quantized.named_modules())
@@ -136,8 +137,8 @@ def layer_report(original: nn.Module, quantized: nn.Module, untraced: list[tuple
         q = qmods.get(name)
         if isinstance(q, torch.fx.GraphModule) and f"{name}.0" in qmods:  # a leaf quantized on its own
             q = qmods[f"{name}.0"]
-        if any(name == s or name.startswith(s + ".") for s in skip):
-            report.add_row(**row, applied=False, scheme="fp32", reason="skipped by config")
+        if exclusion(name):
+            report.add_row(**row, applied=False, scheme="fp32", reason=exclusion.reason(name))
         elif q is not None and _is_quantized_module(q):
             report.add_row(**row, applied=True, scheme=f"{scheme} ({type(q).__name__})")
         elif q is None and isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
@@ -160,14 +161,16 @@ def layer_report(original: nn.Module, quantized: nn.Module, untraced: list[tuple
     return report
 
 
-def quantize_fx_static(model: nn.Module, cfg: Int8Static, batches: list[Batch]) -> tuple[nn.Module, Report]:
+def quantize_fx_static(model: nn.Module, cfg: Int8Static, batches: list[Batch],
+                       exclusion: Exclusion | None = None) -> tuple[nn.Module, Report]:
     """``model`` is already a private copy in eval mode; ``batches`` are validated calibration batches."""
     reduce_range = not full_range_exact()
     untraced: list[tuple[str, str]] = []
     original = copy.deepcopy(model)
-    q = _fx_one(model, cfg, batches, reduce_range, tuple(cfg.skip), "", untraced, cfg.progress)
+    q = _fx_one(model, cfg, batches, reduce_range, exclusion.roots(model), "", untraced, cfg.progress)
     scheme = "int8 static, " + ("per-channel" if cfg.per_channel else "per-tensor") + f", {cfg.observer}"
-    report = layer_report(original, q, untraced, tuple(cfg.skip), scheme)
+    exclusion = exclusion if exclusion is not None else Exclusion(cfg.exclude, "Int8Static")
+    report = layer_report(original, q, untraced, exclusion, scheme)
     report.summary.update({"scheme": "int8 static", "method": "fx", "observer": cfg.observer,
                            "weights": "per-channel" if cfg.per_channel else "per-tensor",
                            "activation bits": 7 if reduce_range else 8,

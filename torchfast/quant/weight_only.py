@@ -14,7 +14,8 @@ from torch import nn
 
 from ..modules import model_device, model_dtype, swap_modules
 from ..report import Report
-from .common import check_not_quantized, skipped
+from ..transform import Exclusion
+from .common import check_not_quantized
 from .config import Float8, WeightOnly
 from .warnings import import_torchao, quiet
 from ..errors import TorchfastError
@@ -26,13 +27,13 @@ class UnsupportedDeviceError(TorchfastError, RuntimeError):
     """The scheme has no kernel on the model's device; the message says what it needs."""
 
 
-def _targets(model: nn.Module, skip: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
+def _targets(model: nn.Module, exclusion: Exclusion) -> tuple[list[str], dict[str, str]]:
     names, reasons = [], {}
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear) or not name:
             continue
-        if skipped(name, skip):
-            reasons[name] = "skipped by config"
+        if exclusion(name):
+            reasons[name] = exclusion.reason(name)
         elif mod.in_features % 16 or mod.out_features % 16:
             reasons[name] = f"shape {mod.in_features}->{mod.out_features} not a multiple of 16 (no packed kernel)"
         else:
@@ -70,7 +71,8 @@ def _cuda_capability(device: torch.device) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(device)
 
 
-def quantize_weight_only(model: nn.Module, cfg: WeightOnly) -> tuple[nn.Module, Report]:
+def quantize_weight_only(model: nn.Module, cfg: WeightOnly, exclusion: Exclusion | None = None,
+                         inplace: bool = False) -> tuple[nn.Module, Report]:
     check_not_quantized(model, f"WeightOnly(bits={cfg.bits})")
     device, dtype = model_device(model), model_dtype(model)
     import_torchao()
@@ -89,11 +91,12 @@ def quantize_weight_only(model: nn.Module, cfg: WeightOnly) -> tuple[nn.Module, 
     else:
         ao = Int8WeightOnlyConfig()
         scheme = "int8 weight-only, per-row"
-    names, reasons = _targets(model, cfg.skip)
-    return _apply(model, ao, names, reasons, "weight-only quantization (torchao)", scheme, cfg.inplace)
+    names, reasons = _targets(model, exclusion if exclusion is not None else Exclusion(cfg.exclude, "WeightOnly"))
+    return _apply(model, ao, names, reasons, "weight-only quantization (torchao)", scheme, inplace)
 
 
-def quantize_float8(model: nn.Module, cfg: Float8) -> tuple[nn.Module, Report]:
+def quantize_float8(model: nn.Module, cfg: Float8, exclusion: Exclusion | None = None,
+                    inplace: bool = False) -> tuple[nn.Module, Report]:
     check_not_quantized(model, "Float8")
     device = model_device(model)
     cap = _cuda_capability(device)
@@ -111,5 +114,5 @@ def quantize_float8(model: nn.Module, cfg: Float8) -> tuple[nn.Module, Report]:
     else:
         ao = Float8WeightOnlyConfig()
         scheme = "float8 e4m3 weight-only"
-    names, reasons = _targets(model, cfg.skip)
-    return _apply(model, ao, names, reasons, "float8 quantization (torchao)", scheme, cfg.inplace)
+    names, reasons = _targets(model, exclusion if exclusion is not None else Exclusion(cfg.exclude, "Float8"))
+    return _apply(model, ao, names, reasons, "float8 quantization (torchao)", scheme, inplace)

@@ -1,0 +1,50 @@
+"""Int8Static on layers torch.fx cannot trace: a conv subclass whose forward branches on the input's shape
+(TensorFlow-style "same" padding, as model libraries write it) stays float with a named reason, and the
+rest of the model is still quantized."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchfast as tf
+
+
+class SamePadConv(nn.Conv2d):
+    def forward(self, x):
+        ih, iw = x.shape[-2:]
+        kh, kw = self.kernel_size
+        sh, sw = self.stride
+        ph = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
+        pw = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
+        if ph > 0 or pw > 0:                          # data-dependent control flow: fx cannot trace this
+            x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = SamePadConv(3, 8, 3, stride=2)
+        self.body = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.body(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+def test_an_untraceable_leaf_stays_float_and_the_rest_is_int8():
+    model = Net().eval()
+    x = torch.randn(2, 3, 15, 15)
+    calib = [torch.randn(2, 3, 15, 15) for _ in range(4)]
+    q, rep = tf.quantize(model, tf.Int8Static(calibration=calib, progress=False), example_inputs=x)
+    rows = {r["layer"]: r for r in rep.rows}
+    assert rows["stem"]["applied"] is False and "untraceable" in rows["stem"]["reason"]
+    assert isinstance(q.stem, SamePadConv)                  # kept as the user's own layer
+    assert rows["body.0"]["applied"] is True and rows["body.2"]["applied"] is True
+    with torch.no_grad():
+        cos = F.cosine_similarity(q(x).flatten(), model(x).flatten(), dim=0)
+    assert cos > 0.98
