@@ -17,8 +17,9 @@ from torch import nn
 
 from .dropin import eval_mode
 from .errors import TorchfastError
+from .specs import InputSpec, SpecError, parse_dtype
 
-__all__ = ["Source", "load_source", "parse_shape", "make_inputs", "SourceError", "MODEL_HELP"]
+__all__ = ["Source", "load_source", "parse_shape", "input_specs", "make_inputs", "SourceError", "MODEL_HELP"]
 
 MODEL_HELP = ("MODEL is one of: torchvision:NAME (e.g. torchvision:resnet50; random weights unless "
               "--weights), hf:PATH (a Hugging Face encoder folder or hub id; token inputs), "
@@ -56,33 +57,38 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def _dtype(name: str) -> torch.dtype:
-    dt = getattr(torch, name.removeprefix("torch."), None)
-    if not isinstance(dt, torch.dtype):
-        raise SourceError(f"--input-dtype {name!r} is not a torch dtype (e.g. float32, float16, int64)")
-    return dt
+    try:
+        return parse_dtype(name, "--input-dtype")
+    except SpecError as e:
+        raise SourceError(str(e)) from None
 
 
-def make_inputs(shapes: list[tuple[int, ...]], dtypes: list[torch.dtype], seed: int = 0, high: int = 100) -> Any:
-    """Random inputs: normal floats, integers in [0, high). One shape -> a tensor, several -> a tuple."""
+def input_specs(shapes: list[tuple[int, ...]], dtypes: list[torch.dtype]) -> list[InputSpec]:
+    """The positional inputs ``--input-shape``/``--input-dtype`` declare: each shape's dims after the batch
+    dim, any batch size; the last dtype given repeats (float32 when none is)."""
+    return [InputSpec(f"input {i}", s[1:], dtypes[min(i, len(dtypes) - 1)] if dtypes else torch.float32)
+            for i, s in enumerate(shapes)]
+
+
+def make_inputs(specs: list[InputSpec], rows: int, seed: int = 0, high: int = 100) -> Any:
+    """Random inputs of ``rows`` rows: normal floats, integers in [0, high). One spec -> a tensor, several -> a tuple."""
     g = torch.Generator().manual_seed(seed)
     out = []
-    for i, s in enumerate(shapes):
-        dt = dtypes[min(i, len(dtypes) - 1)]
-        out.append(torch.randn(s, generator=g).to(dt) if dt.is_floating_point
-                   else torch.randint(0, high, s, generator=g, dtype=dt))
+    for s in specs:
+        shape, dt = (rows, *s.shape), s.torch_dtype
+        out.append(torch.randn(shape, generator=g).to(dt) if dt.is_floating_point
+                   else torch.randint(0, high, shape, generator=g, dtype=dt))
     return out[0] if len(out) == 1 else tuple(out)
 
 
-def _with_batch(shapes: list[tuple[int, ...]], n: int) -> list[tuple[int, ...]]:
-    return [(n, *s[1:]) for s in shapes]
-
-
 def _random_source(model: nn.Module, shapes, dtypes, n_calib: int, desc: str, high: int = 100) -> Source:
+    specs, rows = input_specs(shapes, dtypes), shapes[0][0]
+
     def make(n: int, seed: int = 0):
-        return make_inputs(_with_batch(shapes, n), dtypes, seed, high)
-    calib = [make(shapes[0][0], seed=100 + i) for i in range(n_calib)]
-    val = [make(shapes[0][0], seed=200 + i) for i in range(4)]
-    return Source(eval_mode(model), make(shapes[0][0]), lambda n: make(n), calib, None, desc, val)
+        return make_inputs(specs, n, seed, high)
+    calib = [make(rows, seed=100 + i) for i in range(n_calib)]
+    val = [make(rows, seed=200 + i) for i in range(4)]
+    return Source(eval_mode(model), make(rows), lambda n: make(n), calib, None, desc, val)
 
 
 def _torchvision(name: str, shapes, dtypes, n_calib: int, weights: str | None) -> Source:

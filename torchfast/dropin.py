@@ -8,14 +8,13 @@ device) with an error that names the argument, and moves inputs to the model's d
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from .modules import model_device, split_batch
-from .errors import TorchfastError
+from .specs import InputError, InputSpec, named_tensors, specs_from_inputs
 
 __all__ = ["wrap", "Wrapped", "TensorSpec", "InputError", "eval_mode"]
 
@@ -30,19 +29,8 @@ def eval_mode(model: Any) -> Any:
     return model
 
 
-class InputError(TorchfastError, ValueError):
-    """An input does not match what the wrapped model was built for; the message names the argument."""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str                         # argument path: "x", "input_ids", "args[1]", "batch['mask']"
-    shape: tuple[int | None, ...]     # None: a dynamic dim (any size)
-    dtype: torch.dtype
-    device: torch.device
-
-    def shape_str(self) -> str:
-        return "[" + ", ".join("*" if d is None else str(d) for d in self.shape) + "]"
+# one spec type for every input check in torchfast; the wrapper's earlier name stays importable
+TensorSpec = InputSpec
 
 
 def _signature(*candidates: Any) -> inspect.Signature | None:
@@ -57,27 +45,6 @@ def _signature(*candidates: Any) -> inspect.Signature | None:
         if any(p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()) or c is candidates[-1]:
             return sig
     return None
-
-
-def _dyn_for(name: str, dynamic_dims: Any) -> set[int]:
-    if isinstance(dynamic_dims, Mapping):
-        root = name.split("[", 1)[0]
-        dims = dynamic_dims.get(name, dynamic_dims.get(root, (0,)))
-    else:
-        dims = dynamic_dims
-    return {int(d) for d in (dims or ())}
-
-
-def _walk(name: str, value: Any) -> Iterable[tuple[str, Any]]:
-    """(path, leaf) for the tensors inside an argument (tensors, tuples/lists, dicts)."""
-    if isinstance(value, torch.Tensor):
-        yield name, value
-    elif isinstance(value, Mapping):
-        for k, v in value.items():
-            yield from _walk(f"{name}[{k!r}]", v)
-    elif isinstance(value, (tuple, list)):
-        for i, v in enumerate(value):
-            yield from _walk(f"{name}[{i}]", v)
 
 
 def _map(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
@@ -100,7 +67,7 @@ def _map(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 class Wrapped(nn.Module):
     """The drop-in module ``wrap()`` returns. ``module`` is the wrapped model; ``input_spec`` the checks."""
 
-    def __init__(self, model: Callable, signature: inspect.Signature | None, specs: dict[str, TensorSpec],
+    def __init__(self, model: Callable, signature: inspect.Signature | None, specs: dict[str, InputSpec],
                  device: torch.device | None, move_inputs: bool, cast_inputs: bool, outputs_to_input_device: bool,
                  inference_mode: bool) -> None:
         super().__init__()
@@ -134,25 +101,23 @@ class Wrapped(nn.Module):
         spec = self.input_spec.get(path)
         if spec is None:
             return x
-        if x.dim() != len(spec.shape) or any(e is not None and e != g for e, g in zip(spec.shape, x.shape)):
-            raise InputError(f"argument {path!r}: expected shape {spec.shape_str()} ('*' = any size), "
-                             f"got {list(x.shape)}")
-        if x.dtype != spec.dtype:
-            if self.cast_inputs and x.is_floating_point() and spec.dtype.is_floating_point:
-                x = x.to(spec.dtype)
+        spec.check_shape(x)
+        want = spec.torch_dtype
+        if x.dtype != want:
+            floating = x.is_floating_point() and want.is_floating_point
+            if self.cast_inputs and floating:
+                x = x.to(want)
             else:
-                raise InputError(f"argument {path!r}: expected dtype {spec.dtype}, got {x.dtype}"
-                                 + (" (wrap(..., cast_inputs=True) casts floating inputs)"
-                                    if x.is_floating_point() and spec.dtype.is_floating_point else ""))
+                spec.check_dtype(x, " (wrap(..., cast_inputs=True) casts floating inputs)" if floating else "")
         if self.device is not None and x.device != self.device:
             if not self.move_inputs:
-                raise InputError(f"argument {path!r}: expected device {self.device}, got {x.device}")
+                raise InputError(f"input {path!r}: expected device {self.device}, got {x.device}")
             x = x.to(self.device, non_blocking=True)
         return x
 
     def _prepare(self, name: str, value: Any, seen: list) -> Any:
         def leaf_fn(prefix: str):
-            counter = iter(p for p, _ in _walk(prefix, value))
+            counter = iter(p for p, _ in named_tensors(prefix, value))
             def fn(t: torch.Tensor) -> torch.Tensor:
                 path = next(counter)
                 if t.device != (self.device or t.device):
@@ -190,8 +155,7 @@ class Wrapped(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        spec = ", ".join(f"{s.name}: {s.shape_str()} {str(s.dtype).removeprefix('torch.')}"
-                         for s in self.input_spec.values())
+        spec = ", ".join(f"{s.name}: {s.shape_str()} {s.dtype}" for s in self.input_spec.values())
         return f"inputs=({spec}), device={self.device}"
 
 
@@ -222,7 +186,7 @@ def wrap(model: Callable, example_inputs: Any = None, *, like: nn.Module | None 
         dev = model_device(model)
     else:
         dev = None
-    specs: dict[str, TensorSpec] = {}
+    specs: dict[str, InputSpec] = {}
     if example_inputs is not None:
         args, kwargs = split_batch(example_inputs)
         named: list[tuple[str, Any]]
@@ -242,12 +206,8 @@ def wrap(model: Callable, example_inputs: Any = None, *, like: nn.Module | None 
                     named.append((name, value))
         else:
             named = [(f"input {i}", a) for i, a in enumerate(args)] + list(kwargs.items())
-        for name, value in named:
-            for path, t in _walk(name, value):
-                dyn = {d % t.dim() for d in _dyn_for(path, dynamic_dims) if -t.dim() <= d < t.dim()} if t.dim() else set()
-                shape = tuple(None if i in dyn else s for i, s in enumerate(t.shape))
-                specs[path] = TensorSpec(path, shape, t.dtype, t.device)
+        specs = specs_from_inputs(named, dynamic_dims)
         if dev is None:
-            devs = {s.device for s in specs.values()}
+            devs = {t.device for name, value in named for _, t in named_tensors(name, value)}
             dev = devs.pop() if len(devs) == 1 else None
     return Wrapped(model, sig, specs, dev, move_inputs, cast_inputs, outputs_to_input_device, inference_mode)

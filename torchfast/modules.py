@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import TorchfastError
+from .specs import dtype_name
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -151,7 +152,7 @@ def describe_batch(batch: Batch) -> str:
     """``input 0: (2, 3, 8, 8) float32, input 'mask': (2, 8) int64``: what a batch holds, for error messages."""
     args, kwargs = split_batch(batch)
     items = [(f"input {i}", a) for i, a in enumerate(args)] + [(f"input {k!r}", v) for k, v in kwargs.items()]
-    return ", ".join(f"{n}: {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" if isinstance(t, torch.Tensor)
+    return ", ".join(f"{n}: {tuple(t.shape)} {dtype_name(t.dtype)}" if isinstance(t, torch.Tensor)
                      else f"{n}: {type(t).__name__}" for n, t in items)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .config import Config, ConfigError, _modern_kwargs
+from .specs import SpecError, parse_dtype
 
 __all__ = ["parse_recipe", "STAGE_NAMES", "recipe_help", "RecipeSyntaxError"]
 
@@ -79,10 +80,10 @@ def _coerce(cls: type, key: str, value: Any) -> Any:
         default = f.default
         if isinstance(default, torch.dtype) or "dtype" in key:
             if isinstance(value, str):
-                dt = getattr(torch, value.removeprefix("torch."), None)
-                if not isinstance(dt, torch.dtype):
-                    raise RecipeSyntaxError(f"{cls.__name__}.{key}: {value!r} is not a torch dtype (e.g. float16, bfloat16)")
-                return dt
+                try:
+                    return parse_dtype(value, f"{cls.__name__}.{key}")
+                except SpecError as e:
+                    raise RecipeSyntaxError(str(e)) from None
         if isinstance(default, tuple) and not isinstance(value, tuple):
             return (value,)
         if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):

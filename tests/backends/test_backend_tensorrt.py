@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from torchfast.backends.tensorrt import (InputSpec, Options, batch_range, compile_settings, input_specs,
-                                         precision_settings)
+                                         precision_settings, shape_range)
 from torchfast.config import ConfigError
 
 HAS_TRT = importlib.util.find_spec("torch_tensorrt") is not None and torch.cuda.is_available()
@@ -34,28 +34,35 @@ def test_static_and_dynamic_batch_ranges():
 
 
 def test_input_specs_from_image_example():
-    args, kwargs = input_specs(torch.randn(8, 3, 224, 224), Options(max_batch=64), dynamic_batch=True)
+    args, kwargs = input_specs(torch.randn(8, 3, 224, 224), dynamic_batch=True)
     assert kwargs == {}
-    assert args == [InputSpec("input_0", torch.float32, (1, 3, 224, 224), (8, 3, 224, 224), (64, 3, 224, 224))]
-    static, _ = input_specs(torch.randn(8, 3, 224, 224), Options(), dynamic_batch=False)
-    assert static[0].static and static[0].opt_shape == (8, 3, 224, 224)
+    assert args == [InputSpec("input_0", (3, 224, 224), torch.float32)]   # any batch size
+    batches = batch_range(8, Options(max_batch=64), dynamic_batch=True)
+    assert shape_range(args[0], batches) == ((1, 3, 224, 224), (8, 3, 224, 224), (64, 3, 224, 224))
+    static, _ = input_specs(torch.randn(8, 3, 224, 224), dynamic_batch=False)
+    assert static[0].batch == 8
+    assert shape_range(static[0], batch_range(8, Options(), False)) == ((8, 3, 224, 224),) * 3
 
 
 def test_input_specs_from_tokenizer_example_keep_integer_dtypes():
     batch = {"input_ids": torch.zeros(4, 128, dtype=torch.long), "attention_mask": torch.ones(4, 128, dtype=torch.long)}
-    _, kw = input_specs(batch, Options(), dynamic_batch=True, dtype=torch.float16)
+    _, kw = input_specs(batch, dynamic_batch=True, dtype=torch.float16)
     assert set(kw) == {"input_ids", "attention_mask"}
-    assert kw["input_ids"].dtype == torch.long           # ids are never cast to the compute dtype
-    assert kw["input_ids"].min_shape == (1, 128) and kw["input_ids"].max_shape == (16, 128)
+    assert kw["input_ids"].torch_dtype == torch.long      # ids are never cast to the compute dtype
+    lo, _, hi = shape_range(kw["input_ids"], batch_range(4, Options(), dynamic_batch=True))
+    assert lo == (1, 128) and hi == (16, 128)
     # floating inputs do take the compute dtype of a model cast to fp16
-    args, _ = input_specs(torch.randn(2, 3), Options(), dtype=torch.float16)
-    assert args[0].dtype == torch.float16
+    args, _ = input_specs(torch.randn(2, 3), dtype=torch.float16)
+    assert args[0].dtype == "float16"
+    # an input without the batch dim keeps its whole shape, whatever the batch range
+    _, kw = input_specs({"x": torch.randn(4, 3), "table": torch.randn(7, 5)}, dynamic_batch=True)
+    assert kw["table"].batch is None and shape_range(kw["table"], (1, 4, 16)) == ((7, 5),) * 3
 
 
 def test_non_tensor_input_is_named():
     from torchfast.backends import BackendError
     with pytest.raises(BackendError, match="input 'scale' is float"):
-        input_specs({"x": torch.randn(2, 3), "scale": 0.5}, Options())
+        input_specs({"x": torch.randn(2, 3), "scale": 0.5})
 
 
 def test_precision_mapping_follows_strong_typing():

@@ -20,6 +20,7 @@ from torch import nn
 from ..modules import (Batch, ExampleInputError, call_model, describe_batch, first_tensor, model_device, move_batch,
                        restore_training_flags, training_flags)
 from ..report import Report
+from ..specs import dtype_name
 from .compiled import Built, Compiled
 from .inputs import batch_size_of, resize_batch
 from .registry import (BACKENDS, Backend, BackendError, check, get_backend, list_backends, normalize_dtype,
@@ -182,7 +183,7 @@ def _build(model: nn.Module, example_inputs: Batch, backend: str, impl: Any, opt
             raise BackendError("a TorchScript module cannot be copied to another device/dtype here; load it there")
         work = copy.deepcopy(model).to(device=dev, dtype=dt if kind is None else None)
     inputs = move_batch(example_inputs, dev, dt if dt != torch.float32 else None)
-    report = Report(f"compile: {backend}", summary={"backend": backend, "device": str(dev), "dtype": str(dt).replace("torch.", ""),
+    report = Report(f"compile: {backend}", summary={"backend": backend, "device": str(dev), "dtype": dtype_name(dt),
                                                      "dynamic_batch": dynamic_batch, "quantized": kind or "no"})
     reference = None
     if verify:

@@ -19,17 +19,9 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from ..modules import call_model, split_batch
+from ..specs import InputSpec
 
-__all__ = ["EngineInput", "FlatSignature", "FlatModule", "NativeRunner", "signature_of", "to_numpy"]
-
-
-@dataclass(frozen=True)
-class EngineInput:
-    """One input as the engine declares it, so a loaded artifact can say what it takes (``torchfast serve``
-    needs no ``--input-shape`` for it): full shape, batch dim included, -1 where any size is accepted."""
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
+__all__ = ["FlatSignature", "FlatModule", "NativeRunner", "signature_of", "to_numpy"]
 
 
 def numpy_to_torch_dtype(dtype: Any) -> torch.dtype:
@@ -134,7 +126,9 @@ class NativeRunner(nn.Module):
         self._run = run
         self.sig = sig
         self.engine = engine
-        self.engine_inputs: list[EngineInput] = []   # filled by the engine where it knows them
+        # the inputs as the engine declares them (InputSpec.from_dims: batch dim first, -1 = any size), so a
+        # loaded artifact says what it takes and `torchfast serve` needs no --input-shape; filled where known
+        self.engine_inputs: list[InputSpec] = []
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         flat = self.sig.flatten_inputs(args, kwargs)
         outs = self._run([to_numpy(t) for t in flat])

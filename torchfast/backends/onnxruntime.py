@@ -31,9 +31,10 @@ from torch import nn
 
 from ..config import Config, ConfigError, check_choice, check_range
 from ..modules import batches_list, describe_batch, model_dtype, split_batch
+from ..specs import InputSpec, dtype_name
 from .compiled import Built
 from .inputs import batch_size_of, resize_batch
-from .native import (EngineInput, FlatModule, FlatSignature, NativeRunner, numpy_to_torch_dtype, signature_of,
+from .native import (FlatModule, FlatSignature, NativeRunner, numpy_to_torch_dtype, signature_of,
                      to_numpy)
 from .registry import BackendError
 
@@ -405,7 +406,7 @@ def build(model: nn.Module, example_inputs: Any, options: Options, *, dynamic_ba
     proto, exporter, notes = export_onnx(model, example_inputs, sig, dynamic_batch=dynamic_batch,
                                          opset=options.opset, dynamo=options.dynamo)
     return _built(proto, sig, options, _device_of(example_inputs), f"the graph exported from {type(model).__name__}",
-                  {"exporter": exporter, "dtype": str(dt).replace("torch.", "")}, notes)
+                  {"exporter": exporter, "dtype": dtype_name(dt)}, notes)
 
 
 # ---------------------------------------------------------------- int8
@@ -624,7 +625,7 @@ def load_artifact(path: str | Path, *, device: str | torch.device | None = None,
     return runner
 
 
-def engine_inputs(sess: Any) -> list[EngineInput]:
+def engine_inputs(sess: Any) -> list[InputSpec]:
     """The graph's inputs: symbolic or unknown dims as -1."""
     out = []
     for i in sess.get_inputs():
@@ -632,5 +633,5 @@ def engine_inputs(sess: Any) -> list[EngineInput]:
         if np_type is None:
             continue
         shape = tuple(d if isinstance(d, int) and d > 0 else -1 for d in (i.shape or ()))
-        out.append(EngineInput(i.name, shape, numpy_to_torch_dtype(np_type)))
+        out.append(InputSpec.from_dims(i.name, shape, numpy_to_torch_dtype(np_type)))
     return out

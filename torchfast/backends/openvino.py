@@ -59,9 +59,10 @@ from torch import nn
 
 from ..config import Config, ConfigError, check_choice, check_range
 from ..modules import batches_list, describe_batch, model_dtype, split_batch
+from ..specs import InputSpec, SpecError, dtype_name, parse_dtype
 from .compiled import Built
 from .inputs import resize_batch
-from .native import (EngineInput, FlatModule, FlatSignature, NativeRunner, numpy_to_torch_dtype,
+from .native import (FlatModule, FlatSignature, NativeRunner, numpy_to_torch_dtype,
                      signature_of)
 from .registry import BackendError
 
@@ -476,7 +477,7 @@ def _signature_meta(sig: FlatSignature, precision: str, dtype: torch.dtype) -> d
     """What load_artifact needs to call the IR like the original module, as JSON-able data."""
     meta: dict[str, Any] = {"format": 1, "input_names": sig.input_names, "n_positional": sig.n_positional,
                             "output_names": sig.output_names, "tensor_leaves": sig.tensor_leaves,
-                            "precision": precision, "dtype": str(dtype).replace("torch.", "")}
+                            "precision": precision, "dtype": dtype_name(dtype)}
     odd = [f"output leaf {i} is a {type(v).__name__}" for i, v in sig.constant_leaves.items()
            if not isinstance(v, (type(None), bool, int, float, str))]
     if odd:  # runs fine in memory; only saving needs the structure as data
@@ -565,10 +566,14 @@ def load_artifact(path: str | Path, *, device: str | torch.device | None = None,
     precision = options.precision or meta.get("precision", "f32")
     if precision not in _PRECISIONS:
         precision = "f32"
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(str(meta.get("dtype")))
+    try:
+        stored = parse_dtype(meta.get("dtype") or "float32")
+    except SpecError:
+        stored = None  # a name this version does not know: outputs stay as the engine returns them
+    dtype = stored if stored in (torch.float16, torch.bfloat16) else None  # outputs cast back to a half model's
     compiled, _ = _compile(om, options, precision, xml.name)
     runner = _Runner(_Engine(compiled, sig, xml.name), sig, dtype)
-    runner.engine_inputs = [EngineInput(name, tuple(d.get_length() if d.is_static else -1 for d in p.get_partial_shape()),
+    runner.engine_inputs = [InputSpec.from_dims(name, tuple(d.get_length() if d.is_static else -1 for d in p.get_partial_shape()),
                                         numpy_to_torch_dtype(p.get_element_type().to_dtype()))
                             for name, p in zip(sig.input_names, compiled.inputs)]
     return runner

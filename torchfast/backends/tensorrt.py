@@ -28,12 +28,13 @@ from torch import nn
 
 from ..config import Config, ConfigError, check_choice, check_range
 from ..modules import split_batch
+from ..specs import InputSpec, dtype_name, parse_dtype
 from .compiled import Built
 from .inputs import batch_size_of
 from .registry import BackendError, quantization_kind
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-_LOW = {"fp16": torch.float16, "bf16": torch.bfloat16}
+_LOW = ("fp16", "bf16")  # TensorRT autocast precisions
 
 
 @dataclass(frozen=True)
@@ -62,20 +63,6 @@ class Options(Config):
 
 
 # ---------------------------------------------------------------- pure parts (tested without torch_tensorrt)
-@dataclass(frozen=True)
-class InputSpec:
-    """One input as TensorRT sees it: a static shape, or a min/opt/max range on the batch dim."""
-    name: str
-    dtype: torch.dtype
-    min_shape: tuple[int, ...]
-    opt_shape: tuple[int, ...]
-    max_shape: tuple[int, ...]
-
-    @property
-    def static(self) -> bool:
-        return self.min_shape == self.opt_shape == self.max_shape
-
-
 def batch_range(example_batch: int, options: Options, dynamic_batch: bool) -> tuple[int, int, int]:
     """(min, opt, max) batch sizes: the example's size three times when static."""
     if not dynamic_batch:
@@ -88,26 +75,33 @@ def batch_range(example_batch: int, options: Options, dynamic_batch: bool) -> tu
     return options.min_batch, opt, mx
 
 
-def input_specs(example_inputs: Any, options: Options, dynamic_batch: bool = False,
+def input_specs(example_inputs: Any, dynamic_batch: bool = False,
                 dtype: torch.dtype | None = None) -> tuple[list[InputSpec], dict[str, InputSpec]]:
-    """Specs for every tensor input (positional, keyword): shapes from the example, batch dim ranged.
+    """Specs for every tensor input (positional ``input_0``.., keyword by name), shapes from the example.
 
-    Floating inputs take ``dtype`` (the compute dtype when the model is cast); integer inputs (token ids,
-    masks) keep theirs.
+    An input whose dim 0 is the example's batch size is batched: any batch size with ``dynamic_batch``,
+    else exactly the example's; other inputs keep their whole shape. Floating inputs take ``dtype`` (the
+    compute dtype when the model is cast); integer inputs (token ids, masks) keep theirs.
     """
     n = batch_size_of(example_inputs)
-    lo, opt, hi = batch_range(n, options, dynamic_batch)
     args, kwargs = split_batch(example_inputs)
 
     def spec(name: str, t: Any) -> InputSpec:
         if not isinstance(t, torch.Tensor):
             raise BackendError(f"TensorRT inputs must be tensors; input {name!r} is {type(t).__name__}")
         dt = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
-        shape = tuple(t.shape)
-        if t.dim() >= 1 and shape[0] == n:
-            return InputSpec(name, dt, (lo, *shape[1:]), (opt, *shape[1:]), (hi, *shape[1:]))
-        return InputSpec(name, dt, shape, shape, shape)
+        batched = t.dim() >= 1 and t.shape[0] == n
+        dynamic = (0,) if dynamic_batch and batched else ()
+        return InputSpec.from_tensor(name, t, dynamic_dims=dynamic, batched=batched, dtype=dt)
     return [spec(f"input_{i}", a) for i, a in enumerate(args)], {k: spec(k, v) for k, v in kwargs.items()}
+
+
+def shape_range(spec: InputSpec, batches: tuple[int, int, int]) -> tuple[tuple[int, ...], ...]:
+    """(min, opt, max) shapes of one input: the ``batches`` range on a dynamic batch dim, else its shape."""
+    if spec.batch != -1:
+        full = spec.dims()
+        return full, full, full
+    return tuple((b, *spec.shape) for b in batches)
 
 
 def precision_settings(precision: str, dtype: torch.dtype, quant_kind: str | None) -> dict[str, Any]:
@@ -115,14 +109,14 @@ def precision_settings(precision: str, dtype: torch.dtype, quant_kind: str | Non
     settings: dict[str, Any] = {"use_explicit_typing": True}
     if dtype != torch.float32:
         # Path A: PyTorch cast the model; TensorRT respects its types, fp32 accumulation keeps matmuls accurate
-        if precision not in ("fp32", {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]):
+        if precision not in ("fp32", dtype_name(dtype, short=True)):
             raise ConfigError(f"TensorRT precision {precision!r} contradicts compile(dtype={dtype}); set one of them")
         if dtype == torch.float16:
             settings["use_fp32_acc"] = True
         return settings
     if precision in _LOW:
         settings["enable_autocast"] = True
-        settings["autocast_low_precision_type"] = _LOW[precision]
+        settings["autocast_low_precision_type"] = parse_dtype(precision)
     elif precision == "int8" and quant_kind != "modelopt":
         raise ConfigError("TensorRT int8 needs a model quantized with NVIDIA ModelOpt "
                           "(modelopt.torch.quantization.quantize with an INT8 config and calibration data; "
@@ -152,10 +146,11 @@ def _torch_tensorrt():
     return torch_tensorrt
 
 
-def _trt_input(trt: Any, s: InputSpec) -> Any:
-    if s.static:
-        return trt.Input(shape=s.opt_shape, dtype=s.dtype)
-    return trt.Input(min_shape=s.min_shape, opt_shape=s.opt_shape, max_shape=s.max_shape, dtype=s.dtype)
+def _trt_input(trt: Any, s: InputSpec, batches: tuple[int, int, int]) -> Any:
+    lo, opt, hi = shape_range(s, batches)
+    if lo == opt == hi:
+        return trt.Input(shape=opt, dtype=s.torch_dtype)
+    return trt.Input(min_shape=lo, opt_shape=opt, max_shape=hi, dtype=s.torch_dtype)
 
 
 def build(model: nn.Module, example_inputs: Any, options: Options, *, dynamic_batch: bool = False) -> Built:
@@ -163,10 +158,10 @@ def build(model: nn.Module, example_inputs: Any, options: Options, *, dynamic_ba
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     kind = quantization_kind(model)
     settings = compile_settings(options, dtype, kind)
-    arg_specs, kw_specs = input_specs(example_inputs, options, dynamic_batch,
-                                      dtype if dtype != torch.float32 else None)
-    arg_inputs = [_trt_input(trt, s) for s in arg_specs]
-    kwarg_inputs = {k: _trt_input(trt, s) for k, s in kw_specs.items()} or None
+    batches = batch_range(batch_size_of(example_inputs), options, dynamic_batch)
+    arg_specs, kw_specs = input_specs(example_inputs, dynamic_batch, dtype if dtype != torch.float32 else None)
+    arg_inputs = [_trt_input(trt, s, batches) for s in arg_specs]
+    kwarg_inputs = {k: _trt_input(trt, s, batches) for k, s in kw_specs.items()} or None
     if kind == "modelopt":
         from modelopt.torch.quantization.utils import export_torch_mode
         ctx = export_torch_mode()
@@ -177,8 +172,7 @@ def build(model: nn.Module, example_inputs: Any, options: Options, *, dynamic_ba
         trt_gm = trt.compile(model, arg_inputs=arg_inputs, kwarg_inputs=kwarg_inputs, **settings)
     engines = sum(1 for n, _ in trt_gm.named_children() if "_run_on_acc" in n)
     info = {"precision": options.precision, "trt_engines": engines,
-            "batch_range": "x".join(map(str, arg_specs[0].min_shape[:1] + arg_specs[0].opt_shape[:1]
-                                        + arg_specs[0].max_shape[:1])) if arg_specs else "-",
+            "batch_range": "x".join(map(str, batches)),
             "torch_tensorrt": getattr(trt, "__version__", "?")}
     return Built(runnable=trt_gm, artifact=trt_gm, info=info)
 

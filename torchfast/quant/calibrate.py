@@ -14,6 +14,7 @@ from torch import nn
 from ..modules import Batch, call_model, split_batch
 from ..modules import describe_batch as describe
 from ..errors import TorchfastError
+from ..specs import dtype_name
 
 __all__ = ["CalibrationError", "collect", "check_batch", "run_calibration", "describe"]
 
@@ -79,8 +80,8 @@ def check_batch(i: int, batch: Batch, reference: Batch) -> None:
         if not isinstance(g, torch.Tensor):
             raise CalibrationError(f"calibration batch {i}, {name}: expected a tensor, got {type(g).__name__}")
         if g.dtype != w.dtype:
-            raise CalibrationError(f"calibration batch {i}, {name}: dtype {str(g.dtype).replace('torch.', '')} "
-                                   f"but the model expects {str(w.dtype).replace('torch.', '')} "
+            raise CalibrationError(f"calibration batch {i}, {name}: dtype {dtype_name(g.dtype)} "
+                                   f"but the model expects {dtype_name(w.dtype)} "
                                    f"(example inputs: {describe(reference)})")
         if g.dim() != w.dim() or tuple(g.shape[1:]) != tuple(w.shape[1:]):
             raise CalibrationError(f"calibration batch {i}, {name}: shape {tuple(g.shape)} does not match the "

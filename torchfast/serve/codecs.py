@@ -16,7 +16,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .model import ServedModel, dtype_name, parse_dtype
+from ..specs import dtype_name
+from .model import ServedModel
 
 NPY = "application/x-npy"
 SAFETENSORS = "application/x-safetensors"
@@ -51,7 +52,7 @@ def decode_json(served: ServedModel, body: bytes) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in raw.items():
         spec = specs.get(k)
-        out[k] = list_to_tensor(k, v, parse_dtype(spec.dtype) if spec else torch.float32)
+        out[k] = list_to_tensor(k, v, spec.torch_dtype if spec else torch.float32)
     return out
 
 

@@ -14,67 +14,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..specs import InputSpec, dtype_name, parse_dtype  # noqa: F401  (serving's names for the shared spec)
 from .collate import SequencePadding
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8,
-           "int8": torch.int8, "bool": torch.bool}
-
-
-def dtype_name(dt: torch.dtype) -> str:
-    return str(dt).removeprefix("torch.")
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}") from None
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """One model input: its name, per-row shape (no batch dim; -1 = any size) and dtype.
-
-    ``max_shape`` bounds the ``-1`` dims (None = unbounded), from the model's own limit where it has one
-    (a transformer's maximum positions, an ExportedProgram's dynamic-dim range): one oversized request
-    must not pad a whole batch up to its length.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str = "float32"
-    max_shape: tuple[int | None, ...] | None = None
-
-    def __post_init__(self) -> None:
-        parse_dtype(self.dtype)
-        if any((not isinstance(d, int)) or d < -1 or d == 0 for d in self.shape):
-            raise ValueError(f"input {self.name!r}: shape {self.shape} must hold positive sizes or -1")
-        if self.max_shape is not None and (len(self.max_shape) != len(self.shape) or any(
-                m is not None and (not isinstance(m, int) or m < 1) for m in self.max_shape)):
-            raise ValueError(f"input {self.name!r}: max_shape {self.max_shape} must give a positive size or "
-                             f"None for each of the {len(self.shape)} dims of {self.shape}")
-
-    def check(self, t: torch.Tensor) -> None:
-        """Raise ValueError naming the input, the expected and the received shape/dtype."""
-        want = (-1, *self.shape)
-        if t.dim() != len(want) or any(w != -1 and w != g for w, g in zip(want, t.shape)):
-            shown = "[batch, " + ", ".join("*" if d == -1 else str(d) for d in self.shape) + "]"
-            raise ValueError(f"input {self.name!r} must have shape {shown}, got {list(t.shape)}")
-        if t.dtype != parse_dtype(self.dtype):
-            raise ValueError(f"input {self.name!r} must have dtype {self.dtype}, got {dtype_name(t.dtype)}")
-        for i, (d, m) in enumerate(zip(self.shape, self.max_shape or ())):
-            if d == -1 and m is not None and t.shape[i + 1] > m:
-                raise ValueError(f"input {self.name!r} has size {t.shape[i + 1]} in dim {i + 1}, above the "
-                                 f"model's maximum of {m}")
-
-    def to_dict(self) -> dict:
-        d: dict[str, Any] = {"name": self.name, "shape": [-1, *self.shape], "dtype": self.dtype}
-        if self.max_shape is not None and any(m is not None for m in self.max_shape):
-            d["max_shape"] = [None, *self.max_shape]
-        return d
 
 
 @dataclass
@@ -103,13 +44,7 @@ class ServedModel:
 
     def example(self, rows: int = 1) -> dict[str, torch.Tensor]:
         """A valid request of ``rows`` rows (zeros; ones for integer inputs, 8 for dynamic sizes)."""
-        out = {}
-        for s in self.inputs:
-            lim = s.max_shape or (None,) * len(s.shape)
-            shape = [rows] + [d if d != -1 else min(8, m or 8) for d, m in zip(s.shape, lim)]
-            dt = parse_dtype(s.dtype)
-            out[s.name] = torch.zeros(shape, dtype=dt) if dt.is_floating_point else torch.ones(shape, dtype=dt)
-        return out
+        return {s.name: s.example(rows) for s in self.inputs}
 
     def request(self, tensors: dict[str, torch.Tensor]) -> Any:
         """Validate named tensors against the declared inputs and shape them as the model is called."""
@@ -230,10 +165,10 @@ def _specs_from_engine(runner: Any, path: Path) -> tuple[tuple[InputSpec, ...], 
     specs, batches = [], set()
     for n in names:
         e = declared[n]
-        if not e.shape:
+        if not e.batched:
             raise ValueError(f"{path}: input {n!r} is a scalar; served models take batched inputs")
-        batches.add(e.shape[0])
-        specs.append(InputSpec(n, tuple(e.shape[1:]), dtype_name(e.dtype)))
+        batches.add(e.batch)
+        specs.append(InputSpec(n, e.shape, e.dtype))
     if len(batches) > 1:
         raise ValueError(f"{path}: inputs disagree on the batch size {sorted(batches)}; cannot batch requests")
     batch = batches.pop()

@@ -20,6 +20,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ..specs import dtype_name
+
 _TRITON_TYPES = {torch.float32: "TYPE_FP32", torch.float16: "TYPE_FP16", torch.bfloat16: "TYPE_BF16",
                  torch.float64: "TYPE_FP64", torch.int64: "TYPE_INT64", torch.int32: "TYPE_INT32",
                  torch.int16: "TYPE_INT16", torch.int8: "TYPE_INT8", torch.uint8: "TYPE_UINT8", torch.bool: "TYPE_BOOL"}
@@ -226,7 +228,7 @@ def serve_pytriton(served: Any, batching: TritonBatching | None = None, *, http_
         outs = _named_outputs(served.model(**served.request(example)) if served.keyword_inputs
                               else _call(served, served.request(example)))
     inputs = [Tensor(name=s.name, dtype=np.dtype(s.dtype).type, shape=tuple(s.shape)) for s in served.inputs]
-    outputs = [Tensor(name=k, dtype=np.dtype(str(v.dtype).removeprefix("torch.")).type,
+    outputs = [Tensor(name=k, dtype=np.dtype(dtype_name(v.dtype)).type,
                       shape=tuple(-1 if served.sequence is not None and i > 0 else d
                                   for i, d in enumerate(v.shape[1:]))) for k, v in outs.items()]
 
