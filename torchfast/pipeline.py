@@ -20,6 +20,7 @@ from torch import nn
 
 from .config import Config, ConfigError, check_range
 from .measure import Fidelity, compare_latency, count_flops, fidelity, size_of
+from .quantized import quantization_of
 from .modules import (ExampleInputError, batches_list, call_model, check_module, describe_batch,
                       restore_training_flags, training_flags)
 from .dropin import eval_mode
@@ -200,17 +201,12 @@ class Optimized:
 
 
 # ---------------------------------------------------------------- helpers
-_UNCOUNTABLE = ("quantized", "packed", "_scale", "zero_point")
-
-
 def _flops(model: nn.Module, example: Any) -> int | None:
-    """FLOPs of one forward, or None where FlopCounterMode cannot see the kernels (quantized models)."""
+    """FLOPs of one forward, or None where FlopCounterMode cannot see the kernels (quantized weights)."""
+    q = quantization_of(model)
+    if q is not None and q.stored:
+        return None
     try:
-        for k, v in model.state_dict().items():
-            if any(s in k for s in _UNCOUNTABLE) or (isinstance(v, torch.Tensor) and (
-                    v.is_quantized or v.dtype in (torch.int8, torch.uint8) or type(v) is not torch.Tensor
-                    and not isinstance(v, nn.Parameter))):
-                return None
         return int(count_flops(model, example))
     except Exception:
         return None

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..errors import TorchfastError
+from ..quantized import COMPILE_KINDS, KINDS, quantization_kind
+from ..specs import DTYPES, SpecError, dtype_name, parse_dtype
 
 __all__ = ["Backend", "BackendError", "BACKENDS", "get_backend", "list_backends", "check",
            "quantization_kind", "normalize_dtype", "DTYPE_NAMES"]
@@ -24,25 +25,28 @@ class BackendError(TorchfastError, ValueError):
     """A backend cannot do what was asked (or is not installed); the message says what to change."""
 
 
-DTYPE_NAMES: dict[str, torch.dtype] = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-}
+# the compute dtypes a backend can be asked for by name (any spelling parse_dtype reads)
+DTYPE_NAMES: dict[str, torch.dtype] = {k: v for k, v in DTYPES.items() if v in (torch.float32, torch.float16,
+                                                                              torch.bfloat16)}
 
 
 def normalize_dtype(dtype: Any) -> torch.dtype:
+    """The compute dtype asked for: None -> fp32; a name must spell fp32, fp16 or bf16."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    if isinstance(dtype, str) and dtype.lower() in DTYPE_NAMES:
-        return DTYPE_NAMES[dtype.lower()]
-    raise BackendError(f"dtype must be one of fp32, fp16, bf16 (or a torch.dtype), got {dtype!r}")
+    try:
+        dt = parse_dtype(dtype)
+    except SpecError:
+        dt = None
+    if dt not in (torch.float32, torch.float16, torch.bfloat16):
+        raise BackendError(f"dtype must be one of fp32, fp16, bf16 (or a torch.dtype), got {dtype!r}")
+    return dt
 
 
 def _short(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+    return dtype_name(dtype, short=True)
 
 
 @dataclass(frozen=True)
@@ -114,37 +118,7 @@ def get_backend(name: str) -> Backend:
         raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}") from None
 
 
-# ---------------------------------------------------------------- what kind of model is this
-def quantization_kind(model: nn.Module) -> str | None:
-    """How a model is quantized, which decides the backends that can compile it.
-
-    ``"ao"``: torch.ao eager/FX quantized modules (packed int8 kernels, fbgemm/x86/onednn);
-    ``"torchao"``: torchao tensor-subclass weights (``quantize_``); ``"pt2e"``: a graph with
-    quantize/dequantize ops (PT2E flow); ``"modelopt"``: NVIDIA ModelOpt fake-quant modules (TensorRT);
-    ``None``: a float model.
-    """
-    if isinstance(model, torch.jit.ScriptModule):
-        return None
-    for m in model.modules():
-        mod = type(m).__module__
-        if mod.startswith(("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized")):
-            return "ao"
-        if mod.startswith("modelopt."):
-            return "modelopt"
-    for t in list(model.parameters()) + list(model.buffers()):
-        data = t.data if isinstance(t, nn.Parameter) else t
-        if type(data).__module__.startswith("torchao") or t.is_quantized:
-            return "torchao" if type(data).__module__.startswith("torchao") else "ao"
-    for m in model.modules():
-        if isinstance(m, torch.fx.GraphModule):
-            for node in m.graph.nodes:
-                if node.op == "call_function" and "quantize_per" in str(node.target):
-                    return "pt2e"
-    return None
-
-
-_KIND_TEXT = {"ao": "torch.ao quantized modules", "torchao": "torchao-quantized weights",
-              "pt2e": "a PT2E quantize/dequantize graph", "modelopt": "ModelOpt fake-quant modules"}
+_KIND_TEXT = {k: KINDS[k] for k in COMPILE_KINDS}
 
 
 def check(name: str, *, device: str, dtype: torch.dtype, quant_kind: str | None, dynamic_batch: bool,

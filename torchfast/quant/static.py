@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..modules import Batch, call_model, split_batch
+from ..quantized import quantized_module_kind
 from ..report import Report
 from .calibrate import run_calibration
 from ..transform import Exclusion
@@ -121,8 +122,7 @@ def _fx_one(model: nn.Module, cfg: Int8Static, batches: list[Batch], reduce_rang
 
 
 def _is_quantized_module(mod: nn.Module) -> bool:
-    m = type(mod).__module__
-    return m.startswith("torch.ao.nn.quantized") or m.startswith("torch.ao.nn.intrinsic.quantized")
+    return quantized_module_kind(mod) == "ao"
 
 
 def layer_report(original: nn.Module, quantized: nn.Module, untraced: list[tuple[str, str]],
