@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import copy
+import os
+import sys
 
 import pytest
 import torch
 
 torch.set_num_threads(2)
+
+# stage helpers the pipeline, CLI, dropin and chart tests import by name (``import pipeline_stages``; the
+# CLI takes ``pipeline_stages:build_mlp`` as a MODEL), wherever the test file lives
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "pipeline"))
 
 
 @pytest.fixture(scope="session")

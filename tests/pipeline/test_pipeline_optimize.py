@@ -127,7 +127,7 @@ def test_dict_inputs_keep_signature_and_kwargs():
     assert list(inspect.signature(res.model).parameters) == ["input_ids", "attention_mask"]
     short = {"input_ids": ids[:, :5], "attention_mask": torch.ones(4, 5, dtype=torch.long)}
     torch.testing.assert_close(res.model(**short), res.transformed(**short))
-    with pytest.raises(ValueError, match="argument 'input_ids': expected dtype torch.int64"):
+    with pytest.raises(ValueError, match="input 'input_ids' must have dtype int64, got float32"):
         res.model(ids.float())
 
 
@@ -144,18 +144,9 @@ def test_torchscript_backend_drop_in(tmp_path):
     torch.testing.assert_close(torch.jit.load(str(path))(x), res.model(x), rtol=1e-5, atol=1e-5)  # plain torch
 
 
-def test_recipe_string_and_parse_errors(monkeypatch):
-    from torchfast.recipe_syntax import STAGE_NAMES, RecipeSyntaxError, parse_recipe
+def test_recipe_string_runs_its_stages(monkeypatch):
+    # parsing itself is tested in tests/test_recipe_syntax.py
+    from torchfast.recipe_syntax import STAGE_NAMES
     monkeypatch.setitem(STAGE_NAMES, "noise", ("pipeline_stages", "Noise", {}))
-    monkeypatch.setitem(STAGE_NAMES, "slow", ("pipeline_stages", "Slow", {"ms": 1.0}))
-    assert parse_recipe("noise:scale=0.5,seed=3,slow+noise") == [st.Noise(0.5, 3), st.Slow(1.0), st.Noise()]
-    assert parse_recipe("slow:ms=2")[0].ms == 2.0
-    for bad, msg in [("nosuch", "unknown stage 'nosuch'"), ("scale=1,noise", "before any stage"),
-                     ("noise:bogus=1", "no parameter 'bogus'.*scale"), ("", "empty recipe"),
-                     ("noise:scale=", "empty key or value")]:
-        with pytest.raises(RecipeSyntaxError, match=msg):
-            parse_recipe(bad)
-    with pytest.raises(ConfigError, match="Noise.scale"):
-        parse_recipe("noise:scale=-1")
     res = optimize(_mlp(), torch.randn(4, 16), "noise:scale=0.0001", **FAST)
     assert res.report.rows[1]["stage"] == "Noise(scale=0.0001)"

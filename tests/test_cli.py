@@ -1,3 +1,4 @@
+"""The torchfast command: optimize, bench, export, serve; exit codes 0 / 1 / 2 with messages naming the option."""
 import json
 import os
 import subprocess
@@ -12,8 +13,8 @@ from torchfast.recipe_syntax import STAGE_NAMES
 
 import pipeline_stages as st
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STAGES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pipeline_stages.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES_FILE = os.path.join(ROOT, "tests", "pipeline", "pipeline_stages.py")
 FAST = ["--runs", "2", "--no-progress"]
 
 

@@ -1,3 +1,4 @@
+"""chart.plot: a speed-vs-fidelity PNG per stage from a report, and the install hint without matplotlib."""
 import sys
 
 import pytest

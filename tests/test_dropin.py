@@ -1,3 +1,4 @@
+"""wrap(): the drop-in module keeps the original signature and checks inputs against the example's specs."""
 import copy
 import inspect
 
@@ -28,17 +29,22 @@ def test_signature_shape_dtype_errors_name_the_argument():
     torch.testing.assert_close(w(x), m(x))
     torch.testing.assert_close(w(torch.randn(5, 3, 8, 8), scale=2.0).shape, torch.Size([5, 4]))  # batch dim free
     torch.testing.assert_close(w(image=x), m(x))
-    with pytest.raises(InputError, match=r"argument 'image': expected shape \[\*, 3, 8, 8\].*got \[2, 3, 9, 8\]"):
+    with pytest.raises(InputError, match=r"input 'image' must have shape \[batch, 3, 8, 8\], got \[2, 3, 9, 8\]"):
         w(torch.randn(2, 3, 9, 8))
-    with pytest.raises(InputError, match=r"argument 'image': expected shape .* got \[3, 8, 8\]"):
+    with pytest.raises(InputError, match=r"input 'image' must have shape .* got \[3, 8, 8\]"):
         w(torch.randn(3, 8, 8))
-    with pytest.raises(InputError, match="argument 'image': expected dtype torch.float32, got torch.float64.*cast_inputs"):
+    with pytest.raises(InputError, match="input 'image' must have dtype float32, got float64.*cast_inputs"):
         w(x.double())
+    with pytest.raises(InputError, match="input 'image' must have dtype float32, got int64$"):
+        w(x.long())  # no cast hint: casting would not make integers floating
     with pytest.raises(TypeError, match=r"wrapped model\(image, scale: float = 1.0\).*missing a required argument: 'image'"):
         w(img=x)
     cast = tf.wrap(m, x, cast_inputs=True)
     torch.testing.assert_close(cast(x.double()), m(x))
-    assert "image: [*, 3, 8, 8] float32" in repr(w)
+    assert "image: [batch, 3, 8, 8] float32" in repr(w)
+    fixed = tf.wrap(m, x, dynamic_dims=())  # no dynamic dim: the batch size is the example's too
+    with pytest.raises(InputError, match=r"input 'image' must have shape \[2, 3, 8, 8\], got \[5, 3, 8, 8\]"):
+        fixed(torch.randn(5, 3, 8, 8))
 
 
 def test_compiled_artifact_gets_the_original_signature_back():
@@ -51,10 +57,10 @@ def test_compiled_artifact_gets_the_original_signature_back():
     assert list(inspect.signature(w).parameters) == ["input_ids", "attention_mask"]
     torch.testing.assert_close(w(attention_mask=mask, input_ids=ids), m(ids, mask))
     torch.testing.assert_close(w(ids[:, :4], mask[:, :4]), m(ids[:, :4], mask[:, :4]))  # seq dim declared dynamic
-    with pytest.raises(InputError, match="argument 'attention_mask': expected shape"):
+    with pytest.raises(InputError, match="input 'attention_mask' must have shape"):
         w(ids, torch.ones(3, 6, 2, dtype=torch.long))
     strict = tf.wrap(m, {"input_ids": ids, "attention_mask": mask}, dynamic_dims={"input_ids": (0,)})
-    with pytest.raises(InputError, match=r"'input_ids': expected shape \[\*, 6\]"):
+    with pytest.raises(InputError, match=r"'input_ids' must have shape \[batch, 6\]"):
         strict(ids[:, :4], mask[:, :4])
 
 
@@ -65,7 +71,7 @@ def test_nested_and_plain_callables_and_no_example():
     x = (torch.randn(2, 3), torch.randn(2, 3))
     w = tf.wrap(f, (x,))
     torch.testing.assert_close(w(x), x[0] + x[1])
-    with pytest.raises(InputError, match=r"argument 'pair\[1\]': expected shape \[\*, 3\]"):
+    with pytest.raises(InputError, match=r"input 'pair\[1\]' must have shape \[batch, 3\]"):
         w((x[0], torch.randn(2, 4)))
     free = tf.wrap(Net())  # no example inputs: signature and device only
     assert free(torch.randn(1, 3, 5, 5)).shape == (1, 4)
