@@ -17,7 +17,13 @@ def _pair(v) -> tuple[int, int]:
 
 
 class LowRankLinear(nn.Sequential):
-    """``Linear(in, rank, bias=False)`` then ``Linear(rank, out)``."""
+    """``Linear(in, rank, bias=False)`` then ``Linear(rank, out)``.
+
+    ``weight`` / ``bias`` read like the Linear it replaces (the dense product of the factors, recomputed on
+    each read), so model code that looks at ``layer.weight.dtype`` or ``.shape`` keeps working; writing to
+    them does not change the factors.
+    """
+    __jit_unused_properties__ = ["weight", "bias"]
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
                  device=None, dtype=None) -> None:
@@ -25,12 +31,27 @@ class LowRankLinear(nn.Sequential):
         super().__init__(nn.Linear(in_features, rank, bias=False, **kw), nn.Linear(rank, out_features, bias=bias, **kw))
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
 
+    @property
+    def weight(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self[1].weight @ self[0].weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self[1].bias
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
 class LowRankConv2d(nn.Sequential):
-    """A Conv2d rewritten as a chain of plain convs; ``method`` is ``channel``, ``spatial`` or ``tucker``."""
+    """A Conv2d rewritten as a chain of plain convs; ``method`` is ``channel``, ``spatial`` or ``tucker``.
+
+    It keeps the original's geometry attributes (``kernel_size``, ``stride``, ``padding``, ...), and
+    ``weight`` / ``bias`` read as the dense kernel the chain computes (recomputed on each read; writing to
+    them does not change the factors), so code that inspects the layer keeps working.
+    """
+    __jit_unused_properties__ = ["weight", "bias"]
 
     def __init__(self, conv: nn.Conv2d, method: str, ranks: tuple[int, ...]) -> None:
         C, O = conv.in_channels, conv.out_channels
@@ -61,7 +82,23 @@ class LowRankConv2d(nn.Sequential):
             raise ValueError(f"unknown conv factorization {method!r}")
         super().__init__(*layers)
         self.in_channels, self.out_channels = C, O
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.groups, self.padding_mode = conv.dilation, conv.groups, conv.padding_mode
         self.method, self.ranks = method, tuple(int(r) for r in ranks)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = [c.weight for c in self.children()]
+        with torch.no_grad():
+            if self.method == "channel":      # [O, r, 1, 1] o [r, C, kh, kw]
+                return torch.einsum("or,rcij->ocij", w[1][:, :, 0, 0], w[0])
+            if self.method == "spatial":      # [O, r, 1, kw] o [r, C, kh, 1]
+                return torch.einsum("orj,rci->ocij", w[1][:, :, 0, :], w[0][:, :, :, 0])
+            return torch.einsum("os,srij,rc->ocij", w[2][:, :, 0, 0], w[1], w[0][:, :, 0, 0])   # tucker
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return list(self.children())[-1].bias
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, method={self.method}, ranks={self.ranks}"
