@@ -26,10 +26,6 @@ def check_not_quantized(model: nn.Module, scheme: str) -> None:
                                     f"quantize the original floating-point model instead")
 
 
-def skipped(name: str, skip: tuple[str, ...]) -> bool:
-    return any(name == s or name.startswith(s + ".") for s in skip)
-
-
 def time_layer(fp32: Callable, candidate: Callable, args: tuple, runs: int = 9) -> tuple[float, float]:
     """(fp32 ms, candidate ms): medians, interleaved, on the layer's real input."""
     cmp = compare_latency(fp32, candidate, args, runs=runs, warmup=2)
