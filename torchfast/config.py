@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import sys
 import warnings
 from typing import Any, Mapping
 
@@ -20,6 +21,15 @@ __all__ = ["Config", "ConfigError", "config_from_dict", "opaque", "check_range",
 
 class ConfigError(TorchfastError, ValueError):
     """A config value is invalid; the message names the field and the value."""
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for a warning raised where this is called, pointing at the first caller outside
+    torchfast (the user's line, however deep the call went)."""
+    level, f = 1, sys._getframe(1)
+    while f is not None and f.f_globals.get("__name__", "").split(".")[0] == "torchfast":
+        f, level = f.f_back, level + 1
+    return level
 
 
 # former field names that now have one name in every transform config
@@ -38,7 +48,7 @@ def _modern_kwargs(cls: type, kwargs: Mapping[str, Any]) -> dict[str, Any]:
             if new in out:
                 raise ConfigError(f"{cls.__name__}: give {new} only ({old} is its former name)")
             warnings.warn(f"{cls.__name__}({old}=...) is now {cls.__name__}({new}=...): module names or globs",
-                          FutureWarning, stacklevel=3)
+                          FutureWarning, stacklevel=user_stacklevel())
             out[new] = out.pop(old)
     return out
 

@@ -17,9 +17,9 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from .config import ConfigError
+from .config import ConfigError, user_stacklevel
 
-__all__ = ["Exclusion", "require_names", "legacy_positional"]
+__all__ = ["Exclusion", "require_names", "legacy_positional", "user_stacklevel"]
 
 
 def _suggest(name: str, names: Iterable[str]) -> str:
@@ -127,7 +127,7 @@ def legacy_positional(old_order: tuple[str, ...],
                     kwargs[k] = v
                 new = ", ".join(["model", "config"] + [f"{k}=..." for k in given if k != "config"])
                 warnings.warn(f"{name}({', '.join(['model', *given])}) is the former argument order; "
-                              f"call {name}({new})", FutureWarning, stacklevel=2)
+                              f"call {name}({new})", FutureWarning, stacklevel=user_stacklevel())
                 args = ()
             elif len(args) > 1:
                 raise TypeError(f"{name}() takes model and config positionally; pass "

@@ -18,7 +18,7 @@ from torch import nn
 from ..config import ConfigError
 from ..modules import batches_list, check_module, maybe_copy, swap_modules
 from ..report import Report
-from ..transform import Exclusion, legacy_positional
+from ..transform import Exclusion, legacy_positional, user_stacklevel
 from . import decompose as D
 from .calibrate import LayerStats, collect
 from .config import LowRank
@@ -221,7 +221,7 @@ def _filter_fn_to_exclude(model: Any, kwargs: dict) -> dict:
     if filter_fn is None:
         return kwargs
     warnings.warn("decompose(filter_fn=...) is replaced by LowRank(exclude=(module names or globs, ...))",
-                  FutureWarning, stacklevel=3)
+                  FutureWarning, stacklevel=user_stacklevel())
     check_module(model)
     if not callable(filter_fn):
         raise TypeError(f"filter_fn must be callable (module, name) -> bool, got {type(filter_fn).__name__}")
