@@ -1,7 +1,7 @@
 """Every torchfast transform on every model of two zoos: torchvision's classifiers and timm architectures.
 
-For each model (random weights, eval mode, one 224x224 image; each model in its own process with a time
-limit), run ``prune`` (ChannelPruning 30%), ``decompose`` (LowRank defaults), ``quantize`` (Int8Dynamic
+For each model (random weights, eval mode, one image at the model's input size; each model in its own process, one
+thread, with a time limit), run ``prune`` (ChannelPruning 30%), ``decompose`` (LowRank defaults), ``quantize`` (Int8Dynamic
 and Int8Static on 2 calibration batches) and ``compile`` (TorchScript), each on the original model. A cell is
 
 - ``ok``: the transform returned a model that runs and keeps the output shape; the cell shows how many
@@ -106,25 +106,44 @@ def _run_one(zoo: str, name: str, transforms: list[str], q: "mp.Queue") -> None:
     q.put({"model": name, "zoo": zoo, **out})
 
 
-def sweep(zoo: str, names: list[str], transforms: list[str], timeout_s: float, bar) -> list[dict]:
+def sweep(zoo: str, names: list[str], transforms: list[str], timeout_s: float, jobs: int, bar) -> list[dict]:
+    """Each model in its own process (at most ``jobs`` at once), killed after ``timeout_s``."""
     ctx = mp.get_context("spawn")
-    rows = []
-    for name in names:
-        bar.set_postfix_str(f"{zoo}:{name}")
-        q = ctx.Queue()
-        p = ctx.Process(target=_run_one, args=(zoo, name, transforms, q), daemon=True)
-        t0 = time.perf_counter()
-        p.start()
-        p.join(timeout_s)
-        if p.is_alive():
-            p.kill()
-            rows.append({"model": name, "zoo": zoo, "build": f"timeout after {timeout_s:.0f} s"})
-        else:
-            rows.append(q.get() if not q.empty() else {"model": name, "zoo": zoo,
-                                                       "build": f"process died (exit {p.exitcode})"})
-        rows[-1]["time (s)"] = round(time.perf_counter() - t0)
-        bar.update(1)
-    return rows
+    results: dict[str, dict] = {}
+    todo = list(names)
+    live: dict[str, tuple] = {}
+    while todo or live:
+        while todo and len(live) < jobs:
+            name = todo.pop(0)
+            q = ctx.Queue()
+            p = ctx.Process(target=_run_one, args=(zoo, name, transforms, q), daemon=True)
+            p.start()
+            live[name] = (p, q, time.perf_counter())
+        time.sleep(0.5)
+        for name, (p, q, t0) in list(live.items()):
+            got = None
+            try:
+                got = q.get_nowait()
+            except Exception:  # noqa: BLE001 - queue.Empty
+                pass
+            if got is None and p.is_alive() and time.perf_counter() - t0 < timeout_s:
+                continue
+            if got is None and p.is_alive():
+                p.kill()
+                got = {"model": name, "zoo": zoo, "build": f"timeout after {timeout_s:.0f} s"}
+            elif got is None:
+                p.join(1)
+                try:
+                    got = q.get(timeout=2)
+                except Exception:  # noqa: BLE001
+                    got = {"model": name, "zoo": zoo, "build": f"process died (exit {p.exitcode})"}
+            p.join(5)
+            got["time (s)"] = round(time.perf_counter() - t0)
+            results[name] = got
+            del live[name]
+            bar.set_postfix_str(f"{zoo}:{name}")
+            bar.update(1)
+    return [results[n] for n in names]
 
 
 def main(argv=None) -> int:
@@ -133,6 +152,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=None, help="comma-separated names (default: the whole zoo)")
     ap.add_argument("--transforms", default=",".join(TRANSFORMS))
     ap.add_argument("--timeout-s", type=float, default=600)
+    ap.add_argument("--jobs", type=int, default=2, help="models at once, one thread each (default 2)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     from tqdm import tqdm
@@ -152,7 +172,7 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     with tqdm(total=sum(len(n) for _, n in plan), desc="zoo sweep", unit="model") as bar:
         for zoo, names in plan:
-            rows += sweep(zoo, names, transforms, a.timeout_s, bar)
+            rows += sweep(zoo, names, transforms, a.timeout_s, a.jobs, bar)
             if a.json:
                 Path(a.json).write_text(json.dumps(rows, indent=2))
     cols = ["zoo", "model", "build"] + transforms + ["time (s)"]

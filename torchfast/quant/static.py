@@ -20,8 +20,8 @@ from torch import nn
 from ..modules import Batch, call_model, split_batch
 from ..quantized import quantized_module_kind
 from ..report import Report
-from .calibrate import run_calibration
 from ..transform import Exclusion
+from .calibrate import run_calibration
 from .config import Int8Static
 from .dynamic import full_range_exact
 from .observers import activation_observer, weight_observer
@@ -82,8 +82,10 @@ def _capture_child_inputs(model: nn.Module, children: list[str], batches: list[B
 
 
 def _fx_one(model: nn.Module, cfg: Int8Static, batches: list[Batch], reduce_range: bool, skip: tuple[str, ...],
-            prefix: str, untraced: list[tuple[str, str]], progress: bool) -> nn.Module:
-    """FX-quantize ``model``; on a trace failure keep it float and recurse into its children."""
+            prefix: str, untraced: list[tuple[str, str]], progress: bool, wrapped_leaf: bool = False) -> nn.Module:
+    """FX-quantize ``model``; on a trace failure keep it float and recurse into its children. A leaf layer
+    is tried once, wrapped in a Sequential; if even that fails to trace (a conv subclass whose forward
+    branches on shapes), it stays float as it is."""
     from torch.ao.quantization.backend_config.x86 import get_x86_backend_config
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
@@ -95,6 +97,8 @@ def _fx_one(model: nn.Module, cfg: Int8Static, batches: list[Batch], reduce_rang
         if not _is_trace_error(e) and not isinstance(e, TypeError):
             raise
         untraced.append((prefix or "<root>", f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
+        if wrapped_leaf:
+            return model[0]
         children = [n for n, _ in model.named_children()]
         inputs = _capture_child_inputs(model, children, batches)
         for name in children:
@@ -113,7 +117,8 @@ def _fx_one(model: nn.Module, cfg: Int8Static, batches: list[Batch], reduce_rang
             leaf = not any(True for _ in child.children())
             # a bare leaf traces to functional ops; wrapped, it converts to a quantized module at "<name>.0"
             target = nn.Sequential(child) if leaf else child
-            q = _fx_one(target, cfg, child_batches, reduce_range, child_skip, full, untraced, progress=False)
+            q = _fx_one(target, cfg, child_batches, reduce_range, child_skip, full, untraced, progress=False,
+                        wrapped_leaf=leaf)
             setattr(model, name, q)
         return model
     with quiet("torch.ao"):
@@ -164,12 +169,12 @@ def layer_report(original: nn.Module, quantized: nn.Module, untraced: list[tuple
 def quantize_fx_static(model: nn.Module, cfg: Int8Static, batches: list[Batch],
                        exclusion: Exclusion | None = None) -> tuple[nn.Module, Report]:
     """``model`` is already a private copy in eval mode; ``batches`` are validated calibration batches."""
+    exclusion = exclusion if exclusion is not None else Exclusion(cfg.exclude, "Int8Static")
     reduce_range = not full_range_exact()
     untraced: list[tuple[str, str]] = []
     original = copy.deepcopy(model)
     q = _fx_one(model, cfg, batches, reduce_range, exclusion.roots(model), "", untraced, cfg.progress)
     scheme = "int8 static, " + ("per-channel" if cfg.per_channel else "per-tensor") + f", {cfg.observer}"
-    exclusion = exclusion if exclusion is not None else Exclusion(cfg.exclude, "Int8Static")
     report = layer_report(original, q, untraced, exclusion, scheme)
     report.summary.update({"scheme": "int8 static", "method": "fx", "observer": cfg.observer,
                            "weights": "per-channel" if cfg.per_channel else "per-tensor",
