@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from torchfast.cli import main
-from torchfast.recipe_syntax import STAGE_NAMES
 
 import pipeline_stages as st
 
@@ -18,12 +17,7 @@ STAGES_FILE = os.path.join(ROOT, "tests", "pipeline", "pipeline_stages.py")
 FAST = ["--runs", "2", "--no-progress"]
 
 
-@pytest.fixture()
-def noise_stage(monkeypatch):
-    monkeypatch.setitem(STAGE_NAMES, "noise", ("pipeline_stages", "Noise", {}))
-
-
-def test_optimize_writes_report_and_artifact(noise_stage, tmp_path, capsys):
+def test_optimize_writes_report_and_artifact(tmp_path, capsys):
     rep, out = tmp_path / "r.json", tmp_path / "m.pt"
     rc = main(["optimize", "pipeline_stages:build_mlp", "--input-shape", "4,16", "--recipe",
                "noise:scale=0.0001,noise:scale=5", "--backend", "torchscript", "--report", str(rep),
@@ -55,8 +49,7 @@ def test_usage_errors_exit_2_with_a_message(argv, msg, capsys):
     assert msg in capsys.readouterr().err
 
 
-def test_runtime_failure_exits_1(monkeypatch, capsys):
-    monkeypatch.setitem(STAGE_NAMES, "boom", ("pipeline_stages", "Boom", {}))
+def test_runtime_failure_exits_1(capsys):
     assert main(["optimize", "pipeline_stages:build_mlp", "--input-shape", "4,16", "--recipe", "boom", *FAST]) == 1
     err = capsys.readouterr().err
     assert "RuntimeError: boom" in err and "--debug" in err

@@ -80,7 +80,7 @@ def _backend_args(p: argparse.ArgumentParser, default: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .recipe_syntax import recipe_help
+    from .stages import AUTO_HELP, recipe_help
 
     parser = argparse.ArgumentParser(prog="torchfast", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,8 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "rolled back when it breaks --tolerance; the result is compiled for --backend.")
     _model_args(p)
     p.add_argument("--recipe", default="auto",
-                   help=f"the stages, in order: {recipe_help()}. 'auto' (default): int8-static for models with "
-                        f"convolutions, int8-dynamic otherwise")
+                   help=f"the stages, in order: {recipe_help()}. {AUTO_HELP} (the default); 'none': no stage")
     _backend_args(p, "auto")
     p.add_argument("--tolerance", default=None, metavar="SPEC",
                    help="bounds vs the original that make a stage roll back: min_cosine=0.99,max_rel_err=...,"
@@ -172,13 +171,7 @@ def _recipe(spec: str | None, model) -> list:
     from .recipe_syntax import parse_recipe
     if spec is None or spec.strip() == "":
         return []
-    if spec.strip().lower() == "auto":
-        from torch import nn
-        has_conv = any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in model.modules())
-        spec = "int8-static" if has_conv else "int8-dynamic"
-    if spec.strip().lower() == "none":
-        return []
-    return parse_recipe(spec)
+    return parse_recipe(spec, model)  # 'auto' picks the stages for the model, 'none' is no stage
 
 
 def _backend_options(a) -> dict[str, Any]:
@@ -281,6 +274,8 @@ def cmd_bench(a) -> int:
     baseline = base_src.model if base_src else (None if is_artifact else src.model)
     recipe = _recipe(a.recipe, src.model) if a.recipe else []
     opts = _backend_options(a)
+    from .stages import check_backend
+    check_backend(recipe, a.backend)  # a stage the backend cannot compile fails before the recipe's work
     candidate = src.model
     if recipe:
         candidate, _ = apply_recipe(copy.deepcopy(src.model), recipe, src.example, src.calibration or None)

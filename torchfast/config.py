@@ -145,7 +145,17 @@ class Config(metaclass=_ConfigMeta):
         return cls(**kwargs)
 
 
-_PROVIDERS = ("torchfast.lowrank", "torchfast.prune", "torchfast.quant", "torchfast.pipeline")
+# configs that are not recipe stages (the stages' own come from the stage table, torchfast.stages)
+_NOT_STAGES = ("torchfast.pipeline",)
+
+
+def _load_configs() -> None:
+    """Import every stage config of the table, and the other configs, so their classes can be found by name."""
+    from .stages import STAGES
+    for stage in list(STAGES.values()):
+        stage.config_class()
+    for mod in _NOT_STAGES:
+        importlib.import_module(mod)
 
 
 def _subclasses(c: type) -> list[type]:
@@ -170,8 +180,7 @@ def config_from_dict(d: Mapping[str, Any]) -> Config:
         if not (isinstance(cls, type) and issubclass(cls, Config)):
             raise ConfigError(f"{t!r} is not a torchfast config class")
         return cls.from_dict(d)
-    for p in _PROVIDERS:
-        importlib.import_module(p)
+    _load_configs()
     found = {c for c in _subclasses(Config) if c.__name__ == t and c.__module__.startswith("torchfast")}
     if not found:
         known = sorted({c.__name__ for c in _subclasses(Config) if c.__module__.startswith("torchfast")})

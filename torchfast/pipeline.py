@@ -26,6 +26,7 @@ from .modules import (ExampleInputError, batches_list, call_model, check_module,
 from .dropin import eval_mode
 from .recipe import apply_stage, stage_for
 from .report import Report
+from .stages import check_backend as check_stages_backend, stage_of
 
 __all__ = ["Tolerance", "StageResult", "Optimized", "optimize", "describe", "ExampleInputError"]
 
@@ -231,10 +232,21 @@ def _is_backend_error(e: Exception) -> bool:
     return isinstance(e, BackendError)
 
 
+def _engine_lowers(recipe: Sequence[Config], backend: str) -> bool:
+    """Whether the backend quantizes the model itself with the recipe's last stage (NNCF for OpenVINO, QDQ
+    for ONNX Runtime; under "auto" every backend's lowering is a candidate) instead of running it."""
+    from .backends import INT8_NATIVE
+    if backend not in ("auto", *INT8_NATIVE) or not recipe:
+        return False
+    stage = stage_of(recipe[-1])
+    return stage is not None and stage.engine_int8
+
+
 def _check_backend(backend: str, model: nn.Module, options: dict) -> None:
     """Fail before any work when the backend does not exist, is not installed, or cannot run on the
-    requested device/dtype. (Whether it accepts the quantized model a recipe produces is only known
-    after the recipe; a compile failure then keeps the eager model and the report says why.)"""
+    requested device/dtype. (Whether it accepts what the recipe makes is checked from the stage table,
+    see ``torchfast.stages.check_backend``; a compile failure past that keeps the eager model and the
+    report says why.)"""
     if not isinstance(backend, str):
         raise ConfigError(f"backend must be a name such as 'eager' or 'inductor', got {type(backend).__name__}")
     if backend == "auto":
@@ -269,12 +281,16 @@ def optimize(model: nn.Module, example_inputs: Any, recipe: Sequence[Config] | s
     the calibration batches, else the example inputs); ``eval_fn(model) -> float`` adds a task metric.
     A stage that breaks ``tolerance`` is rolled back (the model before it continues) and the report
     says why. ``on_error="skip"`` rolls back a stage that raises instead of re-raising.
+
+    ``recipe`` is a list of configs or a recipe string (``"lowrank:ratio=0.5,int8-static"``; ``"auto"``:
+    int8 static for models with convolutions, int8 dynamic otherwise). A stage whose model ``backend``
+    cannot compile (torch.ao int8 on inductor) is refused with a ConfigError before any stage runs.
     """
     check_module(model)
     tol = _as_tolerance(tolerance)
     if isinstance(recipe, str):
         from .recipe_syntax import parse_recipe
-        recipe = parse_recipe(recipe)
+        recipe = parse_recipe(recipe, model)
     recipe = list(recipe)
     for cfg in recipe:
         stage_for(cfg)  # every stage has a transform, before any work
@@ -282,6 +298,7 @@ def optimize(model: nn.Module, example_inputs: Any, recipe: Sequence[Config] | s
         raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     options = dict(backend_options or {})
     _check_backend(backend, model, options)
+    check_stages_backend(recipe[:-1] if _engine_lowers(recipe, backend) else recipe, backend)
     calib = batches_list(calibration) if calibration is not None else None
     val = batches_list(validation) if validation is not None else (calib[:8] if calib else batches_list(example_inputs))
     if not val:
@@ -343,9 +360,7 @@ def _run(original, example, recipe, backend, options, eval_fn, tol, calib, val, 
     # an int8 stage at the end of the recipe is lowered to the engine's own int8 toolchain when compiling
     # (NNCF for OpenVINO, QDQ for ONNX Runtime; under "auto" every backend's lowering is a candidate)
     lowered = None
-    from .backends import INT8_NATIVE
-    from .quant.config import Int8Dynamic, Int8Static
-    if backend in ("auto", *INT8_NATIVE) and recipe and isinstance(recipe[-1], (Int8Static, Int8Dynamic)):
+    if _engine_lowers(recipe, backend):
         lowered = recipe[-1]
         recipe = recipe[:-1]
         options = {**options, "int8": lowered, "calibration": calib}

@@ -6,51 +6,27 @@ with ``=`` and no ``:`` continues the parameters of the stage before it, so
     lowrank:ratio=0.5,method=svd,prune:amount=0.3,int8-static:observer=histogram
 
 is ``[LowRank(ratio=0.5, method="svd"), ChannelPruning(amount=0.3), Int8Static(observer="histogram")]``.
-Values are parsed as int, float, true/false, none, or text; ``a/b/c`` is a tuple. Every name maps to the
-config class of the transform that owns it (imported lazily), so parameter names are that config's fields.
+Values are parsed as int, float, true/false, none, or text; ``a/b/c`` is a tuple. The names are those of
+the stage table (``torchfast.stages``), each standing for a config class (imported lazily), so parameter
+names are that config's fields. The whole recipe ``"auto"`` picks the stages for the model
+(:func:`torchfast.stages.auto_recipe`); ``"none"`` is the empty recipe.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Any
 
 import torch
 
 from .config import Config, ConfigError, _modern_kwargs
 from .specs import SpecError, parse_dtype
+from .stages import STAGES, auto_recipe, recipe_help, stage_named
 
-__all__ = ["parse_recipe", "STAGE_NAMES", "recipe_help", "RecipeSyntaxError"]
+__all__ = ["parse_recipe", "recipe_help", "RecipeSyntaxError"]
 
 
 class RecipeSyntaxError(ConfigError):
     """A recipe string cannot be parsed; the message names the token."""
-
-
-# name -> (module, config class, preset fields)
-STAGE_NAMES: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "lowrank": ("torchfast.lowrank", "LowRank", {}),
-    "prune": ("torchfast.prune", "ChannelPruning", {}),
-    "sparse24": ("torchfast.prune", "SemiStructured24", {}),
-    "sparse": ("torchfast.prune", "UnstructuredSparse", {}),
-    "int8-dynamic": ("torchfast.quant", "Int8Dynamic", {}),
-    "int8-static": ("torchfast.quant", "Int8Static", {}),
-    "weight-only": ("torchfast.quant", "WeightOnly", {}),
-    "int8-weight-only": ("torchfast.quant", "WeightOnly", {"bits": 8}),
-    "int4-weight-only": ("torchfast.quant", "WeightOnly", {"bits": 4}),
-    "float8": ("torchfast.quant", "Float8", {}),
-    "fp16": ("torchfast.quant", "HalfPrecision", {"dtype": torch.float16}),
-    "bf16": ("torchfast.quant", "HalfPrecision", {"dtype": torch.bfloat16}),
-}
-_ALIASES = {"low-rank": "lowrank", "channel-pruning": "prune", "2to4": "sparse24", "semi-structured": "sparse24",
-            "dynamic": "int8-dynamic", "static": "int8-static", "int8": "int8-static", "fp8": "float8",
-            "int4": "int4-weight-only", "half": "fp16"}
-
-
-def recipe_help() -> str:
-    names = ", ".join(STAGE_NAMES)
-    return (f"stages separated by ',' or '+'; each NAME or NAME:key=value,key=value (keys are the config's "
-            f"fields). Names: {names}. Example: 'lowrank:ratio=0.5,prune:amount=0.3,int8-static'")
 
 
 def parse_value(text: str) -> Any:
@@ -92,21 +68,23 @@ def _coerce(cls: type, key: str, value: Any) -> Any:
 
 
 def _build(name: str, params: dict[str, str], text: str) -> Config:
-    key = _ALIASES.get(name.lower(), name.lower())
-    if key not in STAGE_NAMES:
-        raise RecipeSyntaxError(f"unknown stage {name!r} in recipe {text!r}; known: {', '.join(STAGE_NAMES)}")
-    mod_name, cls_name, preset = STAGE_NAMES[key]
+    found = stage_named(name)
+    if found is None:
+        known = ", ".join(n for s in STAGES.values() for n in s.names)
+        raise RecipeSyntaxError(f"unknown stage {name!r} in recipe {text!r}; known: {known}")
+    stage, preset = found
+    cls_name = stage.config_name
     try:
-        cls = getattr(importlib.import_module(mod_name), cls_name)
+        cls = stage.config_class()
     except (ImportError, AttributeError) as e:
-        raise RecipeSyntaxError(f"stage {name!r} needs {mod_name}.{cls_name}, which is not available: {e}") from e
+        raise RecipeSyntaxError(f"stage {name!r} needs {stage.config_path}, which is not available: {e}") from e
     params = _modern_kwargs(cls, params)  # former names (skip, ignored) -> exclude; inplace is refused
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(params) - fields)
     if unknown:
         raise RecipeSyntaxError(f"stage {name!r} ({cls_name}) has no parameter {', '.join(map(repr, unknown))}; "
                                 f"its parameters: {', '.join(sorted(fields))}")
-    kwargs = dict(preset)
+    kwargs = {k: _coerce(cls, k, v) for k, v in preset.items()}
     kwargs.update({k: _coerce(cls, k, parse_value(v)) for k, v in params.items()})
     try:
         return cls(**kwargs)
@@ -116,10 +94,18 @@ def _build(name: str, params: dict[str, str], text: str) -> Config:
         raise RecipeSyntaxError(f"stage {name!r}: {e}") from e
 
 
-def parse_recipe(text: str) -> list[Config]:
-    """Parse a recipe string (see the module docstring) into a list of configs."""
+def parse_recipe(text: str, model: Any = None) -> list[Config]:
+    """Parse a recipe string (see the module docstring) into a list of configs. ``"auto"`` needs the
+    ``model`` it picks stages for; ``"none"`` is the empty recipe."""
     if not isinstance(text, str):
         raise RecipeSyntaxError(f"a recipe string is expected, got {type(text).__name__}")
+    if text.strip().lower() == "none":
+        return []
+    if text.strip().lower() == "auto":
+        if model is None:
+            raise RecipeSyntaxError("recipe 'auto' picks the stages for a model: pass it, "
+                                    "parse_recipe('auto', model) (optimize(model, x, 'auto') does)")
+        text = auto_recipe(model)
     stages: list[tuple[str, dict[str, str]]] = []
     for chunk in text.split("+"):
         for tok in chunk.split(","):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from torchfast.config import Config, check_range
-from torchfast.recipe import register_stage
+from torchfast.stages import Stage, register_stage
 from torchfast.report import Report
 
 CALLS: list[str] = []
@@ -85,10 +85,11 @@ def _slow(model, cfg, *, example_inputs=None, calibration=None, inplace=False):
     return _Sleepy(model, cfg.ms), Report("slow")
 
 
-register_stage(Noise, _noise)
-register_stage(DropHidden, _drop)
-register_stage(Boom, _boom)
-register_stage(Slow, _slow)
+# in the one stage table, as a transform of your own would be: recipes and recipe strings run them
+register_stage(Stage(Noise, _noise, {"noise": {}}))
+register_stage(Stage(DropHidden, _drop, {"drop-hidden": {}}))
+register_stage(Stage(Boom, _boom, {"boom": {}}))
+register_stage(Stage(Slow, _slow, {"slow": {}, "slow-1ms": {"ms": 1.0}}))
 
 
 class TwoInputs(nn.Module):

@@ -6,11 +6,8 @@ per-layer rank search.
 """
 from __future__ import annotations
 
-from ..recipe import register_stage
 from .config import LowRank
 from .layers import LowRankConv2d, LowRankLinear
 from .rewrite import decompose
 
 __all__ = ["decompose", "LowRank", "LowRankLinear", "LowRankConv2d"]
-
-register_stage(LowRank, decompose)

@@ -6,7 +6,6 @@ those are measured faster (2:4 semi-structured on CUDA, CSR/BSR on CPU).
 """
 from __future__ import annotations
 
-from ..recipe import register_stage
 from .api import PruneError, prune
 from .config import ChannelPruning, SemiStructured24, UnstructuredSparse
 from .graph import DependencyGraph, TraceError
@@ -18,10 +17,6 @@ __all__ = ["prune", "ChannelPruning", "sparsify", "SemiStructured24", "Unstructu
 
 from .finetune import finetune
 from .sparse import sparsify
-
-register_stage(ChannelPruning, prune)
-register_stage(SemiStructured24, sparsify)
-register_stage(UnstructuredSparse, sparsify)
 
 
 # ``torchfast.prune`` is both this package and the public function ``tf.prune(model, ...)``.

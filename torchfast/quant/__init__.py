@@ -12,8 +12,8 @@ from torch import nn
 
 from ..dropin import eval_mode
 from ..modules import Batch, check_module, restore_training_flags, training_flags
-from ..recipe import register_stage
 from ..report import Report
+from ..stages import STAGES, load, stage_of
 from ..transform import Exclusion, legacy_positional
 from .calibrate import CalibrationError
 from .common import AlreadyQuantizedError
@@ -42,30 +42,17 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, example_inp
     """
     check_module(model)
     config = Int8Dynamic() if config is None else config
-    if not isinstance(config, QuantConfig):
-        raise TypeError(f"quantize() takes Int8Dynamic, Int8Static, WeightOnly, Float8 or HalfPrecision, "
-                        f"got {type(config).__name__}")
+    stage = stage_of(config) if isinstance(config, QuantConfig) else None
+    if stage is None or stage.implementation is None:
+        known = ", ".join(s.config_name for s in STAGES.values() if s.implementation is not None)
+        raise TypeError(f"quantize() takes {known}; got {type(config).__name__}")
+    implementation = load(stage.implementation)
     exclusion = Exclusion.resolve(model, config)
     flags = training_flags(model)
     try:
         model.eval()
-        if isinstance(config, Int8Dynamic):
-            from .dynamic import quantize_dynamic
-            out, rep = quantize_dynamic(model, config, example_inputs, exclusion, inplace)
-        elif isinstance(config, Int8Static):
-            from .select import quantize_static
-            out, rep = quantize_static(model, config, example_inputs, calibration, exclusion)
-        elif isinstance(config, WeightOnly):
-            from .weight_only import quantize_weight_only
-            out, rep = quantize_weight_only(model, config, exclusion, inplace)
-        elif isinstance(config, Float8):
-            from .weight_only import quantize_float8
-            out, rep = quantize_float8(model, config, exclusion, inplace)
-        elif isinstance(config, HalfPrecision):
-            from .half import cast_half
-            out, rep = cast_half(model, config, example_inputs, exclusion, inplace)
-        else:  # pragma: no cover
-            raise TypeError(f"no quantization transform for {type(config).__name__}")
+        out, rep = implementation(model, config, example_inputs=example_inputs, calibration=calibration,
+                                  exclusion=exclusion, inplace=inplace)
         eval_mode(out)
     except BaseException:
         restore_training_flags(flags)
@@ -75,6 +62,3 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, example_inp
     rep.summary.setdefault("config", config.to_dict())
     return out, rep
 
-
-for _cfg in (Int8Dynamic, Int8Static, WeightOnly, Float8, HalfPrecision):
-    register_stage(_cfg, quantize)

@@ -136,8 +136,10 @@ def _describe(mod: nn.Module) -> str:
     return f"{mod.input_size}->{mod.hidden_size}x{mod.num_layers}"
 
 
-def quantize_dynamic(model: nn.Module, cfg: Int8Dynamic, example_inputs: Batch | None = None,
-                     exclusion: Exclusion | None = None, inplace: bool = False) -> tuple[nn.Module, Report]:
+def quantize_dynamic(model: nn.Module, cfg: Int8Dynamic, *, example_inputs: Batch | None = None,
+                     calibration: Any = None, exclusion: Exclusion | None = None,
+                     inplace: bool = False) -> tuple[nn.Module, Report]:
+    """``quantize()`` for Int8Dynamic (no calibration: activation ranges are measured per batch)."""
     check_not_quantized(model, "Int8Dynamic")
     device = model_device(model)
     types = tuple(_TYPES[m] for m in cfg.modules)

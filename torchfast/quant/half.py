@@ -6,6 +6,7 @@ has no fast CPU GEMM on most x86 parts. With example inputs the cast is timed ag
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
@@ -90,7 +91,7 @@ def _cast(model: nn.Module, dtype: torch.dtype, exclusion: Exclusion) -> nn.Modu
     return model
 
 
-def cast_half(model: nn.Module, cfg: HalfPrecision, example_inputs: Batch | None = None,
+def cast_half(model: nn.Module, cfg: HalfPrecision, *, example_inputs: Batch | None = None, calibration: Any = None,
               exclusion: Exclusion | None = None, inplace: bool = False) -> tuple[nn.Module, Report]:
     check_not_quantized(model, "HalfPrecision")
     dtype = cfg.torch_dtype

@@ -24,8 +24,10 @@ __all__ = ["quantize_static"]
 _COSINE_SLACK = 0.002
 
 
-def quantize_static(model: nn.Module, cfg: Int8Static, example_inputs: Batch | None,
-                    calibration: Iterable[Batch] | None, exclusion: Exclusion | None = None) -> tuple[nn.Module, Report]:
+def quantize_static(model: nn.Module, cfg: Int8Static, *, example_inputs: Batch | None = None,
+                    calibration: Iterable[Batch] | None = None, exclusion: Exclusion | None = None,
+                    inplace: bool = False) -> tuple[nn.Module, Report]:
+    """``quantize()`` for Int8Static. It builds a new graph module whatever ``inplace`` says."""
     check_not_quantized(model, "Int8Static")
     source = cfg.calibration if cfg.calibration is not None else calibration
     batches = strip_labels(collect(source, cfg.max_batches), example_inputs)

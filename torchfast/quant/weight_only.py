@@ -8,6 +8,7 @@ here, and say so before touching the model.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
@@ -71,8 +72,9 @@ def _cuda_capability(device: torch.device) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(device)
 
 
-def quantize_weight_only(model: nn.Module, cfg: WeightOnly, exclusion: Exclusion | None = None,
-                         inplace: bool = False) -> tuple[nn.Module, Report]:
+def quantize_weight_only(model: nn.Module, cfg: WeightOnly, *, example_inputs: Any = None, calibration: Any = None,
+                         exclusion: Exclusion | None = None, inplace: bool = False) -> tuple[nn.Module, Report]:
+    """``quantize()`` for WeightOnly (weights only: no inputs needed)."""
     check_not_quantized(model, f"WeightOnly(bits={cfg.bits})")
     device, dtype = model_device(model), model_dtype(model)
     import_torchao()
@@ -95,8 +97,9 @@ def quantize_weight_only(model: nn.Module, cfg: WeightOnly, exclusion: Exclusion
     return _apply(model, ao, names, reasons, "weight-only quantization (torchao)", scheme, inplace)
 
 
-def quantize_float8(model: nn.Module, cfg: Float8, exclusion: Exclusion | None = None,
-                    inplace: bool = False) -> tuple[nn.Module, Report]:
+def quantize_float8(model: nn.Module, cfg: Float8, *, example_inputs: Any = None, calibration: Any = None,
+                    exclusion: Exclusion | None = None, inplace: bool = False) -> tuple[nn.Module, Report]:
+    """``quantize()`` for Float8 (dynamic activation scales: no calibration)."""
     check_not_quantized(model, "Float8")
     device = model_device(model)
     cap = _cuda_capability(device)
