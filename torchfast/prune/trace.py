@@ -204,10 +204,19 @@ def _rule(g: DependencyGraph, name: str, label: str, args: tuple, kwargs: dict, 
             return [Layout(nd, lay0.ids) for _ in parts]
         if name == "unbind":
             raise _Unsupported(f"{label} unbinds the channel dimension")
+        if len(parts) == 1:
+            return [Layout(d, lay0.ids)]
+        if name != "chunk" or len({p.shape[d] for p in parts}) != 1:
+            # the model's code holds the split sizes (x.split(self.c, 1)): they would not shrink with the channels
+            raise _Unsupported(f"{label} splits the channel dimension at fixed sizes")
+        # chunk(n) re-derives its sizes from the pruned width, so it stays right if every part loses the same
+        # positions: couple channel k of each part
         res, off = [], 0
         for p in parts:
             res.append(Layout(d, lay0.ids[off:off + p.shape[d]]))
             off += p.shape[d]
+        for r in res[1:]:
+            g.union(res[0].ids, r.ids)
         return res
     raise _Unsupported(f"{label} (an op the dependency graph does not model)")
 
