@@ -100,6 +100,8 @@ def test_register_stage_refuses_a_second_entry():
         register_stage(Stage("torchfast.quant.config:Int8Static", st._noise, {"my-int8": {}}))
     with pytest.raises(ValueError, match="'noise' already belong to Noise"):
         register_stage(Stage(st.DropHidden, st._drop, {"noise": {}}))
+    again = Stage(st.Noise, st._noise, {"noise": {}})      # pipeline_stages run a second time
+    assert register_stage(again) is STAGES["noise"]
     with pytest.raises(ValueError, match="at least one recipe name"):
         Stage(st.DropHidden, st._drop, {})
     with pytest.raises(ValueError, match="produces must be kinds"):

@@ -151,9 +151,14 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
 
 def register_stage(stage: Stage) -> Stage:
     """Add a transform of your own to the table, so recipes, recipe strings and ``optimize()`` run it.
-    A config class or a recipe name already in the table is refused (one entry per config)."""
+    A config class or a recipe name already in the table is refused (one entry per config); the same entry
+    again (its module run a second time, a notebook cell re-run) replaces it."""
     if not isinstance(stage, Stage):
         raise TypeError(f"register_stage takes a torchfast.stages.Stage, got {type(stage).__name__}")
+    again = STAGES.get(stage.name)
+    if again is not None and again.config_path == stage.config_path and list(again.names) == list(stage.names):
+        STAGES[stage.name] = stage
+        return stage
     for other in STAGES.values():
         if other.config_path == stage.config_path:
             raise ValueError(f"{stage.config_name} already has a stage (recipe name {other.name!r})")
