@@ -265,6 +265,16 @@ def _check_backend(backend: str, model: nn.Module, options: dict) -> None:
                             scripted=isinstance(model, torch.jit.ScriptModule))
 
 
+# engines whose compiled model only takes the shapes it was built for (and auto, which may pick one)
+_STATIC_SHAPE_ENGINES = ("onnxruntime", "openvino", "tensorrt", "auto")
+
+
+def _batch_is_dynamic(dynamic_dims: Any) -> bool:
+    if isinstance(dynamic_dims, dict):
+        return any(0 in tuple(v) for v in dynamic_dims.values())
+    return 0 in tuple(dynamic_dims or ())
+
+
 # ---------------------------------------------------------------- optimize
 def optimize(model: nn.Module, example_inputs: Any, recipe: Sequence[Config] | str = (), *,
              backend: str = "eager", backend_options: dict | None = None,
@@ -297,6 +307,10 @@ def optimize(model: nn.Module, example_inputs: Any, recipe: Sequence[Config] | s
     if on_error not in ("raise", "skip"):
         raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     options = dict(backend_options or {})
+    if "dynamic_batch" not in options and backend in _STATIC_SHAPE_ENGINES and _batch_is_dynamic(dynamic_dims):
+        # the drop-in model takes any batch size (dynamic_dims): engines that fix shapes at build time must
+        # be built for a dynamic batch, or the returned model fails on the first other batch size
+        options["dynamic_batch"] = True
     _check_backend(backend, model, options)
     check_stages_backend(recipe[:-1] if _engine_lowers(recipe, backend) else recipe, backend)
     calib = batches_list(calibration) if calibration is not None else None
