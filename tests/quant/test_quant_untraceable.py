@@ -48,3 +48,29 @@ def test_an_untraceable_leaf_stays_float_and_the_rest_is_int8():
     with torch.no_grad():
         cos = F.cosine_similarity(q(x).flatten(), model(x).flatten(), dim=0)
     assert cos > 0.98
+
+
+class ReadsWeight(nn.Module):
+    """Model code that reads a layer's weight at run time (as timm's positional encodings do)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Conv2d(3, 8, 1)
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        mask = torch.zeros(x.shape[0], 1, 1, 1).to(device=self.proj.weight.device, dtype=x.dtype)
+        return self.body(torch.relu(self.proj(x) + mask))
+
+
+def test_a_layer_whose_weight_the_model_reads_stays_float():
+    model = ReadsWeight().eval()
+    x = torch.randn(2, 3, 8, 8)
+    q, rep = tf.quantize(model, tf.Int8Static(calibration=[torch.randn(2, 3, 8, 8) for _ in range(3)],
+                                              progress=False), example_inputs=x)
+    rows = {r["layer"]: r for r in rep.rows}
+    assert rows["proj"]["applied"] is False and ".weight" in rows["proj"]["reason"]
+    assert rows["body"]["applied"] is True
+    with torch.no_grad():
+        assert q(x).shape == (2, 8, 8, 8)       # runs: the int8 model would fail reading a packed weight

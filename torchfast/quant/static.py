@@ -81,6 +81,23 @@ def _capture_child_inputs(model: nn.Module, children: list[str], batches: list[B
     return seen
 
 
+WEIGHT_READ = "the model's code reads its .weight/.bias, which an int8 layer packs"
+
+
+def _weight_readers(prepared: nn.Module, model: nn.Module, skip: tuple[str, ...]) -> list[str]:
+    """Conv/Linear layers whose weight or bias the traced forward reads directly (``self.proj.weight.device``)."""
+    names = dict(model.named_modules())
+    out = []
+    for node in prepared.graph.nodes:
+        if node.op != "get_attr" or not isinstance(node.target, str) or "." not in node.target:
+            continue
+        owner, attr = node.target.rsplit(".", 1)
+        if attr in ("weight", "bias") and isinstance(names.get(owner), _PARAM_TYPES) and owner not in skip \
+                and owner not in out and not isinstance(names.get(owner), (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)):
+            out.append(owner)
+    return out
+
+
 def _fx_one(model: nn.Module, cfg: Int8Static, batches: list[Batch], reduce_range: bool, skip: tuple[str, ...],
             prefix: str, untraced: list[tuple[str, str]], progress: bool, wrapped_leaf: bool = False) -> nn.Module:
     """FX-quantize ``model``; on a trace failure keep it float and recurse into its children. A leaf layer
@@ -93,6 +110,12 @@ def _fx_one(model: nn.Module, cfg: Int8Static, batches: list[Batch], reduce_rang
     try:
         with quiet("torch.ao"):
             prepared = prepare_fx(model, mapping, _example_args(batches[0]), backend_config=get_x86_backend_config())
+            readers = _weight_readers(prepared, model, skip)
+            if readers:  # int8 layers hold packed weights: code reading `layer.weight` would break, keep them float
+                untraced.extend((f"{prefix}.{n}" if prefix else n, WEIGHT_READ) for n in readers)
+                mapping = fx_qconfig_mapping(cfg, reduce_range, tuple(skip) + tuple(readers))
+                prepared = prepare_fx(model, mapping, _example_args(batches[0]),
+                                      backend_config=get_x86_backend_config())
     except Exception as e:
         if not _is_trace_error(e) and not isinstance(e, TypeError):
             raise
@@ -151,13 +174,20 @@ def layer_report(original: nn.Module, quantized: nn.Module, untraced: list[tuple
         elif q is None:
             report.add_row(**row, applied=False, scheme="-", reason="removed/fused by FX tracing")
         else:
-            owner = next((u for u, _ in untraced if u != "<root>" and (name == u or name.startswith(u + "."))), None)
+            if (name, WEIGHT_READ) in untraced:
+                report.add_row(**row, applied=False, scheme="fp32", reason=WEIGHT_READ)
+                prev_name = name
+                continue
+            owner = next((u for u, w in untraced if u != "<root>" and w != WEIGHT_READ
+                          and (name == u or name.startswith(u + "."))), None)
             why = (f"inside untraceable {owner!r}" if owner and not any(name.startswith(u + ".") and
                    _is_quantized_module(qmods.get(name, nn.Identity())) for u, _ in untraced)
                    else "no int8 kernel for this op in the x86 backend; kept fp32")
             report.add_row(**row, applied=False, scheme="fp32", reason=why)
         prev_name = name
     for u, why in untraced:
+        if why == WEIGHT_READ:
+            continue
         if why.startswith(("called with", "not called")):
             report.note(f"{u} was {why}; it stays float")
         else:
