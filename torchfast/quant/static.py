@@ -63,22 +63,39 @@ def _is_trace_error(e: Exception) -> bool:
         "Proxy" in str(e) or "proxy" in str(e)
 
 
-def _capture_child_inputs(model: nn.Module, children: list[str], batches: list[Batch]) -> dict[str, list[Batch]]:
+def _capture_child_inputs(model: nn.Module, children: list[str], batches: list[Batch]
+                          ) -> tuple[dict[str, list[Batch]], set[str]]:
+    """Each child's inputs on the batches, and the children whose weight/bias the parent's own code reads
+    (outside the child's forward): those must keep their float tensors."""
     seen: dict[str, list[Batch]] = {c: [] for c in children}
+    kids = {id(model.get_submodule(c)): c for c in children}
+    running: set[int] = set()
+    readers: set[str] = set()
     hooks = []
     for c in children:
         def hook(m, args, kwargs, _c=c):
+            running.add(id(m))
             a = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in args)
             seen[_c].append(a if not kwargs else (a, dict(kwargs)))
-        hooks.append(model.get_submodule(c).register_forward_pre_hook(hook, with_kwargs=True))
+        mod = model.get_submodule(c)
+        hooks.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+        hooks.append(mod.register_forward_hook(lambda m, a, o: running.discard(id(m))))
+    plain_getattr = nn.Module.__getattr__
+
+    def probing_getattr(self, name):
+        if name in ("weight", "bias") and id(self) in kids and id(self) not in running:
+            readers.add(kids[id(self)])
+        return plain_getattr(self, name)
+    nn.Module.__getattr__ = probing_getattr
     try:
         with torch.no_grad():
             for b in batches:
                 call_model(model, b)
     finally:
+        nn.Module.__getattr__ = plain_getattr
         for h in hooks:
             h.remove()
-    return seen
+    return seen, readers
 
 
 WEIGHT_READ = "the model's code reads its .weight/.bias, which an int8 layer packs"
@@ -123,8 +140,11 @@ def _fx_one(model: nn.Module, cfg: Int8Static, batches: list[Batch], reduce_rang
         if wrapped_leaf:
             return model[0]
         children = [n for n, _ in model.named_children()]
-        inputs = _capture_child_inputs(model, children, batches)
+        inputs, readers = _capture_child_inputs(model, children, batches)
         for name in children:
+            if name in readers and isinstance(model.get_submodule(name), _PARAM_TYPES):
+                untraced.append((f"{prefix}.{name}" if prefix else name, WEIGHT_READ))
+                continue
             child_batches = [b for b in inputs[name] if not (isinstance(b, tuple) and len(b) == 2 and isinstance(b[1], dict))]
             full = f"{prefix}.{name}" if prefix else name
             child = model.get_submodule(name)
