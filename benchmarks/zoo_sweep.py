@@ -106,7 +106,8 @@ def _run_one(zoo: str, name: str, transforms: list[str], q: "mp.Queue") -> None:
     q.put({"model": name, "zoo": zoo, **out})
 
 
-def sweep(zoo: str, names: list[str], transforms: list[str], timeout_s: float, jobs: int, bar) -> list[dict]:
+def sweep(zoo: str, names: list[str], transforms: list[str], timeout_s: float, jobs: int, bar,
+          partial=None) -> list[dict]:
     """Each model in its own process (at most ``jobs`` at once), killed after ``timeout_s``."""
     ctx = mp.get_context("spawn")
     results: dict[str, dict] = {}
@@ -141,6 +142,8 @@ def sweep(zoo: str, names: list[str], transforms: list[str], timeout_s: float, j
             got["time (s)"] = round(time.perf_counter() - t0)
             results[name] = got
             del live[name]
+            if partial is not None:  # a long sweep keeps what it has so far
+                partial([results[n] for n in names if n in results])
             bar.set_postfix_str(f"{zoo}:{name}")
             bar.update(1)
     return [results[n] for n in names]
@@ -172,7 +175,9 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     with tqdm(total=sum(len(n) for _, n in plan), desc="zoo sweep", unit="model") as bar:
         for zoo, names in plan:
-            rows += sweep(zoo, names, transforms, a.timeout_s, a.jobs, bar)
+            done = list(rows)
+            save = (lambda got, _done=done: Path(a.json).write_text(json.dumps(_done + got, indent=2))) if a.json else None
+            rows += sweep(zoo, names, transforms, a.timeout_s, a.jobs, bar, partial=save)
             if a.json:
                 Path(a.json).write_text(json.dumps(rows, indent=2))
     cols = ["zoo", "model", "build"] + transforms + ["time (s)"]
