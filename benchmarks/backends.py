@@ -259,6 +259,7 @@ def bench(name, model, tok, batch, bar, pruned_only=False, pruned=False) -> list
         c = tf.compile(p, x, backend="auto", int8=int8, calibration=calib, runs=10, progress=False,
                        validation=held[:2], min_cosine_int8=INT8_COSINE[False])
         cands["torchfast prune 30% + auto int8"] = (c, time.perf_counter() - t0, None)
+        print(f"\n{name} b{batch} pruned, auto int8:\n{c.report.to_markdown().split('## compile: ')[1]}")
         if "direct openvino int8 (nncf)" not in cands:
             cands["direct openvino int8 (nncf)"] = direct_candidates(name, model, x, calib, tmp, bar)[
                 "direct openvino int8 (nncf)"]
