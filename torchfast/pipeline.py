@@ -288,7 +288,8 @@ def optimize(model: nn.Module, example_inputs: Any, recipe: Sequence[Config] | s
     ``example_inputs`` is one batch (tensor, tuple of positional inputs, or dict of keyword inputs): it
     is timed and defines the drop-in module's input checks. ``calibration`` (batches) goes to the
     stages that calibrate or are data-aware. Fidelity is measured on ``validation`` batches (default:
-    the calibration batches, else the example inputs); ``eval_fn(model) -> float`` adds a task metric.
+    the last quarter of the calibration batches, 1 to 8, held out from the stages; else the example
+    inputs); ``eval_fn(model) -> float`` adds a task metric.
     A stage that breaks ``tolerance`` is rolled back (the model before it continues) and the report
     says why. ``on_error="skip"`` rolls back a stage that raises instead of re-raising.
 
@@ -314,7 +315,14 @@ def optimize(model: nn.Module, example_inputs: Any, recipe: Sequence[Config] | s
     _check_backend(backend, model, options)
     check_stages_backend(recipe[:-1] if _engine_lowers(recipe, backend) else recipe, backend)
     calib = batches_list(calibration) if calibration is not None else None
-    val = batches_list(validation) if validation is not None else (calib[:8] if calib else batches_list(example_inputs))
+    if validation is not None:
+        val = batches_list(validation)
+    elif calib and len(calib) >= 2:
+        # fidelity is judged on batches the stages did not fit to: hold out the last quarter (1-8 batches)
+        k = max(1, min(8, len(calib) // 4))
+        calib, val = calib[:-k], calib[-k:]
+    else:
+        val = calib[:1] if calib else batches_list(example_inputs)
     if not val:
         raise ValueError("optimize needs example inputs or validation batches to measure fidelity on")
 
