@@ -137,36 +137,51 @@ def _fx_one(model: nn.Module, cfg: Int8Static, batches: list[Batch], reduce_rang
         if not _is_trace_error(e) and not isinstance(e, TypeError):
             raise
         untraced.append((prefix or "<root>", f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
-        if wrapped_leaf:
-            return model[0]
-        children = [n for n, _ in model.named_children()]
-        inputs, readers = _capture_child_inputs(model, children, batches)
-        for name in children:
-            if name in readers and isinstance(model.get_submodule(name), _PARAM_TYPES):
-                untraced.append((f"{prefix}.{name}" if prefix else name, WEIGHT_READ))
-                continue
-            child_batches = [b for b in inputs[name] if not (isinstance(b, tuple) and len(b) == 2 and isinstance(b[1], dict))]
-            full = f"{prefix}.{name}" if prefix else name
-            child = model.get_submodule(name)
-            if not any(p.is_floating_point() for p in child.parameters()):
-                continue
-            if not child_batches:
-                why = "called with keyword arguments" if inputs[name] else "not called on the calibration batches"
-                untraced.append((full, why))
-                continue
-            child_skip = tuple(s[len(name) + 1:] for s in skip if s.startswith(name + "."))
-            if name in skip:
-                continue
-            leaf = not any(True for _ in child.children())
-            # a bare leaf traces to functional ops; wrapped, it converts to a quantized module at "<name>.0"
-            target = nn.Sequential(child) if leaf else child
-            q = _fx_one(target, cfg, child_batches, reduce_range, child_skip, full, untraced, progress=False,
-                        wrapped_leaf=leaf)
-            setattr(model, name, q)
-        return model
+        return model[0] if wrapped_leaf else _fx_children(model, cfg, batches, reduce_range, skip, prefix, untraced)
     with quiet("torch.ao"):
         run_calibration(prepared, batches, progress=progress, desc=f"calibrating {prefix or 'model'} ({cfg.observer})")
-        return convert_fx(prepared)
+        converted = convert_fx(prepared)
+    try:  # torch.ao can emit an int8 graph that does not run (a quantize of an already quantized tensor)
+        with torch.no_grad():
+            call_model(converted, batches[0])
+    except Exception as e:  # noqa: BLE001 - that graph is dropped; the parts are quantized one by one
+        untraced.append((prefix or "<root>", f"its int8 graph fails to run ({type(e).__name__}: "
+                                             f"{str(e).splitlines()[0][:120]})"))
+        return model[0] if wrapped_leaf else _fx_children(model, cfg, batches, reduce_range, skip, prefix, untraced)
+    return converted
+
+
+def _fx_children(model: nn.Module, cfg: Int8Static, batches: list[Batch], reduce_range: bool, skip: tuple[str, ...],
+                 prefix: str, untraced: list[tuple[str, str]]) -> nn.Module:
+    """``model`` stays float; each child is quantized on the inputs it receives."""
+    children = [n for n, _ in model.named_children()]
+    inputs, readers = _capture_child_inputs(model, children, batches)
+    for name in children:
+        if name in readers and isinstance(model.get_submodule(name), _PARAM_TYPES):
+            untraced.append((f"{prefix}.{name}" if prefix else name, WEIGHT_READ))
+            continue
+        child_batches = [b for b in inputs[name] if not (isinstance(b, tuple) and len(b) == 2 and isinstance(b[1], dict))]
+        full = f"{prefix}.{name}" if prefix else name
+        child = model.get_submodule(name)
+        if not any(p.is_floating_point() for p in child.parameters()):
+            continue
+        if not child_batches:
+            why = "called with keyword arguments" if inputs[name] else "not called on the calibration batches"
+            untraced.append((full, why))
+            continue
+        if not all(isinstance(a, torch.Tensor) for b in child_batches for a in b):
+            untraced.append((full, "called with non-tensor arguments"))
+            continue
+        child_skip = tuple(s[len(name) + 1:] for s in skip if s.startswith(name + "."))
+        if name in skip:
+            continue
+        leaf = not any(True for _ in child.children())
+        # a bare leaf traces to functional ops; wrapped, it converts to a quantized module at "<name>.0"
+        target = nn.Sequential(child) if leaf else child
+        q = _fx_one(target, cfg, child_batches, reduce_range, child_skip, full, untraced, progress=False,
+                    wrapped_leaf=leaf)
+        setattr(model, name, q)
+    return model
 
 
 def _is_quantized_module(mod: nn.Module) -> bool:
@@ -208,10 +223,10 @@ def layer_report(original: nn.Module, quantized: nn.Module, untraced: list[tuple
     for u, why in untraced:
         if why == WEIGHT_READ:
             continue
-        if why.startswith(("called with", "not called")):
+        if why.startswith(("called with", "not called")):  # incl. "called with non-tensor arguments"
             report.note(f"{u} was {why}; it stays float")
         else:
-            report.note(f"{u} could not be traced by torch.fx ({why}); it stays float and its children "
+            report.note(f"{u} was not quantized as a whole ({why}); it stays float and its children "
                         f"were quantized separately")
     return report
 
