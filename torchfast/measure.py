@@ -135,8 +135,13 @@ def compare_latency(baseline: Callable, candidate: Callable, batch: Batch, candi
 
 
 def compare_many(models: dict[str, Callable], batch: Batch, *, warmup: int = 3, runs: int = 20,
-                 threads: int | None = None) -> dict[str, Latency]:
-    """Time several models round-robin, the order rotating every round, so noise hits all alike."""
+                 threads: int | None = None, settle: int = 0) -> dict[str, Latency]:
+    """Time several models round-robin, the order rotating every round, so noise hits all alike.
+
+    ``settle``: untimed calls of each model right before its timed one. Engines with their own thread
+    pools (OpenVINO, ONNX Runtime, PyTorch's OpenMP) leave workers spinning for a while after a call;
+    the next engine timed right after them pays for it, which a deployment running one engine never does.
+    """
     device = _input_device(batch)
     names = list(models)
     with fixed_threads(threads) as n, torch.inference_mode():
@@ -148,6 +153,8 @@ def compare_many(models: dict[str, Callable], batch: Batch, *, warmup: int = 3, 
         for i in range(runs):
             order = names[i % len(names):] + names[:i % len(names)]
             for k in (order if i % 2 == 0 else order[::-1]):
+                for _ in range(settle):
+                    timers[k]()
                 times[k].append(timers[k]())
     return {k: _summarize(v, n) for k, v in times.items()}
 

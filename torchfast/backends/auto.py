@@ -134,7 +134,8 @@ def compile_auto(model: nn.Module, example_inputs: Any, *, device: Any = None, d
                            + "; ".join(f"{r['candidate']}: {r['status']} ({r['note']})" for r in rows.values()))
 
     eager = _eager_reference(model)
-    timed = compare_many({"(eager)": eager, **built}, example_inputs, warmup=warmup, runs=runs, threads=threads)
+    timed = compare_many({"(eager)": eager, **built}, example_inputs, warmup=warmup, runs=runs, threads=threads,
+                         settle=1)
     base = timed["(eager)"].median_ms
     for name, lat in timed.items():
         if name in rows:
@@ -144,7 +145,7 @@ def compile_auto(model: nn.Module, example_inputs: Any, *, device: Any = None, d
     runoff = False
     if len(close) > 1:  # a short timing cannot separate these: time them again, head to head, longer
         again = compare_many({"(eager)": eager, **{n: built[n] for n in close}}, example_inputs, warmup=warmup,
-                             runs=2 * runs, threads=threads)
+                             runs=2 * runs, threads=threads, settle=1)
         base = again["(eager)"].median_ms
         for n in close:
             rows[n]["speedup"] = base / again[n].median_ms if again[n].median_ms > 0 else None
@@ -159,7 +160,8 @@ def compile_auto(model: nn.Module, example_inputs: Any, *, device: Any = None, d
         "threads": threads if threads is not None else torch.get_num_threads()})
     for r in sorted(rows.values(), key=lambda r: -(r["speedup"] or 0.0)):
         report.add_row(**r)
-    report.note("speedup: eager median / candidate median, all timed round-robin on the example inputs (candidates "
+    report.note("speedup: eager median / candidate median, all timed round-robin on the example inputs, each "
+                "timed call right after an untimed one of the same candidate (candidates "
                 f"within {RUNOFF_MARGIN:.0%} of the fastest timed again head to head, twice as long); cosine: mean "
                 "output cosine vs eager on the validation inputs.")
     inner = getattr(chosen, "report", None)
