@@ -238,3 +238,35 @@ def swap_modules(model: nn.Module, replacements: Mapping[str, nn.Module]) -> Non
         for parent, child, old in reversed(done):
             parent._modules[child] = old
         raise
+
+
+def weight_readers(model: nn.Module, names: list[str], batch: Batch) -> set[str]:
+    """The named layers whose ``weight``/``bias`` the model's code reads outside the layer's own forward
+    (``F.linear(x, self.qkv.weight)``): a quantized replacement packs those tensors, so such layers must
+    stay float. Found by one eval-mode forward with attribute reads of those layers recorded."""
+    layers = {id(model.get_submodule(n)): n for n in names}
+    running: set[int] = set()
+    readers: set[str] = set()
+    hooks = []
+    for n in names:
+        mod = model.get_submodule(n)
+        hooks.append(mod.register_forward_pre_hook(lambda m, a: running.add(id(m))))
+        hooks.append(mod.register_forward_hook(lambda m, a, o: running.discard(id(m))))
+    plain_getattr = nn.Module.__getattr__
+
+    def probing_getattr(self: nn.Module, name: str) -> Any:
+        if name in ("weight", "bias") and id(self) in layers and id(self) not in running:
+            readers.add(layers[id(self)])
+        return plain_getattr(self, name)
+    nn.Module.__getattr__ = probing_getattr  # type: ignore[method-assign]
+    try:
+        with torch.inference_mode(), evaluating(model):
+            call_model(model, batch)
+    except Exception as e:
+        raise ExampleInputError(f"{type(model).__name__} fails on the example inputs ({describe_batch(batch)}): "
+                                f"{type(e).__name__}: {e}") from e
+    finally:
+        nn.Module.__getattr__ = plain_getattr  # type: ignore[method-assign]
+        for h in hooks:
+            h.remove()
+    return readers

@@ -74,3 +74,26 @@ def test_a_layer_whose_weight_the_model_reads_stays_float():
     assert rows["body"]["applied"] is True
     with torch.no_grad():
         assert q(x).shape == (2, 8, 8, 8)       # runs: the int8 model would fail reading a packed weight
+
+
+class ReadsLinearWeight(nn.Module):
+    """As torchvision's Swin attention: F.linear with the layer's own weight."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.out(F.linear(x, self.qkv.weight, self.qkv.bias))
+
+
+def test_int8_dynamic_keeps_float_a_linear_whose_weight_the_model_reads():
+    model = ReadsLinearWeight().eval()
+    x = torch.randn(8, 16)
+    q, rep = tf.quantize(model, tf.Int8Dynamic(keep_slower=True), example_inputs=x)
+    rows = {r["layer"]: r for r in rep.rows}
+    assert rows["qkv"]["applied"] is False and ".weight" in rows["qkv"]["reason"]
+    with torch.no_grad():
+        assert q(x).shape == (8, 4)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..modules import Batch, model_device, swap_modules
+from ..modules import Batch, model_device, swap_modules, weight_readers
 from ..report import Report
 from ..transform import Exclusion
 from .common import capture_inputs, check_not_quantized, time_layer
@@ -165,6 +165,10 @@ def quantize_dynamic(model: nn.Module, cfg: Int8Dynamic, *, example_inputs: Batc
         backends = ["torchao"]
     full_range = full_range_exact() if cfg.full_range is None else cfg.full_range
     work = model if inplace else copy.deepcopy(model)
+    if example_inputs is not None and names:
+        for name in sorted(weight_readers(work, names, example_inputs)):
+            reasons[name] = "the model's code reads its .weight/.bias, which an int8 layer packs"
+            names.remove(name)
     inputs = capture_inputs(work, names, example_inputs) if example_inputs is not None else {}
 
     report = Report("int8 dynamic quantization",
