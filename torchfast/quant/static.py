@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..modules import Batch, call_model, split_batch
+from ..modules import Batch, call_model, split_batch, weight_readers
 from ..quantized import quantized_module_kind
 from ..report import Report
 from ..transform import Exclusion
@@ -68,40 +68,26 @@ def _capture_child_inputs(model: nn.Module, children: list[str], batches: list[B
     """Each child's inputs on the batches, and the children whose weight/bias the parent's own code reads
     (outside the child's forward): those must keep their float tensors."""
     seen: dict[str, list[Batch]] = {c: [] for c in children}
-    kids = {id(model.get_submodule(c)): c for c in children}
-    running: set[int] = set()
-    readers: set[str] = set()
     hooks = []
     for c in children:
         def hook(m, args, kwargs, _c=c):
-            running.add(id(m))
             a = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in args)
             seen[_c].append(a if not kwargs else (a, dict(kwargs)))
-        mod = model.get_submodule(c)
-        hooks.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
-        hooks.append(mod.register_forward_hook(lambda m, a, o: running.discard(id(m))))
-    plain_getattr = nn.Module.__getattr__
-
-    def probing_getattr(self, name):
-        if name in ("weight", "bias") and id(self) in kids and id(self) not in running:
-            readers.add(kids[id(self)])
-        return plain_getattr(self, name)
-    nn.Module.__getattr__ = probing_getattr
+        hooks.append(model.get_submodule(c).register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
             for b in batches:
                 call_model(model, b)
     finally:
-        nn.Module.__getattr__ = plain_getattr
         for h in hooks:
             h.remove()
-    return seen, readers
+    return seen, weight_readers(model, children, batches[0])
 
 
 WEIGHT_READ = "the model's code reads its .weight/.bias, which an int8 layer packs"
 
 
-def _weight_readers(prepared: nn.Module, model: nn.Module, skip: tuple[str, ...]) -> list[str]:
+def _graph_weight_readers(prepared: nn.Module, model: nn.Module, skip: tuple[str, ...]) -> list[str]:
     """Conv/Linear layers whose weight or bias the traced forward reads directly (``self.proj.weight.device``)."""
     names = dict(model.named_modules())
     out = []
@@ -127,7 +113,7 @@ def _fx_one(model: nn.Module, cfg: Int8Static, batches: list[Batch], reduce_rang
     try:
         with quiet("torch.ao"):
             prepared = prepare_fx(model, mapping, _example_args(batches[0]), backend_config=get_x86_backend_config())
-            readers = _weight_readers(prepared, model, skip)
+            readers = _graph_weight_readers(prepared, model, skip)
             if readers:  # int8 layers hold packed weights: code reading `layer.weight` would break, keep them float
                 untraced.extend((f"{prefix}.{n}" if prefix else n, WEIGHT_READ) for n in readers)
                 mapping = fx_qconfig_mapping(cfg, reduce_range, tuple(skip) + tuple(readers))

@@ -142,7 +142,7 @@ def create_app(models: Sequence[ServedModel], *, max_batch_size: int = 32, max_d
         t = _timeout(request.headers.get("x-timeout-ms") or request.query_params.get("timeout_ms"))
         priority = _priority(request.headers.get("x-priority"), max_priority)
         ctype = request.headers.get("content-type", "application/json")
-        async with large_bodies.session() as gate:
+        async with large_bodies.admit_one() as gate:
             body = await _read_body(request, max_body_bytes, body_timeout_s, gate)
             decoded = decode if len(body) < 64 << 10 else None
             tensors, fmt = decoded(m, body, ctype) if decoded else await run_in_threadpool(decode, m, body, ctype)
@@ -187,7 +187,7 @@ class _LargeBodyGate:
         self.limit, self.threshold = limit, threshold
         self._sem: asyncio.Semaphore | None = None   # made on the server's loop, at first use
 
-    def session(self) -> "_GateSlot":
+    def admit_one(self) -> "_GateSlot":
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.limit)
         return _GateSlot(self._sem, self.threshold)
