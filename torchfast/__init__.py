@@ -38,7 +38,7 @@ _EXPORTS: dict[str, str] = {
     "compile": "torchfast.backends",
     "optimize": "torchfast.pipeline",
     "Optimized": "torchfast.pipeline",
-    "Tolerance": "torchfast.pipeline",
+    "Tolerance": "torchfast.tolerance",
     "wrap": "torchfast.dropin",  # not torchfast.wrap: a submodule of that name would shadow the function
     "save": "torchfast.export",
     "load": "torchfast.export",

@@ -153,7 +153,7 @@ def _kv(items: Sequence[str], what: str) -> dict[str, Any]:
 
 
 def _tolerance(spec: str | None):
-    from .pipeline import Tolerance
+    from .tolerance import Tolerance
     if spec is None:
         return Tolerance()
     if spec.strip().lower() in ("off", "none"):

@@ -219,6 +219,7 @@ class Fidelity:
     samples: int
     metric: float | None = None          # task metric of the candidate, via eval_fn
     baseline_metric: float | None = None  # the same metric of the reference
+    worst_cosine: float | None = None     # lowest per-sample cosine (the worst image / sentence)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -257,7 +258,8 @@ def fidelity(reference: Callable, candidate: Callable, batches: Iterable[Batch] 
     diff = (r - c)
     max_abs = diff.abs().max().item()
     rel = (diff.norm() / r.norm().clamp_min(1e-12)).item()
-    cos = torch.nn.functional.cosine_similarity(r.double(), c.double(), dim=1, eps=1e-12).mean().item()
+    per_sample = torch.nn.functional.cosine_similarity(r.double(), c.double(), dim=1, eps=1e-12)
+    cos, worst = per_sample.mean().item(), per_sample.min().item()
     top1 = None
     last_ref = ref[0]
     if last_ref.dim() >= 2 and last_ref.shape[-1] > 1 and last_ref.dim() == 2:
@@ -269,7 +271,7 @@ def fidelity(reference: Callable, candidate: Callable, batches: Iterable[Batch] 
         metric = float(eval_fn(candidate))
         base_metric = float(eval_fn(reference))
     return Fidelity(max_abs_err=max_abs, rel_err=rel, cosine=cos, top1_agreement=top1, samples=r.shape[0],
-                    metric=metric, baseline_metric=base_metric)
+                    metric=metric, baseline_metric=base_metric, worst_cosine=worst)
 
 
 def accuracy(model: Callable, batches: Iterable[tuple[Batch, torch.Tensor]]) -> float:
