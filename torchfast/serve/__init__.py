@@ -20,6 +20,7 @@ _EXPORTS: dict[str, str] = {
     "NonFiniteOutput": "torchfast.serve.batcher",
     "ModelError": "torchfast.serve.batcher",
     "WorkerError": "torchfast.serve.batcher",
+    "CallerGone": "torchfast.serve.batcher",
     "SequencePadding": "torchfast.serve.collate",
     "BatcherMetrics": "torchfast.serve.metrics",
     "InputSpec": "torchfast.serve.model",

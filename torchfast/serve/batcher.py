@@ -18,7 +18,7 @@ import itertools
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import torch
 
@@ -41,6 +41,11 @@ class RequestTimeout(ServeError, TimeoutError):
 
 class BatcherClosed(ServeError):
     """The batcher is shut down (or shutting down without draining) and accepts no more requests."""
+
+
+class CallerGone(ServeError):
+    """The caller stopped waiting (an HTTP client closed its connection): a request still queued was withdrawn
+    and never computed (outcome ``disconnected``); one already running finished for nobody."""
 
 
 class NonFiniteOutput(ServeError):
@@ -219,20 +224,48 @@ class DynamicBatcher:
                 fut.cancel()
             raise e
 
-    async def submit(self, x: Any, *, timeout_ms: float | None = None, priority: int = 0) -> Any:
-        """asyncio: await this request's answer. Cancelling the awaiting task removes a waiting request."""
-        fut = self.submit_future(x, timeout_ms=timeout_ms, priority=priority)
+    async def submit(self, x: Any, *, timeout_ms: float | None = None, priority: int = 0,
+                     gone: Awaitable | None = None) -> Any:
+        """asyncio: await this request's answer. Cancelling the awaiting task removes a waiting request.
+
+        ``gone``: an awaitable that finishes when the caller no longer wants the answer (its HTTP client
+        disconnected). A request still queued is then withdrawn, never computed, and counted as
+        ``disconnected``; one already running finishes and its answer is dropped (``abandoned_answers``).
+        Either way :class:`CallerGone` is raised at once, and no other request is touched.
+        """
+        try:
+            fut = self.submit_future(x, timeout_ms=timeout_ms, priority=priority)
+        except BaseException:
+            if asyncio.iscoroutine(gone):
+                gone.close()  # refused at once: nothing to watch
+            raise
         r = fut._tf_request
         afut = asyncio.wrap_future(fut)  # cancelling afut cancels fut (only possible while still queued)
+        watch = asyncio.ensure_future(gone) if gone is not None else None
+        deadline = r.deadline
         try:
-            if r.deadline is not None:
-                done, _ = await asyncio.wait({afut}, timeout=max(0.0, r.deadline - time.monotonic()))
-                if not done:
-                    self._expire(r)
+            while not afut.done():
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                done, _ = await asyncio.wait({afut} if watch is None else {afut, watch}, timeout=left,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if afut in done:
+                    break
+                if watch is not None and watch in done:
+                    if watch.cancelled() or watch.exception() is not None:
+                        watch = None  # the watcher itself failed: keep waiting, without it
+                        continue
+                    self._abandon(r)
+                    afut.cancel()  # nobody reads it now; a late answer lands nowhere
+                    raise CallerGone(f"the caller of a request to {self.name!r} went away before its answer")
+                self._expire(r)  # the deadline passed: a queued request times out, a running one finishes
+                deadline = None
             return await afut
         except asyncio.CancelledError:
             afut.cancel()  # the caller went away: withdraw the request if it has not started
             raise
+        finally:
+            if watch is not None and not watch.done():
+                watch.cancel()
 
     # ---------------------------------------------------------------- state transitions (under the lock)
     def _remove(self, r: _Request) -> None:
@@ -254,6 +287,14 @@ class DynamicBatcher:
             self._finish_queued(r, RequestTimeout(
                 f"request to {self.name!r} timed out after {waited:.0f} ms in the queue (deadline "
                 f"{(r.deadline - r.t_submit) * 1000.0:.0f} ms); it was not run"), "timeout")
+
+    def _abandon(self, r: _Request) -> None:
+        with self._cond:
+            if r.state == _QUEUED:
+                self._finish_queued(r, CallerGone(f"the caller of a request to {self.name!r} went away while it "
+                                                  f"waited; it was not run"), "disconnected")
+                return
+        self.metrics.on_abandoned()
 
     def _on_done(self, r: _Request, fut: cf.Future) -> None:
         outcome = getattr(r, "_outcome", None)

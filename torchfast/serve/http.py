@@ -4,29 +4,33 @@ POST /v1/models/{name}/infer   JSON ``{"inputs": [[...]]}`` or ``{"inputs": {"na
                                a ``.npy`` body (application/x-npy) or safetensors (application/x-safetensors)
 GET  /v1/models[/{name}]       metadata: declared inputs (shape with -1 = any, dtype), batching knobs
 GET  /healthz  /readyz  /metrics (Prometheus text)
+The Open Inference Protocol (KServe v2; codec in :mod:`torchfast.serve.v2`), through the same batchers:
+GET  /v2  /v2/health/live  /v2/health/ready  /v2/models/{name}[/versions/1][/ready]  [/config]
+POST /v2/models/{name}[/versions/1]/infer      JSON tensors and the binary tensor extension
 Headers: ``x-timeout-ms`` (or ``?timeout_ms=``) per-request deadline, ``x-priority`` (higher runs first).
 Errors: 400 malformed body, 404 unknown model, 413 too large, 415 unknown media type, 422 shape/dtype,
 500 the model's own error for this request, 503 + Retry-After when the queue is full, 504 on timeout.
+A client that disconnects before its answer has its queued request withdrawn, never computed
+(``torchfast_batcher_requests_total{outcome="disconnected"}``).
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import re
 import socket
 import threading
-import time
 import uuid
 from contextlib import asynccontextmanager
 from typing import Any, Sequence
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from .batcher import BatcherClosed, DynamicBatcher, QueueFull, RequestTimeout
+from . import v2
+from .batcher import BatcherClosed, CallerGone, DynamicBatcher, QueueFull, RequestTimeout
+from .body import CLIENT_CLOSED, LargeBodyGate, client_gone, inflate, read_body
 from .codecs import (NPY, SAFETENSORS, HTTPError, decode, encode_npy, encode_safetensors, named_outputs,
                      tensor_to_json)
 from .metrics import merged_prometheus_text
@@ -68,7 +72,8 @@ def create_app(models: Sequence[ServedModel], *, max_batch_size: int = 32, max_d
                  timeout_ms=timeout_ms, preferred_batch_sizes=preferred_batch_sizes,
                  isolate_errors=isolate_errors, nan_guard=nan_guard)
     state: dict[str, Any] = {"ready": False, "batchers": {}}
-    large_bodies = _LargeBodyGate(max_large_bodies, large_body_bytes)
+    state["outputs"] = {}  # model name -> output metadata, from the warm-up answers
+    large_bodies = LargeBodyGate(max_large_bodies, large_body_bytes)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -76,7 +81,7 @@ def create_app(models: Sequence[ServedModel], *, max_batch_size: int = 32, max_d
             b = make_batcher(m, **knobs)
             state["batchers"][m.name] = b
             if warmup:
-                await b.submit(m.request(m.example()))
+                state["outputs"][m.name] = await _probe_outputs(m, b)
         state["ready"] = True
         yield
         state["ready"] = False
@@ -135,35 +140,52 @@ def create_app(models: Sequence[ServedModel], *, max_batch_size: int = 32, max_d
         m, b = lookup(name)
         return m.metadata() | _knobs(b) | {"stats": b.snapshot()}
 
-    @app.post("/v1/models/{name}/infer")
-    async def infer(name: str, request: Request):
-        rid = request.state.request_id = _request_id(request.headers.get("x-request-id"))
-        m, b = lookup(name)
-        t = _timeout(request.headers.get("x-timeout-ms") or request.query_params.get("timeout_ms"))
-        priority = _priority(request.headers.get("x-priority"), max_priority)
-        ctype = request.headers.get("content-type", "application/json")
+    async def read(m: ServedModel, request: Request, decode_fn: Any, *args: Any) -> Any:
+        """The body, size- and time-bounded, decoded by ``decode_fn(m, body, *args)`` (off the loop when big)."""
         async with large_bodies.admit_one() as gate:
-            body = await _read_body(request, max_body_bytes, body_timeout_s, gate)
-            decoded = decode if len(body) < 64 << 10 else None
-            tensors, fmt = decoded(m, body, ctype) if decoded else await run_in_threadpool(decode, m, body, ctype)
-            del body
+            body = await read_body(request, max_body_bytes, body_timeout_s, gate)
+            if request.headers.get("content-encoding"):
+                body = inflate(body, request.headers.get("content-encoding"), max_body_bytes)
+            if len(body) < 64 << 10:
+                return decode_fn(m, body, *args)
+            return await run_in_threadpool(decode_fn, m, body, *args)
+
+    async def run(m: ServedModel, b: DynamicBatcher, tensors: dict, request: Request, rid: str,
+                  timeout_ms: float | None, priority: int) -> Any:
+        """One request through the model's batcher: every route's status codes, and a client that leaves
+        before its answer withdraws its queued request."""
         try:
             x = m.request(tensors)
             b.check(x)
         except (ValueError, TypeError) as e:
             raise HTTPError(422, str(e)) from None
         try:
-            out = await b.submit(x, timeout_ms=t, priority=priority)
+            return await b.submit(x, timeout_ms=timeout_ms, priority=priority, gone=client_gone(request))
         except QueueFull as e:
             raise HTTPError(503, str(e), {"Retry-After": "1"}) from None
         except BatcherClosed as e:
             raise HTTPError(503, str(e), {"Retry-After": "5"}) from None
         except RequestTimeout as e:
             raise HTTPError(504, str(e)) from None
+        except CallerGone as e:
+            log.debug("request %s: %s", rid, e)
+            raise HTTPError(CLIENT_CLOSED, str(e)) from None
         except Exception as e:  # noqa: BLE001 - this request's own model error
-            log.error("request %s: model %r failed", rid, name, exc_info=e)
-            raise HTTPError(500, f"model {name!r} failed on this request ({type(e).__name__}); the server log "
+            log.error("request %s: model %r failed", rid, m.name, exc_info=e)
+            raise HTTPError(500, f"model {m.name!r} failed on this request ({type(e).__name__}); the server log "
                                  f"has the details under request id {rid}") from None
+
+    def header_timeout(request: Request) -> float | None:
+        return _timeout(request.headers.get("x-timeout-ms") or request.query_params.get("timeout_ms"))
+
+    @app.post("/v1/models/{name}/infer")
+    async def infer(name: str, request: Request):
+        rid = request.state.request_id = _request_id(request.headers.get("x-request-id"))
+        m, b = lookup(name)
+        t = header_timeout(request)
+        priority = _priority(request.headers.get("x-priority"), max_priority)
+        tensors, fmt = await read(m, request, decode, request.headers.get("content-type", "application/json"))
+        out = await run(m, b, tensors, request, rid, t, priority)
         outs = named_outputs(out)
         accept = request.headers.get("accept", "")
         headers = {"x-request-id": rid}
@@ -176,65 +198,82 @@ def create_app(models: Sequence[ServedModel], *, max_batch_size: int = 32, max_d
         return JSONResponse({"model_name": name, "outputs": {k: tensor_to_json(v) for k, v in outs.items()}},
                             headers=headers)
 
-    return app
+    # ------------------------------------------------------------ Open Inference Protocol (KServe v2)
+    def ready() -> bool:
+        return state["ready"] and all(b.running for b in state["batchers"].values())
 
+    def v2_lookup(name: str, version: str | None) -> tuple[ServedModel, DynamicBatcher]:
+        m, b = lookup(name)
+        if version is not None and version != v2.VERSION:
+            raise HTTPError(404, f"model {name[:100]!r} has no version {version[:20]!r}; versions ['{v2.VERSION}']")
+        return m, b
 
-class _LargeBodyGate:
-    """Bounds how many large bodies are in memory at once: a body past ``threshold`` bytes waits for one
-    of ``limit`` slots before more of it is read, and holds the slot until it is decoded."""
-
-    def __init__(self, limit: int, threshold: int):
-        self.limit, self.threshold = limit, threshold
-        self._sem: asyncio.Semaphore | None = None   # made on the server's loop, at first use
-
-    def admit_one(self) -> "_GateSlot":
-        if self._sem is None:
-            self._sem = asyncio.Semaphore(self.limit)
-        return _GateSlot(self._sem, self.threshold)
-
-
-class _GateSlot:
-    def __init__(self, sem: asyncio.Semaphore, threshold: int):
-        self.sem, self.threshold, self.held = sem, threshold, False
-
-    async def admit(self, size: int) -> None:
-        if not self.held and size > self.threshold:
-            await self.sem.acquire()
-            self.held = True
-
-    async def __aenter__(self) -> "_GateSlot":
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        if self.held:
-            self.sem.release()
-            self.held = False
-
-
-async def _read_body(request: Any, limit: int, timeout_s: float, gate: _GateSlot) -> bytes:
-    n = request.headers.get("content-length")
-    if n is not None and n.isdigit():
-        if int(n) > limit:
-            raise HTTPError(413, f"request body of {int(n)} bytes exceeds the limit of {limit} bytes")
-        await gate.admit(int(n))
-    chunks, size = [], 0
-    deadline = time.monotonic() + timeout_s
-    stream = request.stream().__aiter__()
-    while True:
-        left = deadline - time.monotonic()
+    @app.get("/v2")
+    async def v2_server():
+        from importlib.metadata import PackageNotFoundError, version
         try:
-            c = await asyncio.wait_for(stream.__anext__(), timeout=max(left, 0.001))
-        except StopAsyncIteration:
-            break
-        except asyncio.TimeoutError:
-            raise HTTPError(408, f"request body not received within {timeout_s:g} s "
-                                 f"({size} bytes arrived)", {"Connection": "close"}) from None
-        size += len(c)
-        if size > limit:
-            raise HTTPError(413, f"request body exceeds the limit of {limit} bytes", {"Connection": "close"})
-        await gate.admit(size)
-        chunks.append(c)
-    return b"".join(chunks)
+            ver = version("torchfast")
+        except PackageNotFoundError:
+            ver = "unknown"
+        return {"name": "torchfast", "version": ver, "extensions": ["binary_tensor_data"]}
+
+    @app.get("/v2/health/live")
+    async def v2_live():
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def v2_ready():
+        if not ready():
+            return JSONResponse({"ready": False, "error": "not ready: models are loading or the server is "
+                                                          "shutting down"}, status_code=400)
+        return {"ready": True}
+
+    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def v2_model(name: str, version: str | None = None):
+        m, _ = v2_lookup(name, version)
+        return v2.model_metadata(m, state["outputs"].get(name))
+
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def v2_model_ready(name: str, version: str | None = None):
+        _, b = v2_lookup(name, version)
+        if not (state["ready"] and b.running):
+            return JSONResponse({"name": name, "ready": False, "error": f"model {name!r} is not ready"},
+                                status_code=400)
+        return {"name": name, "ready": True}
+
+    @app.get("/v2/models/{name}/config")
+    @app.get("/v2/models/{name}/versions/{version}/config")
+    async def v2_model_config(name: str, version: str | None = None):
+        m, b = v2_lookup(name, version)
+        return v2.model_config(m, state["outputs"].get(name), _knobs(b)["batching"])
+
+    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def v2_infer(name: str, request: Request, version: str | None = None):
+        rid = request.state.request_id = _request_id(request.headers.get("x-request-id"))
+        m, b = v2_lookup(name, version)
+        req = await read(m, request, v2.decode_request, request.headers.get("inference-header-content-length"))
+        known = state["outputs"].get(name)
+        if req.outputs and known:  # refuse an unknown output before computing anything
+            v2.check_outputs(name, req.outputs, [o["name"] for o in known])
+        t = req.timeout_ms if req.timeout_ms is not None else header_timeout(request)
+        if req.priority is not None:
+            priority = _v2_priority(req.priority, max_priority)
+        else:
+            priority = _priority(request.headers.get("x-priority"), max_priority)
+        outs = named_outputs(await run(m, b, req.tensors, request, rid, t, priority))
+        if not known:
+            state["outputs"][name] = v2.describe_outputs(outs)
+        body, header_length = v2.encode_response(name, req, outs)
+        headers = {"x-request-id": rid}
+        if header_length is None:
+            return Response(body, media_type="application/json", headers=headers)
+        headers["Inference-Header-Content-Length"] = str(header_length)
+        return Response(body, media_type="application/octet-stream", headers=headers)
+
+    return app
 
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -269,6 +308,27 @@ def _priority(text: str | None, cap: int) -> int:
     except ValueError:
         raise HTTPError(400, f"x-priority must be an integer, got {text[:50]!r}") from None
     return max(min(p, cap), -(1 << 31))
+
+
+def _v2_priority(level: int, cap: int) -> int:
+    """Triton's priority level (1 highest, 2 next, ...; 0 the default) on our scale (higher runs first): level 1
+    is the highest a client may ask for (``max_priority``), each level below it one step lower."""
+    if level == 0:
+        return 0
+    return max(cap - (level - 1), -(1 << 31))
+
+
+async def _probe_outputs(m: ServedModel, b: DynamicBatcher) -> list[dict]:
+    """Warm the model up and learn its outputs' names, datatypes and shapes (-1 where they follow a dynamic
+    input dim: a second call with other sizes tells)."""
+    outs = named_outputs(await b.submit(m.request(m.example())))
+    other = v2.other_sizes(m)
+    if other is not None:
+        try:
+            other = named_outputs(await b.submit(m.request(other)))
+        except Exception:  # noqa: BLE001 - the model refuses other sizes: its outputs' dims stay as seen
+            other = None
+    return v2.describe_outputs(outs, other)
 
 
 def _knobs(b: DynamicBatcher) -> dict:

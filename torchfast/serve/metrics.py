@@ -9,7 +9,7 @@ import threading
 from collections import deque
 from typing import Any
 
-OUTCOMES = ("ok", "error", "timeout", "cancelled", "rejected", "closed")
+OUTCOMES = ("ok", "error", "timeout", "cancelled", "disconnected", "rejected", "closed")
 
 
 def _quantile(values: list[float], q: float) -> float | None:
@@ -25,7 +25,11 @@ class BatcherMetrics:
     Prometheus names (prefix ``torchfast_batcher_``, label ``model``): ``queue_depth`` (gauge),
     ``batch_size`` (histogram of real rows per model call), ``padded_rows_total``,
     ``queue_wait_seconds`` / ``compute_seconds`` (histograms), ``requests_total{outcome}``
-    (ok, error, timeout, cancelled, rejected, closed), ``batches_total``, ``isolation_reruns_total``.
+    (ok, error, timeout, cancelled, disconnected, rejected, closed), ``batches_total``,
+    ``isolation_reruns_total``, ``abandoned_answers_total``. ``disconnected``: the caller went away (an HTTP
+    client closed its connection) while the request waited, so it was withdrawn and never computed;
+    ``abandoned_answers``: the caller went away while its batch was already running, so the answer was
+    computed for nobody (that request's outcome is still ``ok`` or ``error``).
     """
 
     def __init__(self, name: str, max_batch_size: int, window: int = 4096) -> None:
@@ -37,6 +41,7 @@ class BatcherMetrics:
         self.rows = 0
         self.padded_rows = 0
         self.reruns = 0
+        self.abandoned = 0
         self.queue_depth = 0
         self._wait = deque(maxlen=window)
         self._compute = deque(maxlen=window)
@@ -63,8 +68,11 @@ class BatcherMetrics:
         self._p_batches = pc.Counter(p + "batches", "Model calls", ["model"], registry=reg)
         self._p_rerun = pc.Counter(p + "isolation_reruns", "Extra model calls made to isolate a failing request",
                                    ["model"], registry=reg)
+        self._p_abandoned = pc.Counter(p + "abandoned_answers", "Answers computed after their caller had gone",
+                                       ["model"], registry=reg)
         for o in OUTCOMES:
             self._p_req.labels(name, o)
+        self._p_abandoned.labels(name)
         self._p_depth.labels(name).set(0)
 
     # ---------------------------------------------------------------- updates (called by the batcher)
@@ -105,6 +113,12 @@ class BatcherMetrics:
         if self.registry is not None:
             self._p_rerun.labels(self.name).inc()
 
+    def on_abandoned(self) -> None:
+        with self._lock:
+            self.abandoned += 1
+        if self.registry is not None:
+            self._p_abandoned.labels(self.name).inc()
+
     # ---------------------------------------------------------------- reading
     def snapshot(self) -> dict[str, Any]:
         """A plain dict: counts by outcome, queue depth, batch sizes and timing quantiles (recent window)."""
@@ -122,6 +136,7 @@ class BatcherMetrics:
                 "rows": self.rows,
                 "padded_rows": self.padded_rows,
                 "isolation_reruns": self.reruns,
+                "abandoned_answers": self.abandoned,
                 "mean_batch_size": (sum(sizes) / len(sizes)) if sizes else None,
                 "max_batch_size_seen": max(sizes) if sizes else None,
                 "queue_wait_p50_ms": _ms(_quantile(waits, 0.5)),
