@@ -8,8 +8,14 @@ Triton server's dynamic batcher (PyTriton) when a Python with nvidia-pytriton is
 many asyncio clients with injected failures, timeouts and cancellations against one batcher for a
 bounded time: lost / duplicated answers and memory (RSS) over time.
 
+``--protocols-only``: what speaking the Open Inference Protocol costs. The same batched server and model
+at 32 clients through /v1 (the model's usual body: .npy for ResNet-18, JSON for MiniLM), /v2 with JSON
+tensors and /v2 with binary tensors, windows interleaved (v1, v2 JSON, v2 binary, then reversed), one
+client library (httpx, bodies built once) so only the server's side differs.
+
     flock /tmp/torchfast-bench.lock .venv/bin/python benchmarks/serve.py \
         [--pytriton-python /path/to/venv-with-pytriton/bin/python]
+    flock /tmp/torchfast-bench.lock .venv/bin/python benchmarks/serve.py --protocols-only
 """
 from __future__ import annotations
 
@@ -67,9 +73,15 @@ def client_main(a: argparse.Namespace) -> None:
                                          limits=httpx.Limits(max_connections=a.concurrency + 4)) as c:
                 headers = {"content-type": a.content_type, "accept": "application/x-npy"
                            if a.content_type == "application/x-npy" else "application/json"}
+                path = f"/v1/models/{a.model}/infer"
+                if a.header_length is not None:  # the Open Inference Protocol (0: JSON tensors only)
+                    path = f"/v2/models/{a.model}/infer"
+                    headers = {"content-type": a.content_type}
+                    if a.header_length:
+                        headers["inference-header-content-length"] = str(a.header_length)
 
                 async def send():
-                    r = await c.post(f"/v1/models/{a.model}/infer", content=payload, headers=headers)
+                    r = await c.post(path, content=payload, headers=headers)
                     return r.status_code
                 return await _closed_loop(send, a.concurrency, a.seconds, a.warm)
     else:  # a real Triton server (KServe v2 protocol, binary tensors)
@@ -100,10 +112,12 @@ def client_main(a: argparse.Namespace) -> None:
 
 
 def run_client(python: str, kind: str, url: str, model: str, payload: Path, content_type: str,
-               concurrency: int, seconds: float, warm: float) -> dict:
+               concurrency: int, seconds: float, warm: float, header_length: int | None = None) -> dict:
     cmd = [python, __file__, "--client", url, "--kind", kind, "--model", model, "--payload", str(payload),
            "--content-type", content_type, "--concurrency", str(concurrency), "--seconds", str(seconds),
            "--warm", str(warm)]
+    if header_length is not None:
+        cmd += ["--header-length", str(header_length)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + warm + 300)
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("CLIENT_RESULT ")]
     if not line:
@@ -149,6 +163,25 @@ def _payloads(tmp: Path):
     buf = io.BytesIO()
     np.savez(buf, input_ids=ids, attention_mask=mask)
     (tmp / "minilm.npz").write_bytes(buf.getvalue())
+    for name, arrays in (("resnet", {"input": x}), ("minilm", {"input_ids": ids, "attention_mask": mask})):
+        _v2_payloads(tmp, name, arrays)
+
+
+def _v2_payloads(tmp: Path, name: str, arrays: dict) -> None:
+    """``NAME_v2.json`` (JSON tensors) and ``NAME_v2.bin`` (binary tensors; its header's length in ``.len``)."""
+    from torchfast.serve.v2 import datatype_of
+    import torch
+    types = {k: datatype_of(torch.from_numpy(v).dtype) for k, v in arrays.items()}
+    doc = {"inputs": [{"name": k, "shape": list(v.shape), "datatype": types[k], "data": v.reshape(-1).tolist()}
+                      for k, v in arrays.items()]}
+    (tmp / f"{name}_v2.json").write_text(json.dumps(doc))
+    blobs = [v.astype(v.dtype.newbyteorder("<")).tobytes() for v in arrays.values()]
+    head = json.dumps({"inputs": [{"name": k, "shape": list(v.shape), "datatype": types[k],
+                                   "parameters": {"binary_data_size": len(b)}}
+                                  for (k, v), b in zip(arrays.items(), blobs)],
+                       "parameters": {"binary_data_output": True}}).encode()
+    (tmp / f"{name}_v2.bin").write_bytes(head + b"".join(blobs))
+    (tmp / f"{name}_v2.len").write_text(str(len(head)))
 
 
 SPECS = {  # name -> (payload, content type, max_delay_ms, padding buckets, offline example)
@@ -240,6 +273,39 @@ def bench_model(name: str, a, tmp: Path, rows: list, tqdm) -> None:
     rows.append({"model": name, "clients": "offline", "batched req/s": round(ceiling, 1),
                  "bs1 req/s": round(single, 1), "batched/bs1": round(ceiling / single, 2),
                  "of ceiling": "100%", "p50 ms": round(32 / ceiling * 1e3)})
+
+
+def bench_protocols(name: str, a, tmp: Path, rows: list, tqdm) -> None:
+    """/v1 vs /v2 JSON vs /v2 binary tensors against one batched server, windows interleaved."""
+    from torchfast.serve.http import ServerThread, create_app
+    from torchfast.serve.model import builtin_model
+    payload, ctype, delay, buckets = SPECS[name]
+    stem = payload.split(".")[0]
+    served = builtin_model(name)
+    app = create_app([served], max_batch_size=32, max_delay_ms=delay, preferred_batch_sizes=buckets or None,
+                     max_queue_size=1024, timeout_ms=120_000, max_body_bytes=64 << 20)
+    modes = {"v1": (tmp / payload, ctype, None),
+             "v2 JSON": (tmp / f"{stem}_v2.json", "application/json", 0),
+             "v2 binary": (tmp / f"{stem}_v2.bin", "application/octet-stream",
+                           int((tmp / f"{stem}_v2.len").read_text()))}
+    res: dict[str, list] = {m: [] for m in modes}
+    c = a.protocol_clients
+    with ServerThread(app) as srv:
+        with tqdm(total=len(modes) * a.rounds, desc=f"{name} protocols", leave=False) as bar:
+            for r in range(a.rounds):
+                for mode in (list(modes) if r % 2 == 0 else list(reversed(modes))):
+                    body, media, hlen = modes[mode]
+                    res[mode].append(run_client(sys.executable, "http", srv.url, name, body, media, c, a.seconds,
+                                                a.warm, header_length=hlen))
+                    bar.update()
+    med = lambda xs, k: statistics.median(x[k] for x in xs)  # noqa: E731
+    base = med(res["v1"], "throughput")
+    for mode, (body, _, _) in modes.items():
+        tp = med(res[mode], "throughput")
+        rows.append({"model": name, "clients": c, "route": mode, "body bytes": body.stat().st_size,
+                     "req/s": round(tp, 1), "vs v1": round(tp / base, 2) if base else None,
+                     "p50 ms": round(med(res[mode], "p50_ms")), "p99 ms": round(med(res[mode], "p99_ms")),
+                     "non-200": sum(v for x in res[mode] for k, v in x["codes"].items() if str(k) != "200")})
 
 
 def _free_port() -> int:
@@ -370,6 +436,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="interleaved windows per mode and level")
     p.add_argument("--soak-seconds", type=float, default=40.0)
     p.add_argument("--soak-only", action="store_true", help="run only the soak")
+    p.add_argument("--protocols-only", action="store_true",
+                   help="run only /v1 vs /v2 JSON vs /v2 binary tensors (at --protocol-clients clients)")
+    p.add_argument("--protocol-clients", type=int, default=32)
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads per server (1: OpenMP's spinning threads collapse on a shared, "
                         "oversubscribed 2-core machine: MiniLM batch 1 measured 47 ms with 1 thread, 1384 ms with 2)")
@@ -379,6 +448,7 @@ def main() -> None:
     p.add_argument("--content-type"), p.add_argument("--concurrency", type=int)
     p.add_argument("--pytriton-server"), p.add_argument("--port", type=int), p.add_argument("--delay", type=float)
     p.add_argument("--buckets", default="")
+    p.add_argument("--header-length", type=int, default=None)
     a = p.parse_args()
     if a.client:
         return client_main(a)
@@ -392,6 +462,15 @@ def main() -> None:
     a.levels = [int(v) for v in a.levels.split(",")]
     t0 = time.time()
     rows: list[dict] = []
+    if a.protocols_only:
+        with tempfile.TemporaryDirectory() as d:
+            tmp = Path(d)
+            _payloads(tmp)
+            for name in a.models.split(","):
+                bench_protocols(name, a, tmp, rows, tqdm)
+        print(format_table(rows))
+        print(f"\ntotal {time.time() - t0:.0f} s; torch threads {a.threads}; load average {os.getloadavg()[0]:.1f}")
+        return
     if not a.soak_only:
         with tempfile.TemporaryDirectory() as d:
             tmp = Path(d)
