@@ -30,6 +30,7 @@ examples:
   torchfast optimize zoo:digits-cnn --recipe lowrank:ratio=0.5,int8-static --chart stages.png
   torchfast bench torchvision:mobilenet_v3_large --backend inductor --batch 1,8,32
   torchfast export torchvision:resnet18 --input-shape 1,3,224,224 --format exported_program --out r18.pt2
+  torchfast serve r18.pt2     # the artifact records its inputs: no --input-shape needed
 """
 
 

@@ -122,6 +122,8 @@ class Optimized:
                              f"(a .{'onnx' if native == 'onnx' else 'xml'} path), not {fmt!r}")
         if "example_inputs" not in kwargs and getattr(self, "example_inputs", None) is not None:
             kwargs["example_inputs"] = self.example_inputs
+        if inner is obj and inner is not self.model:
+            obj = self.model   # the drop-in wrapper: save() records the dims it checks as dynamic
         return save(obj, path, format=fmt, **kwargs)
 
     def chart(self, path: str, **kwargs: Any) -> str:

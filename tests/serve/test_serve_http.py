@@ -215,9 +215,13 @@ def test_artifacts_torchscript_and_exported_program(tmp_path):
     x = torch.randn(3, 6)
     ts = tmp_path / "net.pt"
     torch.jit.trace(net, x[:1]).save(str(ts))
-    with pytest.raises(ValueError, match="--input-shape"):
+    with pytest.raises(ValueError, match="does not declare its inputs.*--input-shape"):
         load_served_model(str(ts))
-    m = load_served_model(str(ts), input_shape=(6,))
+    with pytest.raises(ValueError, match="takes it as one row, so pass --input-shape 1,6"):
+        load_served_model(str(ts), input_shape=(6,))         # the per-row spelling serve once took
+    with pytest.raises(ValueError, match="does not run on --input-shape 2,7"):
+        load_served_model(str(ts), input_shape=(2, 7))
+    m = load_served_model(str(ts), input_shape=(2, 6))        # one example batch, batch dim first
     assert m.name == "net"
     torch.testing.assert_close(m.model(x), net(x))
     ep = torch.export.export(net, (x,), dynamic_shapes=({0: torch.export.Dim("batch", max=1024)},))
@@ -244,7 +248,7 @@ def test_cli_serves_an_artifact_and_drains_on_sigterm(tmp_path):
     torch.jit.trace(net, torch.randn(1, 4)).save(str(tmp_path / "lin.pt"))
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "torchfast.serve", str(tmp_path / "lin.pt"), "--input-shape", "4",
+    proc = subprocess.Popen([sys.executable, "-m", "torchfast.serve", str(tmp_path / "lin.pt"), "--input-shape", "1,4",
                              "--port", str(port), "--log-level", "warning", "--threads", "1"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:

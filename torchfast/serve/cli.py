@@ -14,6 +14,14 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _shape(text: str) -> tuple[int, ...]:
+    from ..cli_models import SourceError, parse_shape
+    try:
+        return parse_shape(text)
+    except SourceError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--input-shape {text!r}: ")) from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="*", default=["digits"],
                    help="artifacts written by torchfast.save (.pt TorchScript, .pt2 ExportedProgram, .onnx, .xml OpenVINO IR) or built-in "
@@ -29,9 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue-size", type=int, default=256, help="beyond this, 503 + Retry-After at once")
     p.add_argument("--timeout-ms", type=float, default=10_000.0, help="default per-request deadline (504 after)")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="request size limit (413 above)")
-    p.add_argument("--input-shape", type=_ints, default=None,
-                   help="per-row input shape for an artifact that does not declare it, e.g. 3,224,224")
-    p.add_argument("--input-dtype", default="float32")
+    p.add_argument("--input-shape", type=_shape, action="append", default=None, metavar="SHAPE",
+                   help="shape of one example batch, batch dim first, e.g. 1,3,224,224 (as in torchfast optimize; "
+                        "repeat for several positional inputs), for an artifact that does not declare its inputs "
+                        "(torchfast.save(..., example_inputs=x) records them); the batch dim is served as any size")
+    p.add_argument("--input-dtype", action="append", default=None, metavar="DTYPE",
+                   help="dtype of each --input-shape input (default float32; the last one given repeats)")
     p.add_argument("--nan-guard", action="store_true", help="answer NaN/Inf outputs with an error")
     p.add_argument("--max-priority", type=int, default=0,
                    help="highest x-priority a client may ask for (higher asks are capped; default 0: "
@@ -59,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"torchfast serve: loading {src} ...", file=sys.stderr, flush=True)
         try:
             models.append(load_served_model(src, name=names[i] if names else None,
-                                            input_shape=args.input_shape, input_dtype=args.input_dtype))
+                                            input_shape=args.input_shape,
+                                            input_dtype=args.input_dtype or ["float32"]))
         except (ValueError, FileNotFoundError, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
