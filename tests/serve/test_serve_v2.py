@@ -131,6 +131,10 @@ def test_health_and_metadata(server):
         with pytest.raises(InferenceServerException) as e:
             call()
         assert e.value.status() == "404"
+    srv = server[0]
+    r = httpx.get(srv.url + "/v2/models/vec/infer")  # a wrong method or path answers in the same shape
+    assert r.status_code == 405 and "GET /v2/models/vec/infer" in r.json()["error"]
+    assert "error" in httpx.get(srv.url + "/v2/nothing").json()
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import v2
 from .batcher import BatcherClosed, CallerGone, DynamicBatcher, QueueFull, RequestTimeout
@@ -106,6 +107,10 @@ def create_app(models: Sequence[ServedModel], *, max_batch_size: int = 32, max_d
     @app.exception_handler(HTTPError)
     async def _handle(request: Request, e: HTTPError):
         return err(e.status, e.message, e.headers, getattr(request.state, "request_id", None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _routing(request: Request, e: StarletteHTTPException):  # unknown path, wrong method: same shape
+        return err(e.status_code, f"{e.detail}: {request.method} {request.url.path[:200]}", e.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception):
