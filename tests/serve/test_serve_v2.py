@@ -203,6 +203,7 @@ def _doc(**inp):
     (_doc(shape=[2, 2]), 422, ["must have shape [batch, 4], got [2, 2]"]),
     (_doc(shape=[9, 4], data=[0.0] * 36), 422, ["more than max_batch_size"]),
     (_doc(name="other"), 422, ["unknown input"]),
+    (_doc(name="text", datatype="BYTES", data=["a"], shape=[1]), 422, ["unknown input", "'input'"]),
     (_doc(data=[1, 2, "x", 4]), 422, ["rectangular array of numbers"]),
     ({"inputs": []}, 400, ['"inputs"']),
     (b"{nope", 400, ["not valid JSON"]),

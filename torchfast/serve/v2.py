@@ -99,6 +99,9 @@ def decode_request(served: ServedModel, body: bytes, header_length: str | None) 
                                  + (f"; the model declares {want}" if want else "") + f" (datatypes: {_ALL})")
         if want is not None and dt != want:
             raise HTTPError(400, f"{where}: the model declares datatype {want}, the request sends {dt}")
+        if want is None and dt == "BYTES":
+            raise HTTPError(422, f"unknown input(s) [{name[:100]!r}]; model {served.name!r} takes "
+                                 f"{sorted(declared)}")
         params = _dict(inp.get("parameters"), f"{where} parameters")
         if "shared_memory_region" in params:
             raise HTTPError(400, f"{where}: shared memory is not supported by this server; send the data in "
