@@ -11,7 +11,7 @@ import io
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterable
 
 import torch
@@ -21,7 +21,7 @@ from .modules import Batch, batches_list, call_model, first_tensor
 
 __all__ = [
     "Latency", "Comparison", "Size", "Fidelity",
-    "latency", "compare_latency", "size_of", "count_flops", "fidelity", "accuracy",
+    "latency", "compare_latency", "size_of", "count_flops", "fidelity", "outputs", "compare_outputs", "accuracy",
     "fixed_threads",
 ]
 
@@ -225,14 +225,39 @@ class Fidelity:
         return asdict(self)
 
 
-def _outputs(model: Callable, batches: list[Batch], output_fn: Callable[[Any], torch.Tensor] | None) -> list[torch.Tensor]:
+def outputs(model: Callable, batches: Iterable[Batch] | Batch,
+            output_fn: Callable[[Any], torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """The tensors ``fidelity`` compares, one per batch (float32, CPU): computed once, compared many times."""
     outs = []
     with torch.inference_mode():
-        for b in batches:
+        for b in batches_list(batches):
             o = call_model(model, b)
             o = output_fn(o) if output_fn is not None else first_tensor(o)
             outs.append(o.detach().float().cpu())
     return outs
+
+
+def compare_outputs(ref: list[torch.Tensor], cand: list[torch.Tensor]) -> Fidelity:
+    """Fidelity of ``cand`` against ``ref`` (lists of per-batch outputs, first dimension = samples)."""
+    if not ref:
+        raise ValueError("fidelity needs at least one input batch")
+    for i, (r, c) in enumerate(zip(ref, cand)):
+        if r.shape != c.shape:
+            raise ValueError(f"output shapes differ on batch {i}: reference {tuple(r.shape)}, candidate {tuple(c.shape)}")
+    r = torch.cat([x.reshape(x.shape[0], -1) if x.dim() else x.reshape(1, 1) for x in ref])
+    c = torch.cat([x.reshape(x.shape[0], -1) if x.dim() else x.reshape(1, 1) for x in cand])
+    diff = (r - c)
+    max_abs = diff.abs().max().item()
+    rel = (diff.norm() / r.norm().clamp_min(1e-12)).item()
+    per_sample = torch.nn.functional.cosine_similarity(r.double(), c.double(), dim=1, eps=1e-12)
+    cos, worst = per_sample.mean().item(), per_sample.min().item()
+    top1 = None
+    if ref[0].dim() == 2 and ref[0].shape[-1] > 1:
+        ra = torch.cat([x.argmax(-1) for x in ref])
+        ca = torch.cat([x.argmax(-1) for x in cand])
+        top1 = (ra == ca).float().mean().item()
+    return Fidelity(max_abs_err=max_abs, rel_err=rel, cosine=cos, top1_agreement=top1, samples=r.shape[0],
+                    worst_cosine=worst)
 
 
 def fidelity(reference: Callable, candidate: Callable, batches: Iterable[Batch] | Batch, *,
@@ -249,29 +274,10 @@ def fidelity(reference: Callable, candidate: Callable, batches: Iterable[Batch] 
     if not bl:
         raise ValueError("fidelity needs at least one input batch")
     cbl = bl if candidate_batches is None else batches_list(candidate_batches)
-    ref, cand = _outputs(reference, bl, output_fn), _outputs(candidate, cbl, output_fn)
-    for i, (r, c) in enumerate(zip(ref, cand)):
-        if r.shape != c.shape:
-            raise ValueError(f"output shapes differ on batch {i}: reference {tuple(r.shape)}, candidate {tuple(c.shape)}")
-    r = torch.cat([x.reshape(x.shape[0], -1) if x.dim() else x.reshape(1, 1) for x in ref])
-    c = torch.cat([x.reshape(x.shape[0], -1) if x.dim() else x.reshape(1, 1) for x in cand])
-    diff = (r - c)
-    max_abs = diff.abs().max().item()
-    rel = (diff.norm() / r.norm().clamp_min(1e-12)).item()
-    per_sample = torch.nn.functional.cosine_similarity(r.double(), c.double(), dim=1, eps=1e-12)
-    cos, worst = per_sample.mean().item(), per_sample.min().item()
-    top1 = None
-    last_ref = ref[0]
-    if last_ref.dim() >= 2 and last_ref.shape[-1] > 1 and last_ref.dim() == 2:
-        ra = torch.cat([x.argmax(-1) for x in ref])
-        ca = torch.cat([x.argmax(-1) for x in cand])
-        top1 = (ra == ca).float().mean().item()
-    metric = base_metric = None
+    fid = compare_outputs(outputs(reference, bl, output_fn), outputs(candidate, cbl, output_fn))
     if eval_fn is not None:
-        metric = float(eval_fn(candidate))
-        base_metric = float(eval_fn(reference))
-    return Fidelity(max_abs_err=max_abs, rel_err=rel, cosine=cos, top1_agreement=top1, samples=r.shape[0],
-                    metric=metric, baseline_metric=base_metric, worst_cosine=worst)
+        fid = replace(fid, metric=float(eval_fn(candidate)), baseline_metric=float(eval_fn(reference)))
+    return fid
 
 
 def accuracy(model: Callable, batches: Iterable[tuple[Batch, torch.Tensor]]) -> float:

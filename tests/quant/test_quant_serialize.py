@@ -20,7 +20,8 @@ def _script_roundtrip(q, x):
 def test_static_state_dict_and_torchscript(digits_cnn):
     model, data = digits_cnn
     x = data.x_test[:16]
-    q, _ = tf.quantize(model, tf.Int8Static(calibration=data.calibration(4), progress=False), example_inputs=x)
+    q, _ = tf.quantize(model, tf.Int8Static(calibration=data.calibration(4), progress=False, keep_slower=True),
+                       example_inputs=x)
     # state_dict round trip into a model quantized from other calibration data
     other, _ = tf.quantize(model, tf.Int8Static(calibration=[data.x_train[-64:]], observer="minmax", progress=False))
     buf = io.BytesIO()

@@ -18,7 +18,8 @@ def _is_int8(model) -> int:
 def test_digits_cnn_int8_static_accuracy(digits_cnn, observer):
     model, data = digits_cnn
     before = state_snapshot(model)
-    q, rep = tf.quantize(model, tf.Int8Static(calibration=data.calibration(), observer=observer, progress=False),
+    q, rep = tf.quantize(model, tf.Int8Static(calibration=data.calibration(), observer=observer, progress=False,
+                                                   keep_slower=True),
                          example_inputs=data.x_test[:32])
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     base, acc = data.eval_fn(model), data.eval_fn(q)

@@ -152,6 +152,8 @@ def _compile_torch_int8(model: nn.Module, example_inputs: Batch, backend: str, i
     cfg = int8
     if isinstance(cfg, Int8Static) and backend in ("inductor", "export") and cfg.method != "pt2e":
         cfg = dataclasses.replace(cfg, method="pt2e")  # torch.ao modules do not compile there; PT2E does
+    if hasattr(cfg, "keep_slower"):  # the compiled candidate is what gets timed, not eager int8 vs eager fp32
+        cfg = dataclasses.replace(cfg, keep_slower=True)
     q, rep = quantize(model, cfg, example_inputs=example_inputs, calibration=calibration)
     if quantization_kind(q) is None:
         raise BackendError(f"{type(cfg).__name__} left {type(model).__name__} float (no layer was quantizable "

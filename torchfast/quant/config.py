@@ -48,7 +48,7 @@ class Int8Dynamic(QuantConfig):
     full_range: bool | None = None
     modules: tuple[str, ...] = _DYNAMIC_MODULES
     exclude: tuple[str, ...] = ()
-    keep_slower: bool = False   # apply int8 even to layers measured slower than fp32
+    keep_slower: bool = False   # apply int8 even to layers (and a model) measured slower than fp32
 
     def validate(self) -> None:
         check_choice("Int8Dynamic", "backend", self.backend, ("auto", "torch.ao", "torchao"))
@@ -82,6 +82,7 @@ class Int8Static(QuantConfig):
     exclude: tuple[str, ...] = ()
     compile_ok: bool = False    # allow "auto" to try the PT2E+inductor path (minutes of compile on 2 cores)
     progress: bool = True
+    keep_slower: bool = False   # return int8 even when it measures slower than float on the example inputs
 
     def validate(self) -> None:
         check_choice("Int8Static", "observer", self.observer, OBSERVERS)
@@ -102,6 +103,7 @@ class WeightOnly(QuantConfig):
     bits: int = 8
     group_size: int = 128
     exclude: tuple[str, ...] = ()
+    keep_slower: bool = False   # return the quantized model even when it measures slower than float
 
     def validate(self) -> None:
         check_choice("WeightOnly", "bits", self.bits, (8, 4))
@@ -114,6 +116,7 @@ class Float8(QuantConfig):
     dynamic_activations: bool = True
     granularity: str = "per_row"
     exclude: tuple[str, ...] = ()
+    keep_slower: bool = False   # return the quantized model even when it measures slower than float
 
     def validate(self) -> None:
         check_choice("Float8", "granularity", self.granularity, ("per_row", "per_tensor"))

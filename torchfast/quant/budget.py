@@ -1,0 +1,182 @@
+"""An accuracy budget, kept: the fewest layers left in float so that the int8 model meets a Tolerance.
+
+When the fully quantized model breaks a bound on held-out data, the layers are ranked by sensitivity in
+one scan (each layer's weights and inputs fake-quantized alone in the float model, its effect on the
+outputs measured) and the most sensitive ones are kept float, fewest first: 1, 2, 4, ... layers until the
+bound holds, then bisection back down to the smallest count that holds. Every tried mix is a row of the
+report; if no mix with any int8 layer meets the budget, the caller returns the float model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..measure import Fidelity, compare_outputs, outputs
+from ..modules import Batch
+from ..report import Report
+from ..tolerance import Tolerance
+
+__all__ = ["sensitivity", "fit_budget", "BudgetResult"]
+
+_SIMULATED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _fake_weight(w: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel symmetric int8, as the x86/fbgemm weight observers quantize."""
+    flat = w.detach().reshape(w.shape[0], -1)
+    scale = (flat.abs().amax(dim=1) / 127.5).clamp_min(1e-12).float()
+    zero = torch.zeros(w.shape[0], dtype=torch.int32)
+    return torch.fake_quantize_per_channel_affine(w.detach().float(), scale, zero, 0, -128, 127).to(w.dtype)
+
+
+def _fake_act(x: torch.Tensor, lo: float, hi: float, qmax: int) -> torch.Tensor:
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = max((hi - lo) / qmax, 1e-12)
+    zero = int(min(max(round(-lo / scale), 0), qmax))
+    return torch.fake_quantize_per_tensor_affine(x.float(), scale, zero, 0, qmax).to(x.dtype)
+
+
+def _input_ranges(model: nn.Module, names: list[str], batches: list[Batch]) -> dict[str, tuple[float, float]]:
+    from ..modules import call_model
+    ranges: dict[str, tuple[float, float]] = {}
+    hooks = []
+    for n in names:
+        def hook(m, args, _n=n):
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if x is None or not x.is_floating_point() or x.numel() == 0:
+                return
+            lo, hi = ranges.get(_n, (float("inf"), float("-inf")))
+            ranges[_n] = (min(lo, x.min().item()), max(hi, x.max().item()))
+        hooks.append(model.get_submodule(n).register_forward_pre_hook(hook))
+    try:
+        with torch.inference_mode():
+            for b in batches:
+                call_model(model, b)
+    finally:
+        for h in hooks:
+            h.remove()
+    return ranges
+
+
+def _score(fid: Fidelity, tolerance: Tolerance) -> float:
+    """Higher = more damage. The worst sample when the budget bounds it, else the relative error."""
+    if tolerance.min_worst_cosine is not None and fid.worst_cosine is not None:
+        return 1.0 - fid.worst_cosine
+    if tolerance.min_top1_agreement is not None and fid.top1_agreement is not None:
+        return (1.0 - fid.top1_agreement) + fid.rel_err * 1e-3  # ties broken by the error
+    return fid.rel_err
+
+
+def sensitivity(model: nn.Module, layers: list[str], calibration: list[Batch], validation: list[Batch],
+                tolerance: Tolerance, *, dynamic: bool = False, activation_bits: int = 8,
+                progress: bool = True) -> dict[str, float]:
+    """Damage each layer does alone when its weights and inputs are int8 (simulated in float)."""
+    from tqdm.auto import tqdm
+
+    qmax = 2 ** activation_bits - 1
+    names = [n for n in layers if isinstance(model.get_submodule(n), _SIMULATED)]
+    ranges = {} if dynamic else _input_ranges(model, names, calibration)
+    reference = outputs(model, validation)
+    scores: dict[str, float] = {}
+    for n in tqdm(names, desc="int8 sensitivity scan", unit="layer", disable=not progress, leave=False):
+        mod = model.get_submodule(n)
+
+        def hook(m, args, _n=n):
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if x is None or not x.is_floating_point() or x.numel() == 0:
+                return None
+            lo, hi = (x.min().item(), x.max().item()) if dynamic else ranges.get(_n, (x.min().item(), x.max().item()))
+            return (_fake_act(x, lo, hi, qmax),) + tuple(args[1:])
+        original = mod.weight.data
+        handle = mod.register_forward_pre_hook(hook)
+        try:
+            mod.weight.data = _fake_weight(original)
+            scores[n] = _score(compare_outputs(reference, outputs(model, validation)), tolerance)
+        finally:
+            mod.weight.data = original
+            handle.remove()
+    return scores
+
+
+@dataclass
+class BudgetResult:
+    model: nn.Module | None      # None: no mix with an int8 layer meets the budget
+    float_layers: list[str]
+    fidelity: Fidelity | None
+    report: Report
+
+
+def _check(reference_out: list[torch.Tensor], model: nn.Module, validation: list[Batch], tolerance: Tolerance,
+           eval_fn: Callable | None, baseline_metric: float | None) -> tuple[Fidelity, list[str]]:
+    fid = compare_outputs(reference_out, outputs(model, validation))
+    drop = None
+    if eval_fn is not None:
+        metric = float(eval_fn(model))
+        drop = baseline_metric - metric
+        fid = Fidelity(**{**fid.to_dict(), "metric": metric, "baseline_metric": baseline_metric})
+    return fid, tolerance.violations(fid, metric_drop=drop)
+
+
+def fit_budget(model: nn.Module, quantized: nn.Module, layers: list[str], build: Callable[[list[str]], nn.Module],
+               *, calibration: list[Batch], validation: list[Batch], tolerance: Tolerance,
+               eval_fn: Callable | None = None, dynamic: bool = False, activation_bits: int = 8,
+               progress: bool = True) -> BudgetResult:
+    """Keep the fewest, most sensitive ``layers`` float until ``build(float_layers)`` meets ``tolerance``.
+
+    ``model`` is the float model (eval mode, untouched), ``quantized`` the all-int8 result, ``layers`` the
+    layers it quantized, ``build`` re-quantizes with some of them kept float.
+    """
+    report = Report("int8 accuracy budget", columns=["layers kept float", "cosine", "worst cosine", "top-1 agree",
+                                                     "metric", "meets budget", "broken bounds"])
+    reference = outputs(model, validation)
+    baseline = float(eval_fn(model)) if eval_fn is not None else None
+
+    def row(k: int, fid: Fidelity, broken: list[str]) -> None:
+        report.add_row(**{"layers kept float": k, "cosine": fid.cosine, "worst cosine": fid.worst_cosine,
+                          "top-1 agree": fid.top1_agreement, "metric": fid.metric,
+                          "meets budget": not broken, "broken bounds": "; ".join(broken) or "-"})
+
+    fid, broken = _check(reference, quantized, validation, tolerance, eval_fn, baseline)
+    row(0, fid, broken)
+    report.summary.update({"validation samples": fid.samples, "tolerance": tolerance.to_dict()})
+    if not broken:
+        report.summary["result"] = "every quantized layer stays int8"
+        return BudgetResult(quantized, [], fid, report)
+    scores = sensitivity(model, layers, calibration, validation, tolerance, dynamic=dynamic,
+                         activation_bits=activation_bits, progress=progress)
+    ranked = sorted(scores, key=scores.get, reverse=True) + [n for n in layers if n not in scores]
+    report.summary["most sensitive"] = ", ".join(f"{n} ({scores[n]:.3g})" for n in ranked[:5] if n in scores)
+    tried: dict[int, tuple[nn.Module, Fidelity, list[str]]] = {}
+
+    def attempt(k: int):
+        if k not in tried:
+            q = build(ranked[:k])
+            f, b = _check(reference, q, validation, tolerance, eval_fn, baseline)
+            tried[k] = (q, f, b)
+            row(k, f, b)
+        return tried[k]
+
+    low, high, k = 0, None, 1
+    while k < len(ranked):  # grow: 1, 2, 4, ... float layers until the budget holds
+        if not attempt(k)[2]:
+            high = k
+            break
+        low, k = k, k * 2
+    if high is None and len(ranked) > 1 and low < len(ranked) - 1 and not attempt(len(ranked) - 1)[2]:
+        high = len(ranked) - 1
+    if high is None:
+        report.summary["result"] = (f"no mix with an int8 layer meets the budget (kept float up to "
+                                    f"{max(tried) if tried else 0} of {len(ranked)} layers)")
+        return BudgetResult(None, list(ranked), None, report)
+    while high - low > 1:  # the smallest count that holds
+        mid = (low + high) // 2
+        if attempt(mid)[2]:
+            low = mid
+        else:
+            high = mid
+    q, f, _ = tried[high]
+    report.summary["result"] = f"{high} of {len(ranked)} quantized layers kept float: " + ", ".join(ranked[:high])
+    return BudgetResult(q, ranked[:high], f, report)

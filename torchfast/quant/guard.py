@@ -1,0 +1,60 @@
+"""Never ship a slower model: the quantized model is timed against the float one before it is returned.
+
+int8 is not free: every float island inside an int8 graph costs a dequantize and a quantize, and on
+small or depthwise-heavy models those copies can outweigh the int8 arithmetic (a 6x slowdown has been
+measured). The same rule the low-rank speed guard follows: measure on the user's example inputs
+(interleaved, medians) and, when the quantized model is not faster, return the float model with a
+report that says so.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Any
+
+from torch import nn
+
+from ..measure import compare_latency
+from ..modules import Batch
+from ..report import Report
+
+__all__ = ["shared_twin", "restore_from_twin", "speed_verdict", "SLOWER"]
+
+SLOWER = "slower than float"
+
+
+def shared_twin(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` that shares every parameter and buffer tensor (no weight memory).
+
+    It keeps the float layers alive while an in-place transform swaps them out of ``model``, so the
+    float model can still be timed and, if it wins, put back.
+    """
+    memo: dict[int, Any] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def restore_from_twin(model: nn.Module, twin: nn.Module) -> None:
+    """Put the twin's layers back wherever ``model``'s were replaced or re-parametrized."""
+    def changed(a: nn.Module, b: nn.Module) -> bool:
+        if type(a) is not type(b):
+            return True
+        pa, pb = dict(a.named_parameters(recurse=False)), dict(b.named_parameters(recurse=False))
+        return pa.keys() != pb.keys() or any(pa[k] is not pb[k] for k in pa)
+
+    def walk(m: nn.Module, t: nn.Module) -> None:
+        for name, tchild in t.named_children():
+            mchild = getattr(m, name, None)
+            if not isinstance(mchild, nn.Module) or changed(mchild, tchild):
+                setattr(m, name, tchild)
+            else:
+                walk(mchild, tchild)
+    walk(model, twin)
+
+
+def speed_verdict(reference: nn.Module, quantized: nn.Module, example_inputs: Batch, report: Report,
+                  what: str, runs: int = 10) -> bool:
+    """Time ``quantized`` against ``reference`` (interleaved medians); record it; True when it is faster."""
+    cmp = compare_latency(reference, quantized, example_inputs, runs=runs, warmup=3)
+    report.summary.update({"fp32 ms": cmp.baseline.median_ms, f"{what} ms": cmp.candidate.median_ms,
+                           "speedup vs fp32": cmp.speedup})
+    return cmp.speedup > 1.0
