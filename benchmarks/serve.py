@@ -302,7 +302,8 @@ def bench_protocols(name: str, a, tmp: Path, rows: list, tqdm) -> None:
     base = med(res["v1"], "throughput")
     for mode, (body, _, _) in modes.items():
         tp = med(res[mode], "throughput")
-        rows.append({"model": name, "clients": c, "route": mode, "body bytes": body.stat().st_size,
+        route = f"v1 ({'.npy' if payload.endswith('.npy') else 'JSON'})" if mode == "v1" else mode
+        rows.append({"model": name, "clients": c, "route": route, "body bytes": body.stat().st_size,
                      "req/s": round(tp, 1), "vs v1": round(tp / base, 2) if base else None,
                      "p50 ms": round(med(res[mode], "p50_ms")), "p99 ms": round(med(res[mode], "p99_ms")),
                      "non-200": sum(v for x in res[mode] for k, v in x["codes"].items() if str(k) != "200")})
