@@ -34,6 +34,9 @@ _EXPORTS: dict[str, str] = {
     "SemiStructured24": "torchfast.prune",
     "UnstructuredSparse": "torchfast.prune",
     "finetune": "torchfast.prune",
+    # recovery without labels
+    "distill": "torchfast.distill",
+    "DistillError": "torchfast.distill",
     # compile, pipeline, deployment
     "compile": "torchfast.backends",
     "optimize": "torchfast.pipeline",

@@ -64,6 +64,8 @@ class StageResult:
     metric: float | None = None
     seconds: float = 0.0            # time to apply the stage (compile: build + warm-up, reported apart from run time)
     report: Report | None = None
+    before_recovery: Fidelity | None = None       # a distilled stage's fidelity before recovery
+    metric_before_recovery: float | None = None
 
     def row(self, baseline_metric: float | None) -> dict[str, Any]:
         f = self.fidelity
@@ -75,6 +77,10 @@ class StageResult:
         if baseline_metric is not None:
             row["metric"] = self.metric
             row["metric drop"] = None if self.metric is None else baseline_metric - self.metric
+        if self.before_recovery is not None:
+            row["cosine before recovery"] = self.before_recovery.cosine
+            if baseline_metric is not None and self.metric_before_recovery is not None:
+                row["metric drop before recovery"] = baseline_metric - self.metric_before_recovery
         row["time (s)"] = self.seconds
         row["note"] = self.reason
         return row
@@ -216,7 +222,8 @@ def optimize(model: nn.Module, example_inputs: Any, recipe: Sequence[Config] | s
              calibration: Iterable | None = None, validation: Iterable | None = None,
              output_fn: Callable[[Any], torch.Tensor] | None = None,
              runs: int = 20, warmup: int = 3, threads: int | None = None,
-             on_error: str = "raise", dynamic_dims: Any = (0,), progress: bool | None = None) -> Optimized:
+             on_error: str = "raise", dynamic_dims: Any = (0,), progress: bool | None = None,
+             recover: str | dict | None = "distill") -> Optimized:
     """Apply ``recipe`` stage by stage on a copy of ``model``, verify each stage, compile, wrap.
 
     ``example_inputs`` is one batch (tensor, tuple of positional inputs, or dict of keyword inputs): it
@@ -225,7 +232,11 @@ def optimize(model: nn.Module, example_inputs: Any, recipe: Sequence[Config] | s
     the last quarter of the calibration batches, 1 to 8, held out from the stages; else the example
     inputs); ``eval_fn(model) -> float`` adds a task metric.
     A stage that breaks ``tolerance`` is rolled back (the model before it continues) and the report
-    says why. ``on_error="skip"`` rolls back a stage that raises instead of re-raising.
+    says why. A pruning or low-rank stage that breaks it is first distilled toward the original on the
+    calibration batches (``torchfast.distill``, no labels) and kept if that brings it within tolerance;
+    the report shows its fidelity before and after. ``recover``: ``"distill"`` (default; only acts when
+    calibration batches are given), a dict of ``distill`` options (``{"steps": 500}``), or None (off).
+    ``on_error="skip"`` rolls back a stage that raises instead of re-raising.
 
     ``recipe`` is a list of configs or a recipe string (``"lowrank:ratio=0.5,int8-static"``; ``"auto"``:
     int8 static for models with convolutions, int8 dynamic otherwise). A stage whose model ``backend``
@@ -248,6 +259,8 @@ def optimize(model: nn.Module, example_inputs: Any, recipe: Sequence[Config] | s
         options["dynamic_batch"] = True
     _check_backend(backend, model, options)
     check_stages_backend(recipe[:-1] if _engine_lowers(recipe, backend) else recipe, backend)
+    from .distill import recover_options
+    recovery = recover_options(recover)
     calib = batches_list(calibration) if calibration is not None else None
     if validation is not None:
         val = batches_list(validation)
@@ -272,13 +285,13 @@ def optimize(model: nn.Module, example_inputs: Any, recipe: Sequence[Config] | s
                 raise ExampleInputError(f"the model does not run on example_inputs ({describe_batch(example_inputs)}): "
                                         f"{type(e).__name__}: {e}") from e
         return _run(model, example_inputs, recipe, backend, options, eval_fn, tol, calib, val, output_fn,
-                    runs, warmup, threads, on_error, dynamic_dims, tqdm, progress)
+                    runs, warmup, threads, on_error, dynamic_dims, tqdm, progress, recovery)
     finally:
         restore_training_flags(flags)
 
 
 def _run(original, example, recipe, backend, options, eval_fn, tol, calib, val, output_fn,
-         runs, warmup, threads, on_error, dynamic_dims, tqdm, progress) -> Optimized:
+         runs, warmup, threads, on_error, dynamic_dims, tqdm, progress, recovery=None) -> Optimized:
     from .dropin import wrap
 
     steps = len(recipe) + 2
@@ -341,7 +354,10 @@ def _run(original, example, recipe, backend, options, eval_fn, tol, calib, val, 
             bar.update(1)
             continue
         seconds = time.perf_counter() - t0
-        r, _ = measure(cand, name, seconds, rep, prev=current)
+        r, stage_speedup = measure(cand, name, seconds, rep, prev=current)
+        if not r.applied and recovery is not None and calib and _recoverable(cfg, tol, stage_speedup):
+            cand, r = _recover(cand, r, original, calib, recovery, output_fn, on_error,
+                               lambda c, extra: measure(c, name, seconds + extra, rep, prev=current)[0])
         if r.applied:
             current = cand
         elif rep is not None:
@@ -388,6 +404,41 @@ def _run(original, example, recipe, backend, options, eval_fn, tol, calib, val, 
                      example_inputs=example)
 
 
+def _recoverable(cfg: Config, tol: Tolerance, stage_speedup: float | None) -> bool:
+    """A pruning/low-rank stage over the fidelity budget (distillation cannot buy back speed)."""
+    from .distill import recoverable
+    slow = tol.min_speedup is not None and stage_speedup is not None and not stage_speedup >= tol.min_speedup
+    return recoverable(cfg) and not slow
+
+
+def _recover(cand: nn.Module, r: StageResult, original: nn.Module, calib: list, recovery: dict,
+             output_fn: Any, on_error: str, remeasure: Callable[[nn.Module, float], StageResult]):
+    """Distill ``cand`` toward the original on the calibration batches and measure it again; the row of the
+    recovered model (kept if now within tolerance) records the fidelity it had before."""
+    from .distill import distill
+    from .errors import TorchfastError
+    t0 = time.perf_counter()
+    try:
+        cand, drep = distill(cand, original, calib, output_fn=output_fn, progress=False, inplace=True, **recovery)
+    except Exception as e:
+        if on_error == "raise" and not isinstance(e, TorchfastError):
+            raise
+        r.reason += f"; distillation failed: {type(e).__name__}: {e}"
+        return cand, r
+    r2 = remeasure(cand, time.perf_counter() - t0)
+    r2.before_recovery, r2.metric_before_recovery = r.fidelity, r.metric
+    if r2.report is not None:
+        r2.report.children.append(drep)
+    else:
+        r2.report = drep
+    before = f"cosine {r.fidelity.cosine:.4f} -> {r2.fidelity.cosine:.4f}"
+    if r.metric is not None and r2.metric is not None:
+        before += f", metric {r.metric:.4g} -> {r2.metric:.4g}"
+    how = f"distilled {drep.summary['steps']} steps without labels: {before}"
+    r2.reason = f"{how}" if r2.applied else f"{r2.reason} (after recovery; {how})"
+    return cand, r2
+
+
 def _report(results: list[StageResult], backend: str, tol: Tolerance, has_metric: bool,
             base_metric: float | None, n_val: int, runs: int, threads: int | None) -> Report:
     rep = Report("optimize", columns=None)
@@ -406,6 +457,11 @@ def _report(results: list[StageResult], backend: str, tol: Tolerance, has_metric
         "tolerance": ", ".join(f"{k}={v}" for k, v in tol.to_dict().items() if k != "type" and v is not None) or "off",
         "threads": threads if threads is not None else torch.get_num_threads(),
     })
+    recovered = [r for r in results if r.before_recovery is not None]
+    if recovered:
+        rep.summary["distilled (kept)"] = ", ".join(f"{r.name} ({'yes' if r.applied else 'no'})" for r in recovered)
+        keys = list(dict.fromkeys(k for row in rep.rows for k in row if k not in ("time (s)", "note")))
+        rep.rows = [{k: row.get(k) for k in [*keys, "time (s)", "note"]} for row in rep.rows]
     if base_metric is not None:
         rep.summary["metric (original -> final)"] = f"{base_metric:.4g} -> {final.metric if final.metric is not None else base_metric:.4g}"
     rep.note(f"speedup: median latency of the original / this stage's model, timed interleaved ({runs} runs each) "

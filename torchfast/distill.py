@@ -1,0 +1,557 @@
+"""``distill()``: win back what pruning or factorizing cost by training the smaller model to match the original.
+
+Most users have unlabeled data at best, and a pruned or low-rank model mostly needs to relearn what its
+own teacher already answers: the original model is the label. The student is trained on the user's
+input batches to reproduce the teacher's outputs (KL on softened class probabilities for classifiers,
+cosine + scale-free MSE on embeddings and hidden states), optionally also the outputs of matched layers.
+Validation batches held out from training decide when to stop and which weights to keep, so the returned
+student is never worse on them than the one given. The teacher is only ever run, in eval mode, without
+gradients; on failure nothing is changed.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import inspect
+import math
+import time
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import TorchfastError
+from .measure import fidelity, fixed_threads
+from .modules import (Batch, batches_list, call_model, check_module, describe_batch, evaluating, first_tensor,
+                      model_device, move_batch, restore_training_flags, training_flags)
+from .report import Report
+
+__all__ = ["distill", "DistillError", "LOSSES", "recoverable", "recover_options"]
+
+LOSSES = ("auto", "kl", "kl+mse", "mse", "cosine", "cosine+mse")
+DEFAULT_STEPS = 300
+# outputs that are embeddings / hidden states even when they are [batch, dim] like logits
+_EMBEDDING_NAMES = ("last_hidden_state", "pooler_output", "pooled_output", "embeddings", "sentence_embedding",
+                    "text_embeds", "image_embeds", "hidden_states")
+_LABEL_KEYS = ("labels", "label")
+
+
+class DistillError(TorchfastError, ValueError):
+    """distill() cannot run as asked; the message names the argument, batch, layer or shape at fault."""
+
+
+# ---------------------------------------------------------------- batches
+def _takes_one_input(model: nn.Module) -> bool:
+    """Whether ``model.forward`` cannot take a second positional input (then ``(x, y)`` pairs carry labels)."""
+    try:
+        inspect.signature(model.forward).bind(object(), object())
+    except TypeError:
+        return True
+    except ValueError:  # no signature (builtins, some scripted modules)
+        return False
+    return False
+
+
+def _labels_like(x: Any, y: Any) -> bool:
+    if not (isinstance(y, torch.Tensor) and not y.is_floating_point() and y.dim() <= 1):
+        return False
+    lead = first_tensor(x) if not isinstance(x, torch.Tensor) else x
+    return y.dim() == 0 or lead.dim() == 0 or y.shape[0] == lead.shape[0]
+
+
+def _strip_labels(batch: Batch, one_input: bool) -> tuple[Batch, bool]:
+    """``(inputs, labels)`` -> inputs; a dict loses its ``labels`` key. Returns (batch, whether labels were dropped)."""
+    if isinstance(batch, Mapping):
+        kept = {k: v for k, v in batch.items() if k not in _LABEL_KEYS}
+        return kept, len(kept) != len(batch)
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        x, y = batch
+        try:
+            labels = _labels_like(x, y)
+        except TypeError:  # the first item holds no tensor
+            labels = False
+        if labels and (one_input or not isinstance(x, torch.Tensor)):
+            return x, True
+    return batch, False
+
+
+def _has_tensor(batch: Batch) -> bool:
+    try:
+        first_tensor(batch)
+        return True
+    except TypeError:
+        return False
+
+
+def _plain_tensors(batch: Batch) -> Batch:
+    """Tensors made under ``torch.inference_mode()`` cannot enter autograd: use ordinary copies of those."""
+    def fix(x):
+        if isinstance(x, torch.Tensor):
+            return x.clone() if x.is_inference() else x
+        if isinstance(x, Mapping):
+            return {k: fix(v) for k, v in x.items()}
+        if isinstance(x, (tuple, list)):
+            return type(x)(fix(v) for v in x)
+        return x
+    with torch.inference_mode(False):
+        return fix(batch)
+
+
+def _prepare(batches: Any, what: str, teacher: nn.Module) -> tuple[list[Batch], bool]:
+    if batches is None:
+        raise DistillError(f"distill needs {what}: an iterable of input batches (tensors, tuples of positional "
+                           f"inputs, dicts of keyword inputs, or (inputs, labels) pairs whose labels are ignored)")
+    try:
+        bl = batches_list(batches)
+    except TypeError:
+        raise DistillError(f"{what} must be an iterable of batches, got {type(batches).__name__}") from None
+    if not bl:
+        raise DistillError(f"{what} is empty: distillation needs at least one batch of real inputs")
+    one_input = _takes_one_input(teacher)
+    out, stripped = [], False
+    for i, b in enumerate(bl):
+        if not isinstance(b, (torch.Tensor, Mapping, tuple, list)) or not _has_tensor(b):
+            raise DistillError(f"{what}: batch {i} is a {type(b).__name__} holding no tensor; a batch is a tensor, "
+                               f"a tuple of positional inputs or a dict of keyword inputs")
+        b, s = _strip_labels(b, one_input)
+        stripped |= s
+        out.append(_plain_tensors(b))
+    return out, stripped
+
+
+# ---------------------------------------------------------------- what is matched, and how
+def _float_tensors(prefix: str, v: Any, out: dict[str, torch.Tensor]) -> None:
+    if isinstance(v, torch.Tensor):
+        if v.is_floating_point():
+            out[prefix] = v
+    elif isinstance(v, Mapping):
+        for k, x in v.items():
+            _float_tensors(f"{prefix}.{k}" if prefix else str(k), x, out)
+    elif isinstance(v, (tuple, list)):
+        for i, x in enumerate(v):
+            _float_tensors(f"{prefix}.{i}" if prefix else str(i), x, out)
+
+
+def _targets(out: Any, output_fn: Callable[[Any], torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """The tensors of a model output that the student must reproduce, by name."""
+    if output_fn is not None:
+        t = output_fn(out)
+        if not isinstance(t, torch.Tensor):
+            raise DistillError(f"output_fn returned a {type(t).__name__}, not a tensor")
+        return {"output": t}
+    if isinstance(out, torch.Tensor):
+        return {"output": out}
+    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return {"logits": logits}
+    found: dict[str, torch.Tensor] = {}
+    if isinstance(out, (Mapping, tuple, list)):
+        _float_tensors("", out, found)
+    else:
+        for name in _EMBEDDING_NAMES:
+            _float_tensors(name, getattr(out, name, None), found)
+    if not found:
+        raise DistillError(f"the teacher's output ({type(out).__name__}) holds no floating-point tensor to match; "
+                           f"pass output_fn=... to pick one, or loss=callable(student_out, teacher_out)")
+    return found
+
+
+def _kind(name: str, t: torch.Tensor, loss: str) -> str:
+    if loss != "auto":
+        return loss
+    if name == "logits":
+        return "kl+mse"
+    if t.dim() <= 1 or (t.dim() == 2 and t.shape[1] == 1):  # one value per sample: a regression
+        return "mse"
+    if t.dim() == 2 and t.shape[1] > 1 and name.split(".")[-1] not in _EMBEDDING_NAMES:
+        norms = t.detach().float().norm(dim=1)
+        if not torch.allclose(norms, torch.ones_like(norms), atol=1e-3):  # unit rows: a normalized embedding
+            return "kl+mse"
+    return "cosine+mse"
+
+
+def _cosine(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Mean cosine per sample ([batch, dim]), per token ([batch, seq, dim]), per flattened sample otherwise."""
+    if s.dim() <= 1:
+        s, t = s.reshape(1, -1), t.reshape(1, -1)
+    elif s.dim() > 3:
+        s, t = s.reshape(s.shape[0], -1), t.reshape(t.shape[0], -1)
+    return F.cosine_similarity(s, t, dim=-1, eps=1e-8).mean()
+
+
+def _pair_loss(kind: str, s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+    s, t = s.float(), t.float()
+    mse = F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-12)  # scale-free: 1.0 is "predicts zeros"
+    if kind in ("kl", "kl+mse"):
+        c = s.shape[-1]
+        ls, lt = F.log_softmax(s.reshape(-1, c) / temperature, -1), F.log_softmax(t.reshape(-1, c) / temperature, -1)
+        kl = F.kl_div(ls, lt, log_target=True, reduction="batchmean") * temperature ** 2
+        # softmax ignores a shift of all logits; the MSE term keeps the logits themselves close (cosine, max error)
+        return kl if kind == "kl" else kl + mse
+    if kind == "mse":
+        return mse
+    cos = 1.0 - _cosine(s, t)
+    return cos if kind == "cosine" else cos + mse
+
+
+class _Taps:
+    """Forward hooks that keep the first output of each named layer during one call."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        self.seen: dict[str, torch.Tensor] = {}
+        self._hooks = []
+        for n in names:
+            def hook(m, a, o, _n=n):
+                if _n not in self.seen and not torch.is_inference_mode_enabled():
+                    self.seen[_n] = first_tensor(o)
+            self._hooks.append(model.get_submodule(n).register_forward_hook(hook))
+
+    def take(self) -> dict[str, torch.Tensor]:
+        seen, self.seen = self.seen, {}
+        return seen
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+
+def _feature_pairs(features: Any, student: nn.Module, teacher: nn.Module) -> list[tuple[str, str]]:
+    if features is None:
+        return []
+    if isinstance(features, str):
+        raise DistillError(f"features must be a list of layer names or a dict {{student layer: teacher layer}}, "
+                           f"got the string {features!r}; write features=[{features!r}]")
+    pairs = list(features.items()) if isinstance(features, Mapping) else [(n, n) for n in features]
+    for s_name, t_name in pairs:
+        for model, name, who in ((student, s_name, "student"), (teacher, t_name, "teacher")):
+            if not isinstance(name, str):
+                raise DistillError(f"feature layer names must be strings, got {name!r}")
+            names = [n for n, _ in model.named_modules() if n]
+            if name not in names:
+                close = difflib.get_close_matches(name, names, n=3)
+                raise DistillError(f"the {who} ({type(model).__name__}) has no layer {name!r}"
+                                   + (f"; did you mean {', '.join(map(repr, close))}?" if close else ""))
+    return pairs
+
+
+# ---------------------------------------------------------------- recovery inside optimize()
+def recoverable(config: Any) -> bool:
+    """Stages whose fidelity distillation can win back (their layers stay trainable float modules)."""
+    from .lowrank.config import LowRank
+    from .prune.config import ChannelPruning
+    return isinstance(config, (ChannelPruning, LowRank))
+
+
+_RECOVER_KEYS = ("steps", "epochs", "lr", "loss", "temperature", "features", "feature_weight", "val_fraction",
+                 "eval_every", "patience", "weight_decay", "seed", "max_cache_mb", "threads")
+
+
+def recover_options(recover: Any) -> dict[str, Any] | None:
+    """``optimize(recover=...)``: None (off), "distill" (defaults) or a dict of distill()'s keyword arguments."""
+    if recover is None:
+        return None
+    if recover == "distill":
+        return {}
+    if isinstance(recover, Mapping):
+        unknown = sorted(set(recover) - set(_RECOVER_KEYS))
+        if unknown:
+            raise DistillError(f"recover: unknown distill option(s) {unknown}; known: {', '.join(_RECOVER_KEYS)}")
+        return dict(recover)
+    raise DistillError(f"recover must be 'distill', a dict of distill options or None, got {recover!r}")
+
+
+# ---------------------------------------------------------------- distill
+def _check_args(steps, epochs, lr, loss, temperature, val_fraction, eval_every, patience, weight_decay) -> None:
+    for name, v in (("steps", steps), ("epochs", epochs), ("eval_every", eval_every), ("patience", patience)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            what = "no steps to train" if name in ("steps", "epochs") else "at least 1"
+            raise DistillError(f"distill: {name} must be an integer >= 1 or None, got {v!r} ({what})")
+    if steps is not None and epochs is not None:
+        raise DistillError(f"distill: give steps or epochs, not both (got steps={steps}, epochs={epochs})")
+    for name, v, lo in (("lr", lr, 0.0), ("temperature", temperature, 0.0)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > lo or not math.isfinite(v):
+            raise DistillError(f"distill: {name} must be a positive number, got {v!r}")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+        raise DistillError(f"distill: weight_decay must be >= 0, got {weight_decay!r}")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
+        raise DistillError(f"distill: val_fraction must be in [0, 1), got {val_fraction!r}")
+    if not callable(loss) and loss not in LOSSES:
+        raise DistillError(f"distill: loss must be one of {', '.join(map(repr, LOSSES))} or a callable "
+                           f"loss(student_out, teacher_out) -> scalar tensor; got {loss!r}")
+
+
+def _run_error(model: nn.Module, who: str, i: int, b: Batch, e: Exception, where: str) -> DistillError:
+    return DistillError(f"the {who} ({type(model).__name__}) fails on {where} batch {i} ({describe_batch(b)}): "
+                        f"{type(e).__name__}: {e}")
+
+
+def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch] | Batch, *,
+            steps: int | None = None, epochs: int | None = None, lr: float = 1e-3,
+            loss: str | Callable[[Any, Any], torch.Tensor] = "auto", temperature: float = 4.0,
+            features: Sequence[str] | Mapping[str, str] | None = None, feature_weight: float = 1.0,
+            validation: Iterable[Batch] | None = None, val_fraction: float = 0.2, eval_every: int | None = None,
+            patience: int | None = 5, weight_decay: float = 0.0, seed: int = 0,
+            output_fn: Callable[[Any], torch.Tensor] | None = None,
+            eval_fn: Callable[[nn.Module], float] | None = None, max_cache_mb: float = 256.0,
+            threads: int | None = None, progress: bool | None = None,
+            inplace: bool = False) -> tuple[nn.Module, Report]:
+    """Train ``student`` to reproduce ``teacher`` on unlabeled ``batches``; return ``(student, report)``.
+
+    ``batches``: tensors, tuples of positional inputs, dicts of keyword inputs, or ``(inputs, labels)``
+    pairs (labels are ignored, as is a dict's ``labels`` key). They are held in memory; the teacher's
+    outputs on them are cached (up to ``max_cache_mb``). ``validation`` (default: the last
+    ``val_fraction`` of the batches, held out from training) is checked every ``eval_every`` steps; the
+    weights with the lowest validation loss are kept and training stops after ``patience`` checks
+    without improvement (``None``: never early). ``steps`` or ``epochs`` (one of them; default
+    300 steps). AdamW with a cosine-decaying ``lr``; deterministic for a given ``seed`` (and ``threads``:
+    torch's intra-op threads while training, None leaves them; small models train fastest on 1).
+
+    ``loss="auto"``: for classifier logits (a ``logits`` output, or a [batch, classes] tensor) the KL
+    divergence of the ``temperature``-softened softmax plus a scale-free MSE of the logits (softmax alone
+    lets all logits drift by a constant); cosine + scale-free MSE for embeddings and hidden states
+    (``last_hidden_state``, pooled outputs, unit-norm rows, every float tensor of a dict/tuple output);
+    MSE for one value per sample. Or force one of ``"kl"``, ``"kl+mse"``, ``"mse"``, ``"cosine"``,
+    ``"cosine+mse"`` for every output, or give ``loss(student_out, teacher_out) -> scalar tensor``.
+    ``features``: layer names (or ``{student layer: teacher layer}``) whose outputs must match too
+    (scale-free MSE, weighted by ``feature_weight``); their shapes must be equal.
+
+    The teacher is run in eval mode without gradients and left as it was. The student trains in train
+    mode (BatchNorm statistics re-estimated) and comes back in eval mode; ``inplace=False`` (default)
+    trains a copy, ``inplace=True`` trains ``student`` itself. A failure raises DistillError and changes
+    nothing. The report holds the fidelity to the teacher on the validation batches before and after.
+    """
+    check_module(student, "student")
+    check_module(teacher, "teacher")
+    if student is teacher:
+        raise DistillError("student and teacher are the same module: distill a transformed copy "
+                           "(prune/decompose with inplace=False) against the original")
+    _check_args(steps, epochs, lr, loss, temperature, val_fraction, eval_every, patience, weight_decay)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise DistillError(f"distill: threads must be an integer >= 1 or None, got {threads!r}")
+    if isinstance(feature_weight, bool) or not isinstance(feature_weight, (int, float)) or feature_weight < 0:
+        raise DistillError(f"distill: feature_weight must be >= 0, got {feature_weight!r}")
+    pairs = _feature_pairs(features, student, teacher)
+    data, stripped = _prepare(batches, "batches", teacher)
+    if validation is not None:
+        val, _ = _prepare(validation, "validation", teacher)
+        train, held = data, "the validation batches given"
+    elif len(data) >= 2 and val_fraction > 0:
+        k = min(len(data) - 1, max(1, round(len(data) * val_fraction)))
+        train, val = data[:-k], data[-k:]
+        held = f"the last {k} of the {len(data)} batches, held out from training"
+    else:
+        train, val = data, data
+        held = "the training batches (too few to hold any out)"
+    total = steps if steps is not None else (epochs * len(train) if epochs is not None else DEFAULT_STEPS)
+    every = eval_every or max(1, total // 20)
+    if inplace:
+        shared = {p.data_ptr() for p in teacher.parameters()} & {p.data_ptr() for p in student.parameters()}
+        if shared:
+            raise DistillError("the student shares parameters with the teacher (a transform run with inplace=True "
+                               "on the original?); training it would change the teacher: pass inplace=False")
+        work = student
+    else:
+        work = copy.deepcopy(student)
+    params = [p for p in work.parameters() if p.requires_grad and p.is_floating_point()]
+    if not params:
+        raise DistillError(f"the student ({type(student).__name__}) has no trainable floating-point parameters "
+                           f"(a quantized model? distill before quantizing)")
+
+    saved = {k: v.detach().clone() for k, v in work.state_dict().items()} if inplace else None
+    flags = training_flags(work, teacher)
+    try:
+        metric_before = None
+        if eval_fn is not None:
+            with evaluating(work):
+                metric_before = float(eval_fn(work))
+        with torch.inference_mode(False), torch.random.fork_rng(devices=[]), fixed_threads(threads):
+            out = _train(work, teacher, train, val, pairs, total, every, patience, lr, weight_decay, loss,
+                         temperature, feature_weight, seed, output_fn, max_cache_mb, progress)
+    except BaseException as e:
+        restore_training_flags(flags)
+        if saved is not None:
+            work.load_state_dict(saved)
+        for p in params:
+            p.grad = None
+        if isinstance(e, Exception) and not isinstance(e, TorchfastError):
+            raise DistillError(f"distill failed: {type(e).__name__}: {e}") from e
+        raise
+    own = set(work.modules())
+    restore_training_flags({m: f for m, f in flags.items() if m not in own})  # the teacher's, as they were
+    work.eval()
+    rows, summary, before = out
+    with evaluating(teacher):
+        after = fidelity(teacher, work, val, output_fn=output_fn)
+    rep = Report("distill")
+    rep.summary.update(summary)
+    for key, f0, f1 in (("cosine", before.cosine, after.cosine), ("top-1 agreement", before.top1_agreement,
+                                                                     after.top1_agreement),
+                        ("rel err", before.rel_err, after.rel_err)):
+        rep.summary[f"{key} before"], rep.summary[f"{key} after"] = f0, f1
+    if eval_fn is not None:
+        rep.summary["metric before"], rep.summary["metric after"] = metric_before, float(eval_fn(work))
+    rep.rows = rows
+    rep.note(f"fidelity to the teacher on {len(val)} validation batch(es): {held}.")
+    if stripped:
+        rep.note("labels in the batches were ignored: the teacher's outputs are the only targets.")
+    return work, rep
+
+
+def _train(work, teacher, train, val, pairs, total, every, patience, lr, weight_decay, loss, temperature,
+           feature_weight, seed, output_fn, max_cache_mb, progress):
+    from tqdm.auto import tqdm
+
+    t_start = time.perf_counter()
+    torch.manual_seed(seed)
+    order = torch.Generator().manual_seed(seed)
+    s_dev, t_dev = model_device(work), model_device(teacher)
+    s_taps = _Taps(work, [s for s, _ in pairs])
+    t_taps = _Taps(teacher, [t for _, t in pairs])
+    cache: dict[tuple[str, int], tuple[Any, dict]] = {}
+    cached_bytes = [0]
+
+    def teacher_out(split: str, i: int, b: Batch) -> tuple[Any, dict]:
+        hit = cache.get((split, i))
+        if hit is not None:
+            return hit
+        try:
+            with torch.no_grad():
+                out = call_model(teacher, move_batch(b, t_dev))
+        except Exception as e:
+            raise _run_error(teacher, "teacher", i, b, e, split) from e
+        feats = {k: v.detach() for k, v in t_taps.take().items()}
+        raw = out
+        if not callable(loss):
+            raw = {k: v.detach() for k, v in _targets(out, output_fn).items()}
+        size = sum(v.numel() * v.element_size() for v in [*feats.values(), *(raw.values() if isinstance(raw, dict)
+                                                                             else [])])
+        if cached_bytes[0] + size <= max_cache_mb * 2 ** 20:
+            cache[(split, i)] = (raw, feats)
+            cached_bytes[0] += size
+        return raw, feats
+
+    kinds: dict[str, str] = {}
+
+    def batch_loss(split: str, i: int, b: Batch) -> torch.Tensor:
+        t_out, t_feats = teacher_out(split, i, b)
+        try:
+            s_raw = call_model(work, move_batch(b, s_dev))
+        except Exception as e:
+            raise _run_error(work, "student", i, b, e, split) from e
+        s_feats = s_taps.take()
+        if callable(loss):
+            total_loss = loss(s_raw, t_out)
+            if not (isinstance(total_loss, torch.Tensor) and total_loss.numel() == 1):
+                raise DistillError(f"the loss callable must return a scalar tensor, got {type(total_loss).__name__}")
+        else:
+            s_out = _targets(s_raw, output_fn)
+            parts = []
+            for name, t in t_out.items():
+                s = s_out.get(name)
+                if s is None or s.shape != t.shape:
+                    got = "nothing" if s is None else f"shape {tuple(s.shape)}"
+                    raise DistillError(f"the student's output {name!r} is {got} but the teacher's is "
+                                       f"{tuple(t.shape)} (batch {i}): distillation matches equal outputs")
+                kind = kinds.setdefault(name, _kind(name, t, loss))
+                parts.append(_pair_loss(kind, s, t.to(s.device), temperature))
+            total_loss = torch.stack(parts).mean()
+        if pairs:
+            f_parts = []
+            for s_name, t_name in pairs:
+                s, t = s_feats.get(s_name), t_feats.get(t_name)
+                if s is None or t is None:
+                    who, n = ("student", s_name) if s is None else ("teacher", t_name)
+                    raise DistillError(f"feature layer {n!r} of the {who} did not run on {split} batch {i}")
+                if s.shape != t.shape:
+                    raise DistillError(f"feature layers do not match: the student's {s_name!r} outputs "
+                                       f"{tuple(s.shape)} but the teacher's {t_name!r} outputs {tuple(t.shape)}; "
+                                       f"match layers whose outputs keep their shape (a pruned layer has fewer "
+                                       f"channels, e.g. match block outputs instead)")
+                f_parts.append(_pair_loss("mse", s, t.to(s.device), temperature))
+            total_loss = total_loss + feature_weight * torch.stack(f_parts).mean()
+        return total_loss
+
+    def val_loss() -> float:
+        with torch.no_grad(), evaluating(work):
+            return float(sum(float(batch_loss("validation", i, b)) for i, b in enumerate(val)) / len(val))
+
+    bar = tqdm(total=total, desc="distill", unit="step", disable=(not progress) if progress is not None else None,
+               leave=False)
+    try:
+        with evaluating(teacher):
+            best = val_loss()   # also checks both models, the outputs and the features before any training
+            first = best
+            best_state = {k: v.detach().clone() for k, v in work.state_dict().items()}
+            with evaluating(work):
+                before = fidelity(teacher, work, val, output_fn=output_fn)
+            opt = torch.optim.AdamW([p for p in work.parameters() if p.requires_grad and p.is_floating_point()],
+                                    lr=lr, weight_decay=weight_decay)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, total) / total)))
+            rows = [{"step": 0, "train loss": None, "validation loss": best, "best": True}]
+            step, best_step, stale, stopped, run = 0, 0, 0, "all steps", []
+            perm: list[int] = []
+            work.train()
+            while step < total:
+                if not perm:
+                    perm = torch.randperm(len(train), generator=order).tolist()
+                i = perm.pop()
+                with torch.enable_grad():
+                    l = batch_loss("training", i, train[i])
+                    if not torch.isfinite(l):
+                        raise DistillError(f"the distillation loss is {float(l.detach())} at step {step + 1} (training "
+                                           f"batch {i}): lower lr (now {lr})")
+                    opt.zero_grad(set_to_none=True)
+                    l.backward()
+                    opt.step()
+                sched.step()
+                step += 1
+                run.append(float(l.detach()))
+                bar.update(1)
+                if step % every == 0 or step == total:
+                    v = val_loss()
+                    improved = v < best - 1e-4 * abs(best) - 1e-12
+                    rows.append({"step": step, "train loss": sum(run) / len(run), "validation loss": v,
+                                 "best": improved})
+                    bar.set_postfix(loss=f"{sum(run) / len(run):.4g}", val=f"{v:.4g}")
+                    run = []
+                    if improved:
+                        best, best_step, stale = v, step, 0
+                        best_state = {k: x.detach().clone() for k, x in work.state_dict().items()}
+                    else:
+                        stale += 1
+                        if patience is not None and stale >= patience and step < total:
+                            stopped = f"early at step {step}: no better validation loss in {patience} checks"
+                            break
+    finally:
+        bar.close()
+        s_taps.close()
+        t_taps.close()
+    work.load_state_dict(best_state)
+    for p in work.parameters():
+        p.grad = None
+    kinds_text = ", ".join(f"{k}: {v.replace('kl', f'kl (T={temperature:g})')}" for k, v in kinds.items())
+    summary = {
+        "loss": "callable" if callable(loss) else kinds_text,
+        "features": ", ".join(s if s == t else f"{s} -> {t}" for s, t in pairs) or "none",
+        "steps": step, "planned steps": total, "epochs": step / len(train), "stopped": stopped,
+        "best step": best_step, "training batches": len(train), "validation batches": len(val),
+        "validation loss before": first, "validation loss after": best, "lr": lr, "seed": seed,
+        "time (s)": time.perf_counter() - t_start,
+    }
+    return rows, summary, before
+
+
+
+# ``torchfast.distill`` is both this module and the public function ``tf.distill(student, teacher, ...)``:
+# importing the module binds it to ``torchfast.distill``, so the module itself is callable (as ``torchfast.prune``).
+import sys as _sys
+import types as _types
+
+
+class _CallableModule(_types.ModuleType):
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[nn.Module, Report]:
+        return distill(*args, **kwargs)
+
+
+_sys.modules[__name__].__class__ = _CallableModule
