@@ -31,6 +31,7 @@ _EXPORTS: dict[str, str] = {
     "write_model_repository": "torchfast.serve.triton",
     "serve_pytriton": "torchfast.serve.triton",
     "ray_deployment": "torchfast.serve.ray",
+    "RayClient": "torchfast.serve.ray",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import time
 import uuid
@@ -123,13 +122,14 @@ async def _http(served: Any, batcher: Any, request: Any, max_priority: int) -> A
     from .batcher import BatcherClosed, QueueFull, RequestTimeout
     from .codecs import (NPY, SAFETENSORS, HTTPError, decode, encode_npy, encode_safetensors, named_outputs,
                          tensor_to_json)
+    from .http import _priority, _timeout   # the local server's header rules, shared
 
     def err(status: int, message: str, headers: dict | None = None) -> Any:
         return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
 
     try:
-        timeout = _header_float(request.headers.get("x-timeout-ms") or request.query_params.get("timeout_ms"))
-        priority = _header_priority(request.headers.get("x-priority"), max_priority)
+        timeout = _timeout(request.headers.get("x-timeout-ms") or request.query_params.get("timeout_ms"))
+        priority = _priority(request.headers.get("x-priority"), max_priority)
         body = await request.body()
         tensors, fmt = await run_in_threadpool(decode, served, body, request.headers.get("content-type",
                                                                                           "application/json"))
@@ -162,30 +162,6 @@ async def _http(served: Any, batcher: Any, request: Any, max_priority: int) -> A
     if SAFETENSORS in accept or (fmt == "safetensors" and "json" not in accept):
         return Response(encode_safetensors(outs), media_type=SAFETENSORS)
     return {"model_name": served.name, "outputs": {k: tensor_to_json(v) for k, v in outs.items()}}
-
-
-def _header_float(text: str | None) -> float | None:
-    from .codecs import HTTPError
-    if text is None:
-        return None
-    try:
-        t = float(text)
-    except ValueError:
-        t = float("nan")
-    if not (t > 0 and math.isfinite(t)):
-        raise HTTPError(400, f"timeout must be a positive number of milliseconds, got {text[:50]!r}")
-    return t
-
-
-def _header_priority(text: str | None, cap: int) -> int:
-    from .codecs import HTTPError
-    if text is None:
-        return 0
-    try:
-        p = int(text.strip())
-    except ValueError:
-        raise HTTPError(400, f"x-priority must be an integer, got {text[:50]!r}") from None
-    return max(min(p, cap), -(1 << 31))
 
 
 def _replica_lost(e: BaseException) -> bool:
