@@ -5,20 +5,18 @@ own teacher already answers: the original model is the label. The student is tra
 input batches to reproduce the teacher's outputs (KL on softened class probabilities for classifiers,
 cosine + scale-free MSE on embeddings and hidden states), optionally also the outputs of matched layers.
 Validation batches held out from training decide when to stop and which weights to keep, so the returned
-student is never worse on them than the one given. The teacher is only ever run, in eval mode, without
+student never has a higher validation loss than the one given. The teacher is only ever run, in eval mode, without
 gradients; on failure nothing is changed.
 """
 from __future__ import annotations
 
 import copy
-import difflib
 import inspect
 import math
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import TorchfastError
@@ -26,19 +24,12 @@ from .measure import fidelity, fixed_threads
 from .modules import (Batch, batches_list, call_model, check_module, describe_batch, evaluating, first_tensor,
                       model_device, move_batch, restore_training_flags, training_flags)
 from .report import Report
+from .distill_losses import LOSSES, DistillError, Taps, feature_pairs, loss_kind, pair_loss, targets
 
 __all__ = ["distill", "DistillError", "LOSSES", "recoverable", "recover_options"]
 
-LOSSES = ("auto", "kl", "kl+mse", "mse", "cosine", "cosine+mse")
 DEFAULT_STEPS = 300
-# outputs that are embeddings / hidden states even when they are [batch, dim] like logits
-_EMBEDDING_NAMES = ("last_hidden_state", "pooler_output", "pooled_output", "embeddings", "sentence_embedding",
-                    "text_embeds", "image_embeds", "hidden_states")
 _LABEL_KEYS = ("labels", "label")
-
-
-class DistillError(TorchfastError, ValueError):
-    """distill() cannot run as asked; the message names the argument, batch, layer or shape at fault."""
 
 
 # ---------------------------------------------------------------- batches
@@ -118,121 +109,6 @@ def _prepare(batches: Any, what: str, teacher: nn.Module) -> tuple[list[Batch], 
         stripped |= s
         out.append(_plain_tensors(b))
     return out, stripped
-
-
-# ---------------------------------------------------------------- what is matched, and how
-def _float_tensors(prefix: str, v: Any, out: dict[str, torch.Tensor]) -> None:
-    if isinstance(v, torch.Tensor):
-        if v.is_floating_point():
-            out[prefix] = v
-    elif isinstance(v, Mapping):
-        for k, x in v.items():
-            _float_tensors(f"{prefix}.{k}" if prefix else str(k), x, out)
-    elif isinstance(v, (tuple, list)):
-        for i, x in enumerate(v):
-            _float_tensors(f"{prefix}.{i}" if prefix else str(i), x, out)
-
-
-def _targets(out: Any, output_fn: Callable[[Any], torch.Tensor] | None) -> dict[str, torch.Tensor]:
-    """The tensors of a model output that the student must reproduce, by name."""
-    if output_fn is not None:
-        t = output_fn(out)
-        if not isinstance(t, torch.Tensor):
-            raise DistillError(f"output_fn returned a {type(t).__name__}, not a tensor")
-        return {"output": t}
-    if isinstance(out, torch.Tensor):
-        return {"output": out}
-    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return {"logits": logits}
-    found: dict[str, torch.Tensor] = {}
-    if isinstance(out, (Mapping, tuple, list)):
-        _float_tensors("", out, found)
-    else:
-        for name in _EMBEDDING_NAMES:
-            _float_tensors(name, getattr(out, name, None), found)
-    if not found:
-        raise DistillError(f"the teacher's output ({type(out).__name__}) holds no floating-point tensor to match; "
-                           f"pass output_fn=... to pick one, or loss=callable(student_out, teacher_out)")
-    return found
-
-
-def _kind(name: str, t: torch.Tensor, loss: str) -> str:
-    if loss != "auto":
-        return loss
-    if name == "logits":
-        return "kl+mse"
-    if t.dim() <= 1 or (t.dim() == 2 and t.shape[1] == 1):  # one value per sample: a regression
-        return "mse"
-    if t.dim() == 2 and t.shape[1] > 1 and name.split(".")[-1] not in _EMBEDDING_NAMES:
-        norms = t.detach().float().norm(dim=1)
-        if not torch.allclose(norms, torch.ones_like(norms), atol=1e-3):  # unit rows: a normalized embedding
-            return "kl+mse"
-    return "cosine+mse"
-
-
-def _cosine(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Mean cosine per sample ([batch, dim]), per token ([batch, seq, dim]), per flattened sample otherwise."""
-    if s.dim() <= 1:
-        s, t = s.reshape(1, -1), t.reshape(1, -1)
-    elif s.dim() > 3:
-        s, t = s.reshape(s.shape[0], -1), t.reshape(t.shape[0], -1)
-    return F.cosine_similarity(s, t, dim=-1, eps=1e-8).mean()
-
-
-def _pair_loss(kind: str, s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
-    s, t = s.float(), t.float()
-    mse = F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-12)  # scale-free: 1.0 is "predicts zeros"
-    if kind in ("kl", "kl+mse"):
-        c = s.shape[-1]
-        ls, lt = F.log_softmax(s.reshape(-1, c) / temperature, -1), F.log_softmax(t.reshape(-1, c) / temperature, -1)
-        kl = F.kl_div(ls, lt, log_target=True, reduction="batchmean") * temperature ** 2
-        # softmax ignores a shift of all logits; the MSE term keeps the logits themselves close (cosine, max error)
-        return kl if kind == "kl" else kl + mse
-    if kind == "mse":
-        return mse
-    cos = 1.0 - _cosine(s, t)
-    return cos if kind == "cosine" else cos + mse
-
-
-class _Taps:
-    """Forward hooks that keep the first output of each named layer during one call."""
-
-    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
-        self.seen: dict[str, torch.Tensor] = {}
-        self._hooks = []
-        for n in names:
-            def hook(m, a, o, _n=n):
-                if _n not in self.seen and not torch.is_inference_mode_enabled():
-                    self.seen[_n] = first_tensor(o)
-            self._hooks.append(model.get_submodule(n).register_forward_hook(hook))
-
-    def take(self) -> dict[str, torch.Tensor]:
-        seen, self.seen = self.seen, {}
-        return seen
-
-    def close(self) -> None:
-        for h in self._hooks:
-            h.remove()
-
-
-def _feature_pairs(features: Any, student: nn.Module, teacher: nn.Module) -> list[tuple[str, str]]:
-    if features is None:
-        return []
-    if isinstance(features, str):
-        raise DistillError(f"features must be a list of layer names or a dict {{student layer: teacher layer}}, "
-                           f"got the string {features!r}; write features=[{features!r}]")
-    pairs = list(features.items()) if isinstance(features, Mapping) else [(n, n) for n in features]
-    for s_name, t_name in pairs:
-        for model, name, who in ((student, s_name, "student"), (teacher, t_name, "teacher")):
-            if not isinstance(name, str):
-                raise DistillError(f"feature layer names must be strings, got {name!r}")
-            names = [n for n, _ in model.named_modules() if n]
-            if name not in names:
-                close = difflib.get_close_matches(name, names, n=3)
-                raise DistillError(f"the {who} ({type(model).__name__}) has no layer {name!r}"
-                                   + (f"; did you mean {', '.join(map(repr, close))}?" if close else ""))
-    return pairs
 
 
 # ---------------------------------------------------------------- recovery inside optimize()
@@ -331,7 +207,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch] | B
         raise DistillError(f"distill: threads must be an integer >= 1 or None, got {threads!r}")
     if isinstance(feature_weight, bool) or not isinstance(feature_weight, (int, float)) or feature_weight < 0:
         raise DistillError(f"distill: feature_weight must be >= 0, got {feature_weight!r}")
-    pairs = _feature_pairs(features, student, teacher)
+    pairs = feature_pairs(features, student, teacher)
     data, stripped = _prepare(batches, "batches", teacher)
     if validation is not None:
         val, _ = _prepare(validation, "validation", teacher)
@@ -406,8 +282,8 @@ def _train(work, teacher, train, val, pairs, total, every, patience, lr, weight_
     torch.manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
     s_dev, t_dev = model_device(work), model_device(teacher)
-    s_taps = _Taps(work, [s for s, _ in pairs])
-    t_taps = _Taps(teacher, [t for _, t in pairs])
+    s_taps = Taps(work, [s for s, _ in pairs])
+    t_taps = Taps(teacher, [t for _, t in pairs])
     cache: dict[tuple[str, int], tuple[Any, dict]] = {}
     cached_bytes = [0]
 
@@ -423,7 +299,7 @@ def _train(work, teacher, train, val, pairs, total, every, patience, lr, weight_
         feats = {k: v.detach() for k, v in t_taps.take().items()}
         raw = out
         if not callable(loss):
-            raw = {k: v.detach() for k, v in _targets(out, output_fn).items()}
+            raw = {k: v.detach() for k, v in targets(out, output_fn).items()}
         size = sum(v.numel() * v.element_size() for v in [*feats.values(), *(raw.values() if isinstance(raw, dict)
                                                                              else [])])
         if cached_bytes[0] + size <= max_cache_mb * 2 ** 20:
@@ -445,7 +321,7 @@ def _train(work, teacher, train, val, pairs, total, every, patience, lr, weight_
             if not (isinstance(total_loss, torch.Tensor) and total_loss.numel() == 1):
                 raise DistillError(f"the loss callable must return a scalar tensor, got {type(total_loss).__name__}")
         else:
-            s_out = _targets(s_raw, output_fn)
+            s_out = targets(s_raw, output_fn)
             parts = []
             for name, t in t_out.items():
                 s = s_out.get(name)
@@ -453,8 +329,8 @@ def _train(work, teacher, train, val, pairs, total, every, patience, lr, weight_
                     got = "nothing" if s is None else f"shape {tuple(s.shape)}"
                     raise DistillError(f"the student's output {name!r} is {got} but the teacher's is "
                                        f"{tuple(t.shape)} (batch {i}): distillation matches equal outputs")
-                kind = kinds.setdefault(name, _kind(name, t, loss))
-                parts.append(_pair_loss(kind, s, t.to(s.device), temperature))
+                kind = kinds.setdefault(name, loss_kind(name, t, loss))
+                parts.append(pair_loss(kind, s, t.to(s.device), temperature))
             total_loss = torch.stack(parts).mean()
         if pairs:
             f_parts = []
@@ -468,7 +344,7 @@ def _train(work, teacher, train, val, pairs, total, every, patience, lr, weight_
                                        f"{tuple(s.shape)} but the teacher's {t_name!r} outputs {tuple(t.shape)}; "
                                        f"match layers whose outputs keep their shape (a pruned layer has fewer "
                                        f"channels, e.g. match block outputs instead)")
-                f_parts.append(_pair_loss("mse", s, t.to(s.device), temperature))
+                f_parts.append(pair_loss("mse", s, t.to(s.device), temperature))
             total_loss = total_loss + feature_weight * torch.stack(f_parts).mean()
         return total_loss
 
