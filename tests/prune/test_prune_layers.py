@@ -4,7 +4,6 @@ pruner a custom layer."""
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -18,22 +17,7 @@ from torchfast.prune.api import plan
 from torchfast.prune.layers import _RULES
 from torchfast.prune.structured import mask_removed
 
-
-class SamePadConv(nn.Conv2d):
-    """TensorFlow-style "same" padding computed at run time, with a different __init__ signature."""
-
-    def __init__(self, cin, cout, k, *, stride=1, tag="same"):
-        super().__init__(cin, cout, k, stride=stride, padding=0, bias=False)
-        self.tag = tag
-
-    def forward(self, x):
-        ih, iw = x.shape[-2:]
-        kh, kw = self.kernel_size
-        sh, sw = self.stride
-        ph = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
-        pw = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
-        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+from helpers.layers import SamePadConv
 
 
 class ScaledStdConv(nn.Conv2d):

@@ -3,25 +3,13 @@
 rest of the model is still quantized."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import torchfast as tf
 
-
-class SamePadConv(nn.Conv2d):
-    def forward(self, x):
-        ih, iw = x.shape[-2:]
-        kh, kw = self.kernel_size
-        sh, sw = self.stride
-        ph = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
-        pw = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
-        if ph > 0 or pw > 0:                          # data-dependent control flow: fx cannot trace this
-            x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+from helpers.layers import SamePadConv
 
 
 class Net(nn.Module):

@@ -1,0 +1,1 @@
+"""Layers and models the tests share (importable as ``helpers`` from any test file)."""
