@@ -130,8 +130,12 @@ def test_a_tampered_signature_is_refused_naming_the_field(tmp_path, doc, needle)
 
 
 def test_signature_round_trips_through_json():
-    sig = Signature((tf.wrap(nn.Identity(), torch.zeros(2, 3)).input_spec["input"],), ("output",))
+    from torchfast.specs import InputSpec
+    sig = Signature((InputSpec("ids", (-1,), "int64", (512,)), InputSpec("scale", (), "float16", batch=None),
+                     InputSpec("image", (3, 8, 8), batch=4)), ("output",), True)
     assert Signature.from_json(sig.to_json()) == sig
+    assert sig.fixed_batch is None                               # one input takes any batch size
+    assert Signature(sig.inputs[2:]).fixed_batch == 4
 
 
 def test_ao_int8_model_as_exported_program_names_the_formats_it_saves_in(tmp_path):
