@@ -21,6 +21,7 @@ from torch import nn
 from .config import Config, ConfigError, check_range
 from .tolerance import Tolerance, as_tolerance as _as_tolerance
 from .measure import Fidelity, compare_latency, count_flops, fidelity, size_of
+from .quant.config import Int8Dynamic, Int8Static
 from .quantized import quantization_of
 from .modules import (ExampleInputError, batches_list, call_model, check_module, describe_batch,
                       restore_training_flags, training_flags)
@@ -343,7 +344,13 @@ def _run(original, example, recipe, backend, options, eval_fn, tol, calib, val, 
         bar.set_postfix_str(name)
         t0 = time.perf_counter()
         try:
-            cand, rep = apply_stage(copy.deepcopy(current), cfg, example, calib)
+            if isinstance(cfg, (Int8Static, Int8Dynamic)):
+                # the stage keeps optimize's own budget layer by layer: the most sensitive layers stay float
+                from .quant import quantize
+                cand, rep = quantize(current, cfg, example_inputs=example, calibration=calib, validation=val,
+                                     tolerance=tol, eval_fn=eval_fn)
+            else:
+                cand, rep = apply_stage(copy.deepcopy(current), cfg, example, calib)
             eval_mode(cand)
         except Exception as e:
             if on_error == "raise":
