@@ -18,25 +18,11 @@ from ..measure import Fidelity, compare_outputs, outputs
 from ..modules import Batch
 from ..report import Report
 from ..tolerance import Tolerance
+from .simulate import fake_quant_activation, fake_quant_weight
 
 __all__ = ["sensitivity", "fit_budget", "BudgetResult"]
 
 _SIMULATED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
-def _fake_weight(w: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel symmetric int8, as the x86/fbgemm weight observers quantize."""
-    flat = w.detach().reshape(w.shape[0], -1)
-    scale = (flat.abs().amax(dim=1) / 127.5).clamp_min(1e-12).float()
-    zero = torch.zeros(w.shape[0], dtype=torch.int32)
-    return torch.fake_quantize_per_channel_affine(w.detach().float(), scale, zero, 0, -128, 127).to(w.dtype)
-
-
-def _fake_act(x: torch.Tensor, lo: float, hi: float, qmax: int) -> torch.Tensor:
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = max((hi - lo) / qmax, 1e-12)
-    zero = int(min(max(round(-lo / scale), 0), qmax))
-    return torch.fake_quantize_per_tensor_affine(x.float(), scale, zero, 0, qmax).to(x.dtype)
 
 
 def _input_ranges(model: nn.Module, names: list[str], batches: list[Batch]) -> dict[str, tuple[float, float]]:
@@ -76,7 +62,7 @@ def sensitivity(model: nn.Module, layers: list[str], calibration: list[Batch], v
     """Damage each layer does alone when its weights and inputs are int8 (simulated in float)."""
     from tqdm.auto import tqdm
 
-    qmax = 2 ** activation_bits - 1
+    reduce_range = activation_bits < 8
     names = [n for n in layers if isinstance(model.get_submodule(n), _SIMULATED)]
     ranges = {} if dynamic else _input_ranges(model, names, calibration)
     reference = outputs(model, validation)
@@ -89,11 +75,11 @@ def sensitivity(model: nn.Module, layers: list[str], calibration: list[Batch], v
             if x is None or not x.is_floating_point() or x.numel() == 0:
                 return None
             lo, hi = (x.min().item(), x.max().item()) if dynamic else ranges.get(_n, (x.min().item(), x.max().item()))
-            return (_fake_act(x, lo, hi, qmax),) + tuple(args[1:])
+            return (fake_quant_activation(x, lo, hi, reduce_range).to(x.dtype),) + tuple(args[1:])
         original = mod.weight.data
         handle = mod.register_forward_pre_hook(hook)
         try:
-            mod.weight.data = _fake_weight(original)
+            mod.weight.data = fake_quant_weight(original).to(original.dtype)
             scores[n] = _score(compare_outputs(reference, outputs(model, validation)), tolerance)
         finally:
             mod.weight.data = original
