@@ -2,16 +2,19 @@
 layer's real inputs, and per-layer timing."""
 from __future__ import annotations
 
-from typing import Any, Callable
+import fnmatch
+from typing import Any, Callable, Iterable
 
 from torch import nn
 
 from ..measure import compare_latency
 from ..modules import capture_inputs  # re-exported for quant's modules
+from ..config import ConfigError
 from ..errors import TorchfastError
 from ..quantized import quantization_of
+from ..transform import Exclusion
 
-__all__ = ["AlreadyQuantizedError", "check_not_quantized", "capture_inputs", "time_layer"]
+__all__ = ["AlreadyQuantizedError", "check_not_quantized", "capture_inputs", "time_layer", "exclusion"]
 
 
 class AlreadyQuantizedError(TorchfastError, ValueError):
@@ -30,3 +33,17 @@ def time_layer(fp32: Callable, candidate: Callable, args: tuple, runs: int = 9) 
     """(fp32 ms, candidate ms): medians, interleaved, on the layer's real input."""
     cmp = compare_latency(fp32, candidate, args, runs=runs, warmup=2)
     return cmp.baseline.median_ms, cmp.candidate.median_ms
+
+
+def exclusion(model: nn.Module, patterns: Iterable[str], owner: str) -> Exclusion:
+    """``patterns`` (submodule names or globs) of a plain function's ``exclude=`` as an Exclusion; a pattern
+    that matches no submodule is a ConfigError naming it."""
+    if isinstance(patterns, str):
+        patterns = (patterns,)
+    ex = Exclusion(tuple(patterns), owner)
+    names = [n for n, _ in model.named_modules() if n]
+    for p in ex.patterns:
+        if not any(n == p or fnmatch.fnmatchcase(n, p) for n in names):
+            raise ConfigError(f"{owner}(exclude=...) names {p!r}, but {type(model).__name__} has no submodule "
+                              f"matching it")
+    return ex

@@ -17,7 +17,7 @@ from __future__ import annotations
 import operator
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +72,8 @@ class ChannelClamp(nn.Module):
 def _plain_forward(m: nn.Module, base: type) -> bool:
     """A layer whose forward is its torch base class's (a subclass with its own forward may transform the
     weight, e.g. weight standardization, and rescaling it would not be exact)."""
-    return type(m).forward is base.forward and getattr(type(m), "_conv_forward", None) is getattr(base, "_conv_forward", None)
+    return type(m).forward is base.forward and \
+        getattr(type(m), "_conv_forward", None) is getattr(base, "_conv_forward", None)
 
 
 def _layer_base(m: nn.Module) -> type | None:

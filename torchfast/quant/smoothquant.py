@@ -19,7 +19,6 @@ reads, and a TorchFunctionMode records every other op that reads it, wherever in
 """
 from __future__ import annotations
 
-import fnmatch
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -29,14 +28,13 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from ..config import ConfigError
 from ..errors import TorchfastError
-from ..modules import Batch, call_model, check_module, describe_batch, evaluating, first_tensor, get_submodule, \
-    maybe_copy, swap_modules, weight_readers
+from ..modules import (Batch, ExampleInputError, call_model, check_module, describe_batch, evaluating,
+                       first_tensor, get_submodule, maybe_copy, swap_modules, weight_readers)
 from ..report import Report
 from ..transform import Exclusion
 from .calibrate import CalibrationError, collect
-from .common import check_not_quantized
+from .common import check_not_quantized, exclusion
 from .simulate import activation_qparams, fake_quant_weight
 
 __all__ = ["smooth", "SmoothedLinear", "SmoothQuantError", "DEFAULT_ALPHAS"]
@@ -199,7 +197,8 @@ def _plan(model: nn.Module, linears: list[str], probe: _Probe, insert_scale: boo
         if producer is None:
             why = "its input is not a LayerNorm/RMSNorm or Linear output (an activation, attention, ...)"
         else:
-            others = [(op, where) for op, where in probe.uses.get(root, []) if not (op == "linear" and where in members)]
+            others = [(op, where) for op, where in probe.uses.get(root, [])
+                      if not (op == "linear" and where in members)]
             shared = [n for n in [producer, *members] if probe.calls[n] != 1]
             if shared:
                 why = f"{shared[0]} runs {probe.calls[shared[0]]} times per forward"
@@ -376,18 +375,6 @@ def _rel_diff(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------ public
-def exclusion(model: nn.Module, patterns: Iterable[str], owner: str) -> Exclusion:
-    """``patterns`` (names or globs of submodules) as an Exclusion; one that matches nothing is an error."""
-    if isinstance(patterns, str):
-        patterns = (patterns,)
-    ex = Exclusion(tuple(patterns), owner)
-    names = [n for n, _ in model.named_modules() if n]
-    for p in ex.patterns:
-        if not any(n == p or fnmatch.fnmatchcase(n, p) for n in names):
-            raise ConfigError(f"{owner}(exclude=...) names {p!r}, but {type(model).__name__} has no submodule matching it")
-    return ex
-
-
 def _linears(model: nn.Module, batch: Batch, ex: Exclusion) -> tuple[list[str], dict[str, str]]:
     counts = Counter(id(p) for _, m in model.named_modules() for p in m.parameters(recurse=False))
     names, skipped = [], {}
@@ -404,7 +391,12 @@ def _linears(model: nn.Module, batch: Batch, ex: Exclusion) -> tuple[list[str], 
             skipped[n] = "its weight is shared with another module (tied)"
         else:
             names.append(n)
-    for n in sorted(weight_readers(model, names, batch)) if names else ():
+    try:
+        readers = weight_readers(model, names, batch) if names else set()
+    except ExampleInputError as e:
+        raise CalibrationError(f"{type(model).__name__} fails on calibration batch 0: "
+                               f"{str(e).split(': ', 1)[-1]}") from e.__cause__
+    for n in sorted(readers):
         skipped[n] = "the model's code reads its .weight outside its forward"
         names.remove(n)
     return names, skipped
