@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import torchfast as tf
 from torchfast.modules import state_snapshot, training_flags
 from torchfast.quant.equalize import ChannelClamp, EqualizeError, equalize, fold_batchnorm
 
@@ -195,3 +196,15 @@ def test_bad_arguments_name_the_problem():
         equalize(TinyMobileNet(), relu6="relu")
     with pytest.raises(TypeError, match="nn.Module"):
         equalize("model")
+
+
+def test_exclude_leaves_named_layers_alone():
+    torch.manual_seed(0)
+    model = _randomize_bn(TinyMobileNet())
+    out, rep = equalize(model, exclude=["blocks.0.dw.*"])
+    layers = {r["layer"] for r in rep.where(applied=True)}
+    assert "blocks.0.dw.0" not in layers and "blocks.0.expand.0" not in layers and "blocks.1.dw.0" in layers
+    assert torch.equal(out.blocks[0].dw[0].weight, model.blocks[0].dw[0].weight)
+    assert any("excluded by equalize.exclude" in r["reason"] for r in rep.where(applied=False))
+    with pytest.raises(tf.TorchfastError, match="nope"):
+        equalize(model, exclude=["nope"])

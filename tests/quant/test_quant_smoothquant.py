@@ -88,7 +88,7 @@ def test_smoothing_is_exact_and_lowers_int8_dynamic_error():
     cal, held_out = _data(4), _data(3, seed=1)
     out, rep = smooth(model, cal)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()) and training_flags(model) == flags
-    assert out.ln2.training and not out.ln1.training
+    assert out.ln2.training and not out.ln1.training and not out.fc2.training and not out.fc2.linear.training
     model.eval(), out.eval()
     with torch.no_grad():
         for x in held_out:

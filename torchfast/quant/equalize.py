@@ -17,7 +17,7 @@ from __future__ import annotations
 import operator
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,8 @@ from torch import nn
 from ..errors import TorchfastError
 from ..modules import check_module, get_submodule, maybe_copy, set_submodule
 from ..report import Report
-from .common import check_not_quantized
+from ..transform import Exclusion
+from .common import check_not_quantized, exclusion
 
 __all__ = ["equalize", "fold_batchnorm", "ChannelClamp", "EqualizeError"]
 
@@ -103,9 +104,10 @@ class _Chains:
 class _View:
     """The consumers of each layer's output: from an fx graph, or from nn.Sequential adjacency."""
 
-    def __init__(self, model: nn.Module, relu6: str) -> None:
+    def __init__(self, model: nn.Module, relu6: str, ex: Exclusion | None = None) -> None:
         self.model = model
         self.relu6 = relu6
+        self.ex = ex if ex is not None else Exclusion()
         self.modules = dict(model.named_modules(remove_duplicate=False))
         self.calls: Counter = Counter()
         self.weight_read: set[str] = set()
@@ -115,6 +117,8 @@ class _View:
         label = type(m).__name__
         shared = f"{name} ({label}) is called {self.calls[name]} times per forward"
         if _layer_base(m) is not None:
+            if self.ex(name):
+                return _Step("stop", name, label, self.ex.reason(name))
             if self.calls[name] > 1:
                 return _Step("stop", name, label, shared)
             if name in self.weight_read:
@@ -143,8 +147,8 @@ class _View:
 
 
 class _FxView(_View):
-    def __init__(self, model: nn.Module, relu6: str, graph: torch.fx.Graph) -> None:
-        super().__init__(model, relu6)
+    def __init__(self, model: nn.Module, relu6: str, graph: torch.fx.Graph, ex: Exclusion | None = None) -> None:
+        super().__init__(model, relu6, ex)
         self.graph = graph
         for n in graph.nodes:
             if n.op == "call_module":
@@ -205,8 +209,8 @@ class _SequentialView(_View):
     """Adjacency inside nn.Sequential containers (nested plain Sequentials flattened): each child's output
     goes to the next child and nowhere else."""
 
-    def __init__(self, model: nn.Module, relu6: str) -> None:
-        super().__init__(model, relu6)
+    def __init__(self, model: nn.Module, relu6: str, ex: Exclusion | None = None) -> None:
+        super().__init__(model, relu6, ex)
         counts = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
         for n, m in self.modules.items():
             self.calls[n] = counts[id(m)]
@@ -250,11 +254,11 @@ def _trace(model: nn.Module) -> tuple[torch.fx.Graph | None, str]:
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
 
 
-def _view(model: nn.Module, relu6: str) -> tuple[_View, str]:
+def _view(model: nn.Module, relu6: str, ex: Exclusion | None = None) -> tuple[_View, str]:
     graph, why = _trace(model)
     if graph is not None:
-        return _FxView(model, relu6, graph), "torch.fx graph"
-    return _SequentialView(model, relu6), f"nn.Sequential adjacency (the model does not trace: {why})"
+        return _FxView(model, relu6, graph, ex), "torch.fx graph"
+    return _SequentialView(model, relu6, ex), f"nn.Sequential adjacency (the model does not trace: {why})"
 
 
 def _compatible(a: nn.Module, b: nn.Module) -> str:
@@ -297,6 +301,8 @@ def _find_chains(view: _View, method: str) -> _Chains:
                 ch.skipped.append((name, step.name, why))
             else:
                 ch.pairs.append((name, step.name, via))
+        elif step.name and isinstance(view.modules.get(step.name), _LAYER):  # a layer it may not rescale
+            ch.skipped.append((name, step.name, step.reason))
         elif item is not None:  # stopped on a module: is it right before another layer (a near miss)?
             _, nxt = view.next(item)
             if nxt.kind == "layer":
@@ -411,7 +417,7 @@ def _to_channel_clamp(model: nn.Module, name: str, channels: int, linear: bool) 
 
 
 def equalize(model: nn.Module, *, iterations: int = 4, relu6: str = "skip", batchnorm: str = "neutral",
-             inplace: bool = False) -> tuple[nn.Module, Report]:
+             exclude: Iterable[str] = (), inplace: bool = False) -> tuple[nn.Module, Report]:
     """Fold BatchNorm into convs, then equalize per-channel weight ranges across Conv->act->Conv chains.
 
     Data-free and exact in float (ReLU, LeakyReLU, PReLU, pooling, identity and dropout between the layers
@@ -420,7 +426,8 @@ def equalize(model: nn.Module, *, iterations: int = 4, relu6: str = "skip", batc
     0.1% stops early). ``relu6``: ``"skip"`` leaves chains through ReLU6/Hardtanh alone, ``"clamp"`` equalizes
     across them by turning the module into a :class:`ChannelClamp`. ``batchnorm``: what a folded BatchNorm
     becomes, as in :func:`fold_batchnorm` (default ``"neutral"``: it stays, as the identity map, so int8
-    conv-BatchNorm-ReLU fusion still applies).
+    conv-BatchNorm-ReLU fusion still applies). ``exclude``: names or globs of layers to leave alone
+    (their BatchNorm stays unfolded too).
 
     Returns (model, report): a row per pair with the per-channel weight range ratio (max/min over channels)
     of the first layer's outputs and the second layer's inputs, before and after, plus rows for near misses.
@@ -433,11 +440,12 @@ def equalize(model: nn.Module, *, iterations: int = 4, relu6: str = "skip", batc
     if batchnorm not in _REPLACE:
         raise EqualizeError(f"equalize(batchnorm=...) must be one of {_REPLACE}, got {batchnorm!r}")
     check_not_quantized(model, "cross-layer equalization")
+    ex = exclusion(model, exclude, "equalize")
     for name, p in model.named_parameters():
         if not p.is_floating_point():
             raise EqualizeError(f"cross-layer equalization needs a float model; parameter {name!r} is {p.dtype}")
     work = maybe_copy(model, inplace)
-    view, method = _view(work, relu6)
+    view, method = _view(work, relu6, ex)
     chains = _find_chains(view, method)
     _fold(work, chains.bn_pairs, batchnorm)
 

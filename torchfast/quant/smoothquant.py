@@ -469,6 +469,9 @@ def smooth(model: nn.Module, calibration_batches: Iterable[Batch] | Batch, *,
                     g.alpha, g.kind = None, "none"
             diff = _rel_diff(_output(work, batches[0]), reference)
 
+    for m in work.modules():  # a new wrapper takes the train/eval flag of the layer it wraps
+        if isinstance(m, SmoothedLinear):
+            m.training = m.linear.training
     report = Report("SmoothQuant scale migration",
                     columns=["layer", "absorbed by", "alpha", "act range ratio before", "act range ratio after",
                              "int8 error before", "int8 error after", "applied", "reason"])
