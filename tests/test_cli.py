@@ -100,3 +100,30 @@ def test_subprocess_entry_point(tmp_path):
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Int8Dynamic" in r.stdout and (tmp_path / "q.pt2").exists()
+
+
+def _subcommands() -> list[str]:
+    import argparse
+
+    from torchfast.cli import build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return list(sub.choices)
+
+
+@pytest.mark.parametrize("argv", [[], ["optimize"], ["bench"], ["export"], ["serve"]], ids=lambda a: a[0] if a else "top")
+def test_help_does_not_import_torch(argv, tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "torchfast", *argv, "--help"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "torchfast.cli" in imported  # the import log is real
+    heavy = sorted(m for m in imported if m.split(".")[0] in ("torch", "numpy", "torchvision", "transformers"))
+    assert not heavy, f"torchfast {' '.join(argv)} --help imported {heavy[:5]}"
+    if not argv:
+        subs = _subcommands()
+        assert set(subs) >= {"optimize", "bench", "export", "serve"}
+        for name in subs:
+            assert f"\n  {name} " in r.stdout, f"{name} missing from --help:\n{r.stdout}"
+    else:
+        assert f"usage: torchfast {argv[0]}" in r.stdout

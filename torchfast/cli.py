@@ -14,6 +14,11 @@ from typing import Any, Sequence
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 # torchfast.export.FORMATS, spelled out so that --help does not import torch (a test keeps them equal)
 FORMATS = ("torchscript", "exported_program", "tensorrt", "state_dict", "onnx", "openvino")
+MODEL_HELP = ("MODEL is one of: torchvision:NAME (e.g. torchvision:resnet50; random weights unless "
+              "--weights), hf:PATH (a Hugging Face encoder folder or hub id; token inputs), "
+              "zoo:digits-cnn | zoo:digits-mlp | zoo:minilm (built-in, trained, real data and metric), "
+              "package.module:callable or path/to/file.py:callable (returns an nn.Module, or (module, example_inputs)), "
+              "or the path of a saved artifact (.pt TorchScript, .pt2 ExportedProgram)")
 
 DESCRIPTION = """Make a trained PyTorch model faster and smaller for inference, with every step measured.
 
@@ -48,7 +53,6 @@ def _usage_types() -> tuple[type, ...]:
 
 # ---------------------------------------------------------------- parser
 def _model_args(p: argparse.ArgumentParser) -> None:
-    from .cli_models import MODEL_HELP
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--input-shape", action="append", metavar="SHAPE",
                    help="shape of one example batch, batch dim first, e.g. 8,3,224,224 (repeat for several "

@@ -15,17 +15,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .cli import MODEL_HELP  # lives with the parser, so that --help does not import torch
 from .dropin import eval_mode
 from .errors import TorchfastError
 from .specs import InputSpec, SpecError, parse_dtype
 
 __all__ = ["Source", "load_source", "parse_shape", "input_specs", "make_inputs", "SourceError", "MODEL_HELP"]
-
-MODEL_HELP = ("MODEL is one of: torchvision:NAME (e.g. torchvision:resnet50; random weights unless "
-              "--weights), hf:PATH (a Hugging Face encoder folder or hub id; token inputs), "
-              "zoo:digits-cnn | zoo:digits-mlp | zoo:minilm (built-in, trained, real data and metric), "
-              "package.module:callable or path/to/file.py:callable (returns an nn.Module, or (module, example_inputs)), "
-              "or the path of a saved artifact (.pt TorchScript, .pt2 ExportedProgram)")
 
 
 class SourceError(TorchfastError, ValueError):
