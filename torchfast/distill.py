@@ -24,7 +24,7 @@ from .measure import fidelity, fixed_threads
 from .modules import (Batch, batches_list, call_model, check_module, describe_batch, evaluating, first_tensor,
                       model_device, move_batch, restore_training_flags, training_flags)
 from .report import Report
-from .distill_losses import LOSSES, DistillError, Taps, feature_pairs, loss_kind, pair_loss, targets
+from .distill_losses import LOSSES, DistillError, Taps, feature_pairs, loss_kind, pair_loss, targets, token_mask
 
 __all__ = ["distill", "DistillError", "LOSSES", "recoverable", "recover_options"]
 
@@ -180,7 +180,8 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch] | B
     ``val_fraction`` of the batches, held out from training) is checked every ``eval_every`` steps; the
     weights with the lowest validation loss are kept and training stops after ``patience`` checks
     without improvement (``None``: never early). ``steps`` or ``epochs`` (one of them; default
-    300 steps). AdamW with a cosine-decaying ``lr``; deterministic for a given ``seed`` (and ``threads``:
+    300 steps). AdamW, ``lr`` warmed up over 5% of the steps then decayed along a cosine, no early stop
+    in the first quarter; deterministic for a given ``seed`` (and ``threads``:
     torch's intra-op threads while training, None leaves them; small models train fastest on 1).
 
     ``loss="auto"``: for classifier logits (a ``logits`` output, or a [batch, classes] tensor) the KL
@@ -241,9 +242,17 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch] | B
         if eval_fn is not None:
             with evaluating(work):
                 metric_before = float(eval_fn(work))
-        with torch.inference_mode(False), torch.random.fork_rng(devices=[]), fixed_threads(threads):
-            out = _train(work, teacher, train, val, pairs, total, every, patience, lr, weight_decay, loss,
-                         temperature, feature_weight, seed, output_fn, max_cache_mb, progress)
+        # the seed must not move the caller's random streams: fork the CPU's and those of the models' GPUs
+        gpus = sorted({d.index if d.index is not None else torch.cuda.current_device()
+                       for d in (model_device(work), model_device(teacher)) if d.type == "cuda"})
+        with torch.inference_mode(False), torch.random.fork_rng(devices=gpus), fixed_threads(threads):
+            rows, summary, before = _train(work, teacher, train, val, pairs, total, every, patience, lr,
+                                           weight_decay, loss, temperature, feature_weight, seed, output_fn,
+                                           max_cache_mb, progress)
+        work.eval()
+        with evaluating(teacher):
+            after = fidelity(teacher, work, val, output_fn=output_fn)
+        metric_after = None if eval_fn is None else float(eval_fn(work))
     except BaseException as e:
         restore_training_flags(flags)
         if saved is not None:
@@ -255,10 +264,6 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch] | B
         raise
     own = set(work.modules())
     restore_training_flags({m: f for m, f in flags.items() if m not in own})  # the teacher's, as they were
-    work.eval()
-    rows, summary, before = out
-    with evaluating(teacher):
-        after = fidelity(teacher, work, val, output_fn=output_fn)
     rep = Report("distill")
     rep.summary.update(summary)
     for key, f0, f1 in (("cosine", before.cosine, after.cosine), ("top-1 agreement", before.top1_agreement,
@@ -266,12 +271,23 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch] | B
                         ("rel err", before.rel_err, after.rel_err)):
         rep.summary[f"{key} before"], rep.summary[f"{key} after"] = f0, f1
     if eval_fn is not None:
-        rep.summary["metric before"], rep.summary["metric after"] = metric_before, float(eval_fn(work))
+        rep.summary["metric before"], rep.summary["metric after"] = metric_before, metric_after
     rep.rows = rows
     rep.note(f"fidelity to the teacher on {len(val)} validation batch(es): {held}.")
     if stripped:
         rep.note("labels in the batches were ignored: the teacher's outputs are the only targets.")
     return work, rep
+
+
+def _schedule(total: int) -> Callable[[int], float]:
+    """lr factor at step k: a linear warm-up over the first 5% of the steps, then a cosine decay to 0."""
+    warm = max(1, total // 20)
+
+    def factor(k: int) -> float:
+        if k < warm:
+            return (k + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(k - warm, total - warm) / max(1, total - warm)))
+    return factor
 
 
 def _train(work, teacher, train, val, pairs, total, every, patience, lr, weight_decay, loss, temperature,
@@ -322,6 +338,7 @@ def _train(work, teacher, train, val, pairs, total, every, patience, lr, weight_
                 raise DistillError(f"the loss callable must return a scalar tensor, got {type(total_loss).__name__}")
         else:
             s_out = targets(s_raw, output_fn)
+            mask = token_mask(b)
             parts = []
             for name, t in t_out.items():
                 s = s_out.get(name)
@@ -330,7 +347,7 @@ def _train(work, teacher, train, val, pairs, total, every, patience, lr, weight_
                     raise DistillError(f"the student's output {name!r} is {got} but the teacher's is "
                                        f"{tuple(t.shape)} (batch {i}): distillation matches equal outputs")
                 kind = kinds.setdefault(name, loss_kind(name, t, loss))
-                parts.append(pair_loss(kind, s, t.to(s.device), temperature))
+                parts.append(pair_loss(kind, s, t.to(s.device), temperature, mask))
             total_loss = torch.stack(parts).mean()
         if pairs:
             f_parts = []
@@ -344,7 +361,7 @@ def _train(work, teacher, train, val, pairs, total, every, patience, lr, weight_
                                        f"{tuple(s.shape)} but the teacher's {t_name!r} outputs {tuple(t.shape)}; "
                                        f"match layers whose outputs keep their shape (a pruned layer has fewer "
                                        f"channels, e.g. match block outputs instead)")
-                f_parts.append(pair_loss("mse", s, t.to(s.device), temperature))
+                f_parts.append(pair_loss("mse", s, t.to(s.device), temperature, mask))
             total_loss = total_loss + feature_weight * torch.stack(f_parts).mean()
         return total_loss
 
@@ -363,7 +380,7 @@ def _train(work, teacher, train, val, pairs, total, every, patience, lr, weight_
                 before = fidelity(teacher, work, val, output_fn=output_fn)
             opt = torch.optim.AdamW([p for p in work.parameters() if p.requires_grad and p.is_floating_point()],
                                     lr=lr, weight_decay=weight_decay)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, total) / total)))
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total))
             rows = [{"step": 0, "train loss": None, "validation loss": best, "best": True}]
             step, best_step, stale, stopped, run = 0, 0, 0, "all steps", []
             perm: list[int] = []
@@ -396,7 +413,8 @@ def _train(work, teacher, train, val, pairs, total, every, patience, lr, weight_
                         best_state = {k: x.detach().clone() for k, x in work.state_dict().items()}
                     else:
                         stale += 1
-                        if patience is not None and stale >= patience and step < total:
+                        # not before a quarter of the steps: the first updates may well do worse
+                        if patience is not None and stale >= patience and total // 4 <= step < total:
                             stopped = f"early at step {step}: no better validation loss in {patience} checks"
                             break
     finally:

@@ -16,7 +16,7 @@ from torch import nn
 from .errors import TorchfastError
 from .modules import first_tensor
 
-__all__ = ["DistillError", "LOSSES", "targets", "loss_kind", "pair_loss", "Taps", "feature_pairs"]
+__all__ = ["DistillError", "LOSSES", "targets", "loss_kind", "pair_loss", "token_mask", "Taps", "feature_pairs"]
 
 LOSSES = ("auto", "kl", "kl+mse", "mse", "cosine", "cosine+mse")
 # outputs that are embeddings / hidden states even when they are [batch, dim] like logits
@@ -88,8 +88,19 @@ def _cosine(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(s, t, dim=-1, eps=1e-8).mean()
 
 
-def pair_loss(kind: str, s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Student tensor ``s`` against teacher tensor ``t``; every kind is 0 for a perfect match."""
+def token_mask(batch: Any) -> torch.Tensor | None:
+    """A dict batch's ``attention_mask`` ([batch, seq]): padding positions carry no meaning to match."""
+    m = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    return m if isinstance(m, torch.Tensor) and m.dim() == 2 else None
+
+
+def pair_loss(kind: str, s: torch.Tensor, t: torch.Tensor, temperature: float,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Student tensor ``s`` against teacher tensor ``t``; every kind is 0 for a perfect match. A per-token
+    output ([batch, seq, ...]) is compared on the tokens ``mask`` keeps only."""
+    if mask is not None and s.dim() >= 3 and tuple(mask.shape) == tuple(s.shape[:2]) and mask.any():
+        keep = mask.to(s.device).bool()
+        s, t = s[keep], t[keep]
     s, t = s.float(), t.float()
     mse = F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-12)  # scale-free: 1.0 is "predicts zeros"
     if kind in ("kl", "kl+mse"):
