@@ -47,6 +47,7 @@ def recovery(steps: int, runs: int) -> str:
                      "drop (pt)": 100 * (base - acc), "cosine": f.cosine, "top-1 agree": f.top1_agreement,
                      "steps": steps_done, "time (s)": seconds})
 
+    t_all = time.perf_counter()
     for name, s in students(m, d, x):
         row(name, "none", s)
         t0 = time.perf_counter()
@@ -55,7 +56,8 @@ def recovery(steps: int, runs: int) -> str:
         t0 = time.perf_counter()
         fs, frep = tf.finetune(copy.deepcopy(s), labelled, F.cross_entropy, epochs=2, lr=2e-3)  # trains in place
         row(name, "finetune 2 epochs", fs, frep.summary["steps"], time.perf_counter() - t0, labels="yes")
-    out = format_table(rows)
+        print(f"{name}: done ({time.perf_counter() - t_all:.0f}s)", flush=True)
+    print(format_table(rows), flush=True)
 
     # optimize(): the pruning stage that used to be rolled back, recovered from 8 unlabeled batches of 32
     t0 = time.perf_counter()
@@ -65,8 +67,8 @@ def recovery(steps: int, runs: int) -> str:
     keep = ("stage", "applied", "speedup", "cosine", "cosine before recovery", "metric", "metric drop",
             "metric drop before recovery", "note")
     opt_rows = [{k: r.get(k) for k in keep} for r in res.report.rows]
-    out += (f"\n\noptimize(model, x, 'prune:amount=0.3', calibration=data.calibration(), eval_fn=...) "
-            f"({took:.0f}s):\n\n" + format_table(opt_rows))
+    out = (f"\noptimize(model, x, 'prune:amount=0.3', calibration=data.calibration(), eval_fn=...) "
+           f"({took:.0f}s):\n\n" + format_table(opt_rows))
     cmp = compare_latency(m, res.transformed, x, runs=runs, threads=2)
     out += f"\n\npruned + distilled vs original, batch 64, eager: {cmp.speedup:.2f}x"
     return out

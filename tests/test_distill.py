@@ -206,5 +206,7 @@ def test_optimize_recovers_a_pruned_stage_that_would_be_rolled_back():
     assert any(c.title == "distill" for c in on.report.children[0].children)
     assert _same(before, state_snapshot(teacher))
     assert sum(p.numel() for p in on.transformed.parameters()) < sum(p.numel() for p in teacher.parameters())
+    bare = tf.optimize(teacher, x, [tf.ChannelPruning(amount=0.6)], tolerance=tol, runs=2, warmup=1, progress=False)
+    assert "with calibration batches, optimize would distill it" in bare.report.rows[1]["note"]
     with pytest.raises(DistillError, match="unknown distill option"):
         tf.optimize(teacher, x, [tf.ChannelPruning(amount=0.6)], recover={"step": 3}, **kw)

@@ -362,9 +362,12 @@ def _run(original, example, recipe, backend, options, eval_fn, tol, calib, val, 
             continue
         seconds = time.perf_counter() - t0
         r, stage_speedup = measure(cand, name, seconds, rep, prev=current)
-        if not r.applied and recovery is not None and calib and _recoverable(cfg, tol, stage_speedup):
-            cand, r = _recover(cand, r, original, calib, recovery, output_fn, on_error,
-                               lambda c, extra: measure(c, name, seconds + extra, rep, prev=current)[0])
+        if not r.applied and recovery is not None and _recoverable(cfg, tol, stage_speedup):
+            if calib:
+                cand, r = _recover(cand, r, original, calib, recovery, output_fn, on_error,
+                                   lambda c, extra: measure(c, name, seconds + extra, rep, prev=current)[0])
+            else:
+                r.reason += " (with calibration batches, optimize would distill it toward the original first)"
         if r.applied:
             current = cand
         elif rep is not None:
