@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+import torchfast as tf
 from torchfast import measure
 
 
@@ -61,3 +62,56 @@ def test_fidelity_eval_fn_and_shape_mismatch(digits_cnn):
 def test_accuracy_needs_samples():
     with pytest.raises(ValueError):
         measure.accuracy(nn.Linear(2, 2), [])
+
+
+# ---------------------------------------------------------------- timing settings
+class Counting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.calls = nn.Linear(4, 4), 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(runs=0), "runs"), (dict(warmup=-1), "warmup"), (dict(threads=0), "threads"), (dict(settle=-2), "settle"),
+    (dict(runs=2.5), "runs"), (dict(runs=True), "runs"), (dict(threads="4"), "threads"),
+])
+def test_timing_validates(kwargs, field):
+    with pytest.raises(tf.ConfigError, match=f"Timing.{field} must be an integer"):
+        measure.Timing(**kwargs)
+
+
+def test_timing_defaults_and_quick_shares_match_the_old_numbers():
+    d = measure.Timing()
+    assert (d.runs, d.warmup, d.threads, d.settle) == (20, 3, None, 0)
+    assert measure.DEFAULT_TIMING == d
+    assert d.scaled(0.5) == measure.Timing(runs=10, warmup=2)      # one layer, backend='auto' first round
+    assert d.scaled(0.75) == measure.Timing(runs=15, warmup=3)     # one sparse kernel
+    assert measure.Timing(runs=1, warmup=0).scaled(0.1) == measure.Timing(runs=1, warmup=0)
+    with pytest.raises(ValueError, match="share must be > 0"):
+        d.scaled(0)
+    with pytest.raises(TypeError, match="Timing"):
+        measure.resolve_timing({"runs": 3})
+
+
+def test_changed_default_timing_reaches_every_measurement(monkeypatch):
+    monkeypatch.setattr(measure, "DEFAULT_TIMING", measure.Timing(runs=4, warmup=2, threads=1, settle=1))
+    a, b, x = Counting(), Counting(), torch.randn(2, 4)
+    cmp = measure.compare_latency(a, b, x)
+    assert cmp.baseline.runs == cmp.candidate.runs == 4 and cmp.baseline.threads == 1
+    assert a.calls == b.calls == 2 + 4 * 2  # warm-up, then one settling call before each timed one
+    assert torch.get_num_threads() == 2  # restored
+    a.calls = 0
+    lat = measure.latency(a, x, runs=3)  # an explicit number wins over the default
+    assert (lat.runs, lat.threads, a.calls) == (3, 1, 2 + 3 * 2)
+    many = measure.compare_many({"a": a, "b": b}, x, settle=0)
+    assert {k: v.runs for k, v in many.items()} == {"a": 4, "b": 4}
+    # quick checks take their share of the default as it is now
+    assert measure.resolve_timing(share=0.5) == measure.Timing(runs=2, warmup=1, threads=1, settle=1)
+    explicit = measure.Timing(runs=2, warmup=0)
+    a.calls = b.calls = 0
+    measure.compare_latency(a, b, x, timing=explicit)
+    assert a.calls == b.calls == 2

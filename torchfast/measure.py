@@ -17,13 +17,70 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from .config import ConfigError
 from .modules import Batch, batches_list, call_model, first_tensor
 
 __all__ = [
-    "Latency", "Comparison", "Size", "Fidelity",
+    "Timing", "DEFAULT_TIMING", "Latency", "Comparison", "Size", "Fidelity",
     "latency", "compare_latency", "size_of", "count_flops", "fidelity", "outputs", "compare_outputs", "accuracy",
-    "fixed_threads",
+    "fixed_threads", "resolve_timing",
 ]
+
+
+# ---------------------------------------------------------------- timing settings
+@dataclass(frozen=True)
+class Timing:
+    """How torchfast times models for every speed decision: one place to make timing longer or pin threads.
+
+    runs: timed calls per model; warmup: untimed calls per model first; threads: torch intra-op threads
+    while timing (None: leave torch's setting); settle: untimed calls of a model right before each of its
+    timed calls (engines with their own thread pools leave workers spinning after a call, which the next
+    model timed pays for). :data:`DEFAULT_TIMING` is what whole-model comparisons use when the caller
+    gives no numbers; quicker checks (one layer, one kernel, the first round among backends) use
+    ``DEFAULT_TIMING.scaled(share)``, so changing the default lengthens or shortens them all alike.
+    """
+    runs: int = 20
+    warmup: int = 3
+    threads: int | None = None
+    settle: int = 0
+
+    def __post_init__(self) -> None:
+        for name, lo in (("runs", 1), ("warmup", 0), ("threads", 1), ("settle", 0)):
+            v = getattr(self, name)
+            if v is None and name == "threads":
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ConfigError(f"Timing.{name} must be an integer >= {lo}"
+                                  + (" or None" if name == "threads" else "") + f", got {v!r}")
+
+    def scaled(self, share: float) -> Timing:
+        """A quicker (share < 1) or longer timing: ``share`` of the runs and warm-up calls (at least one run)."""
+        if not share > 0:
+            raise ValueError(f"Timing.scaled: share must be > 0, got {share!r}")
+        return replace(self, runs=max(1, round(self.runs * share)), warmup=math.ceil(self.warmup * share))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+DEFAULT_TIMING = Timing()
+"""The timing used wherever a caller gives none. Replace it (``torchfast.measure.DEFAULT_TIMING =
+Timing(runs=50, threads=4)``) to change every speed decision at once; it is read at each call."""
+
+
+def resolve_timing(timing: Timing | None = None, *, share: float = 1.0, runs: int | None = None,
+                   warmup: int | None = None, threads: int | None = None, settle: int | None = None) -> Timing:
+    """The timing a measurement uses: ``timing``, else ``share`` of :data:`DEFAULT_TIMING` as it is now
+    (a quick check takes a share of the default), with the numbers the caller gave explicitly on top."""
+    if timing is None:
+        t = DEFAULT_TIMING if share == 1.0 else DEFAULT_TIMING.scaled(share)
+    elif isinstance(timing, Timing):
+        t = timing
+    else:
+        raise TypeError(f"timing must be a torchfast.measure.Timing, got {type(timing).__name__}")
+    given = {k: v for k, v in (("runs", runs), ("warmup", warmup), ("threads", threads), ("settle", settle))
+             if v is not None}
+    return replace(t, **given) if given else t
 
 
 # ---------------------------------------------------------------- latency
@@ -101,59 +158,73 @@ def _timer(model: Callable, batch: Batch, device: torch.device | None) -> Callab
     return once
 
 
-def latency(model: Callable, batch: Batch, *, warmup: int = 3, runs: int = 20, threads: int | None = None,
-            min_time_s: float = 0.0) -> Latency:
-    """Median/p90 latency of ``model(batch)`` under ``inference_mode`` with a fixed thread count."""
+def latency(model: Callable, batch: Batch, *, warmup: int | None = None, runs: int | None = None,
+            threads: int | None = None, min_time_s: float = 0.0, timing: Timing | None = None) -> Latency:
+    """Median/p90 latency of ``model(batch)`` under ``inference_mode`` with a fixed thread count.
+
+    Numbers not given come from ``timing`` (default :data:`DEFAULT_TIMING`: 20 runs, 3 warm-up calls).
+    """
+    t = resolve_timing(timing, runs=runs, warmup=warmup, threads=threads)
     device = _input_device(batch)
-    with fixed_threads(threads) as n, torch.inference_mode():
+    with fixed_threads(t.threads) as n, torch.inference_mode():
         once = _timer(model, batch, device)
-        for _ in range(warmup):
+        for _ in range(t.warmup):
             once()
         times = []
         t_start = time.perf_counter()
-        while len(times) < runs or (time.perf_counter() - t_start) < min_time_s:
+        while len(times) < t.runs or (time.perf_counter() - t_start) < min_time_s:
+            for _ in range(t.settle):
+                once()
             times.append(once())
     return _summarize(times, n)
 
 
 def compare_latency(baseline: Callable, candidate: Callable, batch: Batch, candidate_batch: Batch | None = None, *,
-                    warmup: int = 3, runs: int = 20, threads: int | None = None) -> Comparison:
-    """Time baseline and candidate alternately (A B B A ...) so machine noise hits both alike."""
+                    warmup: int | None = None, runs: int | None = None, threads: int | None = None,
+                    settle: int | None = None, timing: Timing | None = None) -> Comparison:
+    """Time baseline and candidate alternately (A B B A ...) so machine noise hits both alike.
+
+    Numbers not given come from ``timing`` (default :data:`DEFAULT_TIMING`).
+    """
+    t = resolve_timing(timing, runs=runs, warmup=warmup, threads=threads, settle=settle)
     cbatch = batch if candidate_batch is None else candidate_batch
     device = _input_device(batch)
-    with fixed_threads(threads) as n, torch.inference_mode():
+    with fixed_threads(t.threads) as n, torch.inference_mode():
         a, b = _timer(baseline, batch, device), _timer(candidate, cbatch, _input_device(cbatch))
-        for _ in range(warmup):
+        for _ in range(t.warmup):
             a(), b()
         ta, tb = [], []
-        for i in range(runs):
-            if i % 2 == 0:
-                ta.append(a()); tb.append(b())
-            else:
-                tb.append(b()); ta.append(a())
+        for i in range(t.runs):
+            for timer, out in ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta)):
+                for _ in range(t.settle):
+                    timer()
+                out.append(timer())
     return Comparison(_summarize(ta, n), _summarize(tb, n))
 
 
-def compare_many(models: dict[str, Callable], batch: Batch, *, warmup: int = 3, runs: int = 20,
-                 threads: int | None = None, settle: int = 0) -> dict[str, Latency]:
+def compare_many(models: dict[str, Callable], batch: Batch, *, warmup: int | None = None, runs: int | None = None,
+                 threads: int | None = None, settle: int | None = None, timing: Timing | None = None
+                 ) -> dict[str, Latency]:
     """Time several models round-robin, the order rotating every round, so noise hits all alike.
 
-    ``settle``: untimed calls of each model right before its timed one. Engines with their own thread
-    pools (OpenVINO, ONNX Runtime, PyTorch's OpenMP) leave workers spinning for a while after a call;
-    the next engine timed right after them pays for it, which a deployment running one engine never does.
+    Numbers not given come from ``timing`` (default :data:`DEFAULT_TIMING`); see :class:`Timing` for
+    ``settle``, which matters most here: engines with their own thread pools (OpenVINO, ONNX Runtime,
+    PyTorch's OpenMP) leave workers spinning for a while after a call; the next engine timed right after
+    them pays for it, which a deployment running one engine never does.
     """
+    t = resolve_timing(timing, runs=runs, warmup=warmup, threads=threads, settle=settle)
     device = _input_device(batch)
     names = list(models)
-    with fixed_threads(threads) as n, torch.inference_mode():
+    with fixed_threads(t.threads) as n, torch.inference_mode():
         timers = {k: _timer(models[k], batch, device) for k in names}
-        for _ in range(warmup):
+        for _ in range(t.warmup):
             for k in names:
                 timers[k]()
         times: dict[str, list[float]] = {k: [] for k in names}
-        for i in range(runs):
+        for i in range(t.runs):
             order = names[i % len(names):] + names[:i % len(names)]
             for k in (order if i % 2 == 0 else order[::-1]):
-                for _ in range(settle):
+                for _ in range(t.settle):
                     timers[k]()
                 times[k].append(timers[k]())
     return {k: _summarize(v, n) for k, v in times.items()}

@@ -124,3 +124,14 @@ def test_inductor_compiles_the_same_model_twice_in_one_process():
     torch.testing.assert_close(second(x), model(x))
     assert "reused the graph" in second.report.to_markdown()
     torch.testing.assert_close(first(x), model(x))
+
+
+def test_auto_times_with_half_the_default_timing_unless_given_one(monkeypatch):
+    from torchfast import measure
+    m, x = _net(), torch.randn(4, 1, 8, 8)
+    assert tf.compile(m, x, backend="auto", candidates=["eager"], progress=False).report.summary["runs"] == 10
+    monkeypatch.setattr(measure, "DEFAULT_TIMING", measure.Timing(runs=4, warmup=1, threads=1))
+    s = tf.compile(m, x, backend="auto", candidates=["eager"], progress=False).report.summary
+    assert (s["runs"], s["threads"]) == (2, 1)
+    s = tf.compile(m, x, backend="auto", candidates=["eager"], timing=measure.Timing(runs=3), progress=False).report.summary
+    assert s["runs"] == 3

@@ -145,6 +145,16 @@ def test_speed_guard_decides_every_layer():
         tf.decompose(m, tf.LowRank(speed_guard=True))
 
 
+def test_speed_guard_timing_follows_the_default_timing(monkeypatch):
+    import torchfast.lowrank.select as sel
+    from torchfast import measure
+    seen, real = [], sel.compare_latency
+    monkeypatch.setattr(sel, "compare_latency", lambda *a, timing, **k: seen.append(timing) or real(*a, timing=timing, **k))
+    monkeypatch.setattr(measure, "DEFAULT_TIMING", measure.Timing(runs=4, warmup=1, threads=1))
+    tf.decompose(small(), tf.LowRank(ratio=0.25, speed_guard=True, progress=False), example_inputs=X)
+    assert seen and set(seen) == {measure.Timing(runs=2, warmup=1, threads=1)}  # half the default per layer
+
+
 def test_downstream_tools_handle_factorized_model():
     m = small()
     out, _ = tf.decompose(m, tf.LowRank(method="tucker", ratio=0.5), example_inputs=X, inplace=False)

@@ -69,3 +69,19 @@ def test_semistructured_cuda():
     for i in (0, 2):
         ref[i].weight.data *= tf.prune.sparse.mask_24(ref[i].weight)
     torch.testing.assert_close(sm(x), ref(x), atol=2e-2, rtol=2e-2)
+
+
+def test_kernel_timing_is_a_share_of_the_default_timing(monkeypatch):
+    import torchfast.prune.sparse as sp
+    from torchfast import measure
+    seen, real = [], sp.compare_latency
+    monkeypatch.setattr(sp, "compare_latency", lambda *a, timing, **k: seen.append(timing) or real(*a, timing=timing, **k))
+    monkeypatch.setattr(measure, "DEFAULT_TIMING", measure.Timing(runs=4, warmup=2, threads=1))
+    m, x = nn.Sequential(nn.Linear(32, 64)), torch.randn(4, 32)
+    tf.sparsify(m, tf.UnstructuredSparse(amount=0.9), example_inputs=x)
+    assert seen and set(seen) == {measure.Timing(runs=3, warmup=2, threads=1)}
+    seen.clear()
+    tf.sparsify(m, tf.UnstructuredSparse(amount=0.9, runs=2), example_inputs=x)
+    assert seen and {t.runs for t in seen} == {2}
+    with pytest.raises(tf.ConfigError, match="runs"):
+        tf.UnstructuredSparse(runs=0)

@@ -86,7 +86,7 @@ def compile(model: nn.Module, example_inputs: Batch, backend: str = "inductor", 
     ``int8``: an ``Int8Static``/``Int8Dynamic`` config lowered to this backend's own int8 toolchain
     (``calibration`` batches, or the config's own, for static). ``backend="auto"``: see
     :func:`torchfast.backends.auto.compile_auto` (its keyword options: ``candidates``, ``validation``,
-    ``min_cosine``, ``min_cosine_int8``, ``runs``, ``threads``).
+    ``min_cosine``, ``min_cosine_int8``, ``runs``, ``threads``, ``timing``).
 
     The compiled module runs ``model`` itself where the backend can (eager, inductor share its modules
     and weights), so on success ``model`` is left in eval mode, as ``torchfast.wrap`` leaves it. On any

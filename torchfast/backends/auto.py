@@ -10,13 +10,13 @@ every candidate in its report.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
 
-from ..measure import compare_many, fidelity
+from ..measure import Timing, compare_many, fidelity, resolve_timing
 from ..modules import batches_list, call_model
 from ..report import Report
 from . import INT8_NATIVE
@@ -76,14 +76,18 @@ def _build(cand: Candidate, model: nn.Module, example: Any, calibration: list | 
 def compile_auto(model: nn.Module, example_inputs: Any, *, device: Any = None, dtype: Any = None,
                  dynamic_batch: bool = False, int8: Any = None, calibration: Iterable | None = None,
                  candidates: Sequence[str] | None = None, validation: Iterable | None = None,
-                 min_cosine: float = 0.999, min_cosine_int8: float = 0.99, runs: int = 10, warmup: int = 2,
-                 threads: int | None = None, progress: bool | None = None) -> nn.Module:
+                 min_cosine: float = 0.999, min_cosine_int8: float = 0.99, runs: int | None = None,
+                 warmup: int | None = None, threads: int | None = None, timing: Timing | None = None,
+                 progress: bool | None = None) -> nn.Module:
     """Build every candidate, reject the unfaithful, return the fastest :class:`Compiled` module.
 
     ``int8``: an Int8Static/Int8Dynamic config; adds each backend's int8 lowering as candidates
     (calibrated on ``calibration`` or the config's own batches). ``candidates``: backend names to try
     (default: all registered). Fidelity is the mean output cosine vs eager on ``validation`` (default:
     the example inputs), at least ``min_cosine`` for float candidates and ``min_cosine_int8`` for int8.
+    ``timing`` (a :class:`torchfast.measure.Timing`; default half of ``DEFAULT_TIMING``: 10 runs, 2 warm-up
+    calls) times the candidates, ``runs``/``warmup``/``threads`` override its numbers; each timed call
+    follows at least one untimed call of the same candidate, and close candidates are timed again twice as long.
     """
     from tqdm.auto import tqdm
 
@@ -134,8 +138,9 @@ def compile_auto(model: nn.Module, example_inputs: Any, *, device: Any = None, d
                            + "; ".join(f"{r['candidate']}: {r['status']} ({r['note']})" for r in rows.values()))
 
     eager = _eager_reference(model)
-    timed = compare_many({"(eager)": eager, **built}, example_inputs, warmup=warmup, runs=runs, threads=threads,
-                         settle=1)
+    t = resolve_timing(timing, share=0.5, runs=runs, warmup=warmup, threads=threads)
+    t = replace(t, settle=max(1, t.settle))  # engines with thread pools: see measure.Timing.settle
+    timed = compare_many({"(eager)": eager, **built}, example_inputs, timing=t)
     base = timed["(eager)"].median_ms
     for name, lat in timed.items():
         if name in rows:
@@ -144,8 +149,8 @@ def compile_auto(model: nn.Module, example_inputs: Any, *, device: Any = None, d
     close = [n for n in built if (rows[n]["speedup"] or 0.0) >= (rows[best]["speedup"] or 0.0) / (1 + RUNOFF_MARGIN)]
     runoff = False
     if len(close) > 1:  # a short timing cannot separate these: time them again, head to head, longer
-        again = compare_many({"(eager)": eager, **{n: built[n] for n in close}}, example_inputs, warmup=warmup,
-                             runs=2 * runs, threads=threads, settle=1)
+        again = compare_many({"(eager)": eager, **{n: built[n] for n in close}}, example_inputs,
+                             timing=replace(t, runs=2 * t.runs))
         base = again["(eager)"].median_ms
         for n in close:
             rows[n]["speedup"] = base / again[n].median_ms if again[n].median_ms > 0 else None
@@ -156,8 +161,8 @@ def compile_auto(model: nn.Module, example_inputs: Any, *, device: Any = None, d
     report = Report("compile: auto", summary={
         "chosen": best, "speedup vs eager": rows[best]["speedup"], "cosine": rows[best]["cosine"],
         "candidates": len(rows), "built": len(built), "dynamic_batch": dynamic_batch, "device": str(dev),
-        "runs": runs, "run-off": ", ".join(close) if runoff else "none",
-        "threads": threads if threads is not None else torch.get_num_threads()})
+        "runs": t.runs, "run-off": ", ".join(close) if runoff else "none",
+        "threads": t.threads if t.threads is not None else torch.get_num_threads()})
     for r in sorted(rows.values(), key=lambda r: -(r["speedup"] or 0.0)):
         report.add_row(**r)
     report.note("speedup: eager median / candidate median, all timed round-robin on the example inputs, each "

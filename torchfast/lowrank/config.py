@@ -35,7 +35,8 @@ class LowRank(Config):
         error instead of the weight error). ``None`` = on whenever calibration batches are given.
     min_flops_reduction: a layer is factorized only if its FLOPs shrink at least this much (0 forces it).
     speed_guard: time each factorized layer against the original on the layer's real input shape
-        (interleaved, ``guard_runs`` runs) and keep the original unless it is ``guard_min_speedup`` faster.
+        (interleaved, ``guard_runs`` runs; default half of ``torchfast.measure.DEFAULT_TIMING``'s, 10) and
+        keep the original unless it is ``guard_min_speedup`` faster.
     exclude: qualified module names or fnmatch globs (a name covers its submodules) left as they are,
         e.g. ``("classifier", "*.attention.*")``; each must match a submodule of the model.
     ``eval_fn`` is a callable: ``to_dict`` shows its type and ``from_dict`` leaves it unset.
@@ -55,7 +56,7 @@ class LowRank(Config):
     hooi_iters: int = 0
     min_flops_reduction: float = 1.05
     speed_guard: bool = False
-    guard_runs: int = 10
+    guard_runs: int | None = None
     guard_min_speedup: float = 1.0
     threads: int | None = None
     eval_fn: Callable | None = opaque()
@@ -98,7 +99,8 @@ class LowRank(Config):
         check_range(n, "max_cov_dim", self.max_cov_dim, 1, None)
         check_range(n, "hooi_iters", self.hooi_iters, 0, 100)
         check_range(n, "min_flops_reduction", self.min_flops_reduction, 0.0, None)
-        check_range(n, "guard_runs", self.guard_runs, 1, None)
+        if self.guard_runs is not None:
+            check_range(n, "guard_runs", self.guard_runs, 1, None)
         check_range(n, "guard_min_speedup", self.guard_min_speedup, 0.0, None)
         if self.threads is not None:
             check_range(n, "threads", self.threads, 1, None)

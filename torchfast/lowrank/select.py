@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..measure import compare_latency
+from ..measure import compare_latency, resolve_timing
 from ..modules import evaluating, get_submodule, set_submodule
 from .config import LowRank
 from .ranks import allocate
@@ -40,7 +40,9 @@ def swapped(model: nn.Module, pairs: list[tuple[str, nn.Module]]):
 def _guard(layer, cand, cfg: LowRank) -> float:
     w = layer.module.weight
     x = torch.randn(layer.geom.in_shape, dtype=w.dtype, device=w.device)
-    cmp = compare_latency(layer.module, cand.module, x, warmup=2, runs=cfg.guard_runs, threads=cfg.threads)
+    # one layer: half of DEFAULT_TIMING (10 runs, 2 warm-up calls by default)
+    timing = resolve_timing(share=0.5, runs=cfg.guard_runs, threads=cfg.threads)
+    cmp = compare_latency(layer.module, cand.module, x, timing=timing)
     return cmp.speedup
 
 

@@ -66,7 +66,8 @@ class UnstructuredSparse(Config):
 
     layouts: sparse formats tried on CPU ("csr"; "bsr" is available but never beat dense on unstructured
     masks in benchmarks/prune.py); ``min_speedup``: a sparse kernel must beat the
-    dense layer by this factor on the layer's real input shape, else the layer stays dense (with zeros).
+    dense layer by this factor on the layer's real input shape, else the layer stays dense (with zeros);
+    ``runs``: timed runs per kernel (default three quarters of ``torchfast.measure.DEFAULT_TIMING``'s, 15).
     exclude: module names or fnmatch globs (a name covers its submodules) left dense and unmasked.
     """
     _transform = "sparsify"
@@ -75,7 +76,7 @@ class UnstructuredSparse(Config):
     blocksize: int = 16
     min_speedup: float = 1.1
     exclude: tuple[str, ...] = ()
-    runs: int = 15
+    runs: int | None = None
 
     def validate(self) -> None:
         n = type(self).__name__
@@ -83,6 +84,8 @@ class UnstructuredSparse(Config):
         for x in self.layouts:
             check_choice(n, "layouts", x, ("csr", "bsr"))
         check_range(n, "min_speedup", self.min_speedup, 0.0, None)
+        if self.runs is not None:
+            check_range(n, "runs", self.runs, 1, None)
         if self.blocksize not in (2, 4, 8, 16, 32, 64):
             raise ConfigError(f"{n}.blocksize must be one of 2..64 (a power of two), got {self.blocksize!r}")
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
-from ..measure import compare_latency
+from ..measure import compare_latency, resolve_timing
 from ..modules import batches_list, capture_inputs, check_module, swap_modules
 from ..report import Report
 from ..transform import Exclusion, legacy_positional
@@ -168,9 +168,11 @@ def sparsify(model: nn.Module, config: Config | None = None, *, example_inputs: 
                 if layout == "bsr" and (m.in_features % cfg.blocksize or m.out_features % cfg.blocksize):
                     continue
                 candidates.append((layout, SparseLinear(w, bias, layout, cfg.blocksize).train(m.training)))
+        # one kernel: three quarters of DEFAULT_TIMING (15 runs, 3 warm-up calls by default)
+        timing = resolve_timing(share=0.75, runs=getattr(cfg, "runs", None))
         for cname, cm in candidates:
             try:
-                cmp = compare_latency(lambda t: F.linear(t, w, bias), cm, x, runs=getattr(cfg, "runs", 15))
+                cmp = compare_latency(lambda t: F.linear(t, w, bias), cm, x, timing=timing)
             except Exception as e:  # a kernel that does not run here is a kernel that does not win
                 row.setdefault("notes", f"{cname} failed: {type(e).__name__}")
                 continue
