@@ -171,3 +171,13 @@ def test_minilm_worst_sentence_cosine_does_not_drop(minilm):
     print(f"MiniLM int8 dynamic over {len(plain)} sentences: mean/worst cosine {plain.mean():.4f}/{plain.min():.4f} "
           f"plain, {smooth_cos.mean():.4f}/{smooth_cos.min():.4f} smoothed")
     assert smooth_cos.min() >= plain.min() - 1e-3 and smooth_cos.mean() >= plain.mean() - 1e-3
+
+
+def test_static_activation_simulation_is_exact_too():
+    torch.manual_seed(0)
+    model = PreLN().eval()
+    out, rep = smooth(model, _data(2), activations="static")
+    assert rep.summary["simulated"].startswith("int8 static") and rep.summary["layers smoothed"] >= 4
+    with torch.no_grad():
+        x = _data(1, seed=4)[0]
+        assert _rel(out(x), model(x)) < 1e-4
