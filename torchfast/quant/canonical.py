@@ -21,7 +21,8 @@ from torch.overrides import TorchFunctionMode
 from ..errors import TorchfastError
 from ..modules import (Batch, ExampleInputError, batches_list, call_model, check_module, describe_batch,
                        evaluating, maybe_copy, swap_modules, weight_readers)
-from .padding import Change, PaddedConv, SamePad2d, graph_pad_folds, same_pads, sequential_pad_folds
+from .padding import (Change, PaddedConv, SamePad2d, graph_pad_folds, pads_text, plan_padding, sequential_pad_folds,
+                      sizes_text)
 
 __all__ = ["canonicalize", "Change", "CanonicalizeError", "SamePad2d", "PaddedConv"]
 
@@ -157,42 +158,6 @@ def _same_call(a: _Seen, b: _Seen) -> bool:
     return a.conv_args == b.conv_args and same(a.weight, b.weight) and same(a.bias, b.bias)
 
 
-def _pads_text(pads: tuple) -> str:
-    return ", ".join(f"{d} {b}/{a}" for d, (b, a) in zip("HW" if len(pads) == 2 else "L", pads))
-
-
-def _sizes(seen: list[_Seen]) -> str:
-    return ", ".join(dict.fromkeys("x".join(map(str, s.size)) for s in seen))
-
-
-def _plan_padding(seen: list[_Seen], n: int, any_size: bool) -> tuple[str, Any, str] | str:
-    """("none" | "fold" | "zero" | "same", pads, note), or why the observed pads fit no padding module."""
-    first = seen[0]
-    pads = [s.pads for s in seen]
-    if all(b == 0 and a == 0 for p in pads for b, a in p):
-        return "none", first.pads, ""
-    stride, padding, dilation, _ = first.conv_args
-    if isinstance(padding, str):
-        return f"its forward pads the input and then calls the conv with padding={padding!r}"
-    kernel = tuple(first.weight.shape[2:])
-    same_ok = all(s.pads == tuple(same_pads(sz, k, st, d) for sz, k, st, d in zip(s.size, kernel, stride, dilation))
-                  for s in seen)
-    exact_any = same_ok and all(st == 1 for st in stride)   # the same pads for every input size
-    constant = all(p == pads[0] for p in pads)
-    assumed = "" if exact_any else (
-        f"; exact for the observed input sizes ({_sizes(seen)}): TF 'same' pads differ on sizes with another "
-        f"remainder mod the stride" if same_ok else
-        f"; the pads were the same on every observed input size ({_sizes(seen)}) and are assumed to stay so")
-    if constant and (exact_any or not any_size):
-        # constant pads: in the conv's padding, or a constant pad that int8 folds into the int8 conv
-        return ("fold" if all(b == a for b, a in pads[0]) else "zero"), pads[0], assumed
-    if same_ok and n == 2:
-        return "same", (kernel, stride, dilation), ""
-    if same_ok:
-        return "its TF 'same' padding depends on the input size, and only 2-d convs have a SamePad2d"
-    return f"its pads change with the input ({_sizes(seen)}) and follow no rule a padding module computes"
-
-
 def _plain(layer: nn.Module, base: type, s: _Seen, padding: tuple | None) -> nn.Module:
     w, b = s.weight, s.bias
     if base is nn.Linear:
@@ -250,7 +215,8 @@ def _replacement(layer: nn.Module, base: type, inputs: list, weight_read: bool,
     if weight_read and not own:
         return "the model's code reads its .weight/.bias, and the weight it computes differs from it"
     n = 0 if base is nn.Linear else (1 if base is nn.Conv1d else 2)
-    plan = _plan_padding(seen, n, any_size)
+    plan = plan_padding([(s.pads, s.size) for s in seen], first.weight.shape[2:], first.conv_args[:3], n,
+                        any_size) if n else ("none", (), "")
     if isinstance(plan, str):
         return plan
     kind, pads, note = plan
@@ -258,14 +224,14 @@ def _replacement(layer: nn.Module, base: type, inputs: list, weight_read: bool,
     if kind == "fold":
         conv = _plain(layer, base, first, tuple(p + b for p, (b, _) in zip(first.conv_args[1], pads)))
         new, action = conv, f"replaced by {base.__name__}"
-        parts.append(f"zero pad {_pads_text(pads)} folded into padding={tuple(conv.padding)}{note}")
+        parts.append(f"zero pad {pads_text(pads)} folded into padding={tuple(conv.padding)}{note}")
     elif kind == "none":
         new, action = _plain(layer, base, first, None), f"replaced by {base.__name__}"
     else:
         conv = _plain(layer, base, first, None)
         if kind == "same":
             pad_mod = SamePad2d(*pads)
-            parts.append(f"TF 'same' padding computed from the input size, as on {_sizes(seen)}")
+            parts.append(f"TF 'same' padding computed from the input size, as on {sizes_text([s.size for s in seen])}")
         else:
             flat = [v for b, a in reversed(pads) for v in (b, a)]
             pad_mod = (nn.ZeroPad1d if n == 1 else nn.ZeroPad2d)(tuple(flat))
@@ -368,6 +334,9 @@ def canonicalize(model: nn.Module, batches: Iterable[Batch] | Batch, *, inplace:
     size-dependent (``SamePad2d``) instead. ``rewrite_forward``: fold ``F.pad`` calls in the model's own
     forward too, which returns a ``torch.fx.GraphModule`` (only when there is one to fold and the model
     traces). ``inplace=False`` leaves ``model`` as it was; train/eval flags are kept.
+
+    Made for inference: a weight function is evaluated once, so training the result would train the
+    effective weight, not the parameters it was computed from.
     """
     check_module(model)
     batches = batches_list(batches)

@@ -2,11 +2,12 @@
 
 A TF-style "same" conv pads by an amount that depends on the input size (stride 2: even and odd sizes
 differ); ``SamePad2d`` computes it with integer arithmetic that ``torch.fx`` records, so a model holding
-it still traces, and ``F.pad`` runs on quantized tensors as well as float ones (zero padding writes the
-zero point). ``PaddedConv`` is a pad followed by a plain conv that still answers ``.weight``/``.bias``.
+it still traces. ``PaddedConv`` is a pad followed by a plain conv that still answers ``.weight``/``.bias``.
+``plan_padding`` picks the form for the pads a layer was seen applying.
 
-``fold_explicit_pads`` removes a zero pad (``nn.ZeroPad2d``, ``nn.ConstantPad2d(.., 0)``, ``F.pad``) that
-only feeds a plain conv, moving it into the conv's own ``padding`` when that is equivalent (symmetric).
+A zero pad (``nn.ZeroPad2d``, ``nn.ConstantPad2d(.., 0)``, ``F.pad``) that only feeds a plain conv moves
+into the conv's own ``padding`` when that is equivalent (symmetric): ``sequential_pad_folds`` for
+``nn.Sequential`` neighbours, ``graph_pad_folds`` where the model traces.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SamePad2d", "PaddedConv", "same_pads", "fold_explicit_pads", "Change"]
+__all__ = ["SamePad2d", "PaddedConv", "same_pads", "plan_padding", "Change"]
 
 
 class Change(NamedTuple):
@@ -91,6 +92,43 @@ class PaddedConv(nn.Module):
             if name.startswith("_") or not modules or "conv" not in modules:
                 raise
             return getattr(modules["conv"], name)
+
+
+def pads_text(pads: Sequence) -> str:
+    return ", ".join(f"{d} {b}/{a}" for d, (b, a) in zip("HW" if len(pads) == 2 else "L", pads))
+
+
+def sizes_text(sizes: Sequence) -> str:
+    return ", ".join(dict.fromkeys("x".join(map(str, s)) for s in sizes))
+
+
+def plan_padding(observed: Sequence[tuple], kernel: Sequence[int], conv_args: Sequence, n: int,
+                 any_size: bool) -> tuple[str, object, str] | str:
+    """How to express the zero pads a layer applied before its conv, from ``observed`` (pads per dim as
+    (before, after), input spatial size) of every call: ("none" | "fold" | "zero" | "same", what, note),
+    or why no padding module computes them. ``conv_args``: the conv's (stride, padding, dilation)."""
+    pads = [p for p, _ in observed]
+    sizes = [sz for _, sz in observed]
+    if all(b == 0 and a == 0 for p in pads for b, a in p):
+        return "none", pads[0], ""
+    stride, padding, dilation = conv_args
+    if isinstance(padding, str):
+        return f"its forward pads the input and then calls the conv with padding={padding!r}"
+    same_ok = all(p == tuple(same_pads(*a) for a in zip(sz, kernel, stride, dilation)) for p, sz in observed)
+    exact_any = same_ok and all(st == 1 for st in stride)   # the same pads for every input size
+    constant = all(p == pads[0] for p in pads)
+    assumed = "" if exact_any else (
+        f"; exact for the observed input sizes ({sizes_text(sizes)}): TF 'same' pads differ on sizes with "
+        f"another remainder mod the stride" if same_ok else
+        f"; the pads were the same on every observed input size ({sizes_text(sizes)}) and are assumed to stay so")
+    if constant and (exact_any or not any_size):
+        # constant pads: into the conv's own padding, or a constant pad module (which int8 folds into the conv)
+        return ("fold" if all(b == a for b, a in pads[0]) else "zero"), pads[0], assumed
+    if same_ok and n == 2:
+        return "same", (tuple(kernel), tuple(stride), tuple(dilation)), ""
+    if same_ok:
+        return "its TF 'same' padding depends on the input size, and only 2-d convs have a SamePad2d"
+    return f"its pads change with the input ({sizes_text(sizes)}) and follow no rule a padding module computes"
 
 
 # ---------------------------------------------------------------- folding explicit pads
@@ -224,17 +262,3 @@ def graph_pad_folds(model: nn.Module, *, rewrite_functional: bool) -> tuple[dict
         gm.graph.erase_node(node)
     gm.graph.lint()
     return swaps, gm.graph, changes
-
-
-def fold_explicit_pads(model: nn.Module) -> list[Change]:
-    """Fold zero-pad modules into the plain conv after them, in place (nn.Sequential neighbours, then the
-    FX graph when the model traces). ``F.pad`` calls in a forward need a graph rewrite: see
-    ``canonicalize``."""
-    from ..modules import swap_modules
-
-    swaps, changes = sequential_pad_folds(model)
-    swap_modules(model, swaps)
-    more, _, extra = graph_pad_folds(model, rewrite_functional=False)
-    swap_modules(model, more)
-    return changes + extra
-
