@@ -1,4 +1,4 @@
-"""Walking and swapping submodules by qualified name, filters, and calling a model on a batch.
+"""Finding and swapping submodules by qualified name, and calling a model on a batch.
 
 Every transform needs the same four things: find the layers it may touch, replace them by their
 qualified names, run the model on a user batch whatever its form (tensor, tuple, dict), and leave
@@ -15,8 +15,6 @@ from torch import nn
 
 from .errors import TorchfastError
 from .specs import dtype_name
-
-FilterFn = Callable[[nn.Module, str], bool]
 
 
 def check_module(model: Any, what: str = "model") -> nn.Module:
@@ -43,17 +41,6 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     if not hasattr(parent, child) and child not in parent._modules:
         raise KeyError(f"no submodule named {name!r} in {type(model).__name__}")
     setattr(parent, child, new)
-
-
-def named_leaf_modules(model: nn.Module, types: tuple[type, ...] | None = None,
-                       filter_fn: FilterFn | None = None) -> Iterator[tuple[str, nn.Module]]:
-    """Yield (qualified name, module) for modules of ``types`` accepted by ``filter_fn(module, name)``."""
-    for name, mod in model.named_modules():
-        if types is not None and not isinstance(mod, types):
-            continue
-        if filter_fn is not None and not filter_fn(mod, name):
-            continue
-        yield name, mod
 
 
 def maybe_copy(model: nn.Module, inplace: bool) -> nn.Module:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..measure import Timing, compare_many, fidelity, resolve_timing
-from ..modules import batches_list, call_model
+from ..modules import batches_list
 from ..report import Report
 from . import INT8_NATIVE
 from .registry import BACKENDS, BackendError, check, normalize_dtype, quantization_kind
