@@ -30,6 +30,8 @@ __all__ = ["quantize", "Int8Dynamic", "Int8Static", "WeightOnly", "Float8", "Hal
 
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.LSTM, nn.GRU)
+_SUBCLASSED = (nn.Conv1d, nn.Conv2d, nn.Linear)   # subclasses of these may be the base op in disguise
+_PADS = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d)
 _TIMED = (Int8Static, Int8Dynamic, WeightOnly, Float8)  # HalfPrecision times itself before casting
 
 
@@ -81,19 +83,24 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, example_inp
     try:
         model.eval()
         run_cfg, held_out, budget_note = config, None, None
+        float_model, prepared = model, []  # float_model: the model int8 starts from (plain layers)
+        if isinstance(config, Int8Static):
+            run_cfg, float_model, prepared = prepare_static(model, config, calibration, example_inputs, exclusion)
         if tol is not None:
-            run_cfg, held_out, budget_note = split_validation(config, calibration, validation, example_inputs)
+            run_cfg, held_out, budget_note = split_validation(run_cfg, calibration, validation, example_inputs)
         if timed and in_place and not isinstance(config, Int8Static):
             twin = shared_twin(model)
-        out, rep = implementation(model, run_cfg, example_inputs=example_inputs, calibration=calibration,
+        out, rep = implementation(float_model, run_cfg, example_inputs=example_inputs, calibration=calibration,
                                   exclusion=exclusion, inplace=in_place)
         if tol is not None:
-            out, rep = _keep_budget(model, run_cfg, implementation, out, rep, held_out, tol, eval_fn,
+            out, rep = _keep_budget(float_model, run_cfg, implementation, out, rep, held_out, tol, eval_fn,
                                     example_inputs, calibration)
             if budget_note:
                 rep.note(budget_note)
+        for note in prepared:
+            rep.note(note)
         reference = twin if twin is not None else model
-        if timed and reference is not out and _quantized_layers(reference, rep):
+        if timed and reference is not out and _quantized_layers(twin if twin is not None else float_model, rep):
             if not speed_verdict(reference, out, example_inputs, rep, "int8"):
                 sp = rep.summary["speedup vs fp32"]
                 rep.note(f"the quantized model measured {sp:.2f}x the float model on the example inputs "
@@ -120,6 +127,33 @@ def _quantized_layers(model: nn.Module, rep: Report) -> list[str]:
     """Names (in the float model) of the Conv/Linear/RNN layers the report says were quantized."""
     names = dict(model.named_modules())
     return [r["layer"] for r in rep.rows if r.get("applied") and isinstance(names.get(r.get("layer")), _LAYERS)]
+
+
+def prepare_static(model: nn.Module, config: Int8Static, calibration: Iterable[Batch] | None,
+                   example_inputs: Batch | None, exclusion: Exclusion) -> tuple[Int8Static, nn.Module, list[str]]:
+    """Materialize the calibration batches once, and turn Conv/Linear subclasses into the plain layers they
+    compute (checked exact on those batches) so that they quantize as their base op."""
+    from .calibrate import check_all, collect, strip_labels
+    from .canonical import canonicalize
+
+    batches = strip_labels(collect(config.calibration if config.calibration is not None else calibration,
+                                   config.max_batches), example_inputs)
+    check_all(batches, example_inputs)  # a wrong batch is named before anything runs on it
+    config = dataclasses.replace(config, calibration=batches)
+    if not any(_own_forward(m) or isinstance(m, _PADS) for m in model.modules()):
+        return config, model, []
+    try:
+        plain, changes = canonicalize(model, batches[:2], rewrite_forward=False)
+    except Exception as e:  # noqa: BLE001 - an optional rewrite: int8 still runs on the model as it is
+        return config, model, [f"layer subclasses were not rewritten as plain layers ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:160]})"]
+    notes = [f"{c.layer}: {c.action} ({c.reason})" for c in changes if not exclusion(c.layer)]
+    return config, plain, notes
+
+
+def _own_forward(m: nn.Module) -> bool:
+    base = next((b for b in _SUBCLASSED if isinstance(m, b)), None)
+    return base is not None and type(m).forward is not base.forward
 
 
 def split_validation(config: QuantConfig, calibration: Iterable[Batch] | None, validation: Iterable[Batch] | None,

@@ -70,6 +70,10 @@ class Int8Static(QuantConfig):
     method: "fx" (FX graph mode, eager int8 kernels, scriptable), "pt2e" (torch.export + torchao
       X86InductorQuantizer, needs torch.compile/inductor to be fast; returns the compiled module), or
       "auto" (fx, plus pt2e when ``compile_ok``; the faster one that keeps fidelity wins).
+    equalize / bias_correction: accuracy-preserving float rewrites before int8 (cross-layer equalization
+      of Conv->Conv chains incl. depthwise, Nagel et al. 2019; bias correction of the int8 weights' mean
+      output shift). None (default): each variant is quantized and kept only when its int8 output is
+      measurably closer to the float model's on calibration batches; True forces, False skips.
     ``calibration`` is data: ``to_dict`` shows its type and ``from_dict`` leaves it unset (pass it to
     ``quantize(..., calibration=)`` instead).
     """
@@ -83,6 +87,8 @@ class Int8Static(QuantConfig):
     compile_ok: bool = False    # allow "auto" to try the PT2E+inductor path (minutes of compile on 2 cores)
     progress: bool = True
     keep_slower: bool = False   # return int8 even when it measures slower than float on the example inputs
+    equalize: bool | None = None         # cross-layer equalization first; None: only where it measurably helps
+    bias_correction: bool | None = None  # correct the int8 weights' mean output shift; None: where it helps
 
     def validate(self) -> None:
         check_choice("Int8Static", "observer", self.observer, OBSERVERS)
@@ -90,6 +96,10 @@ class Int8Static(QuantConfig):
         check_range("Int8Static", "percentile", self.percentile, 50.0, 100.0, lo_inclusive=False)
         if self.max_batches is not None:
             check_range("Int8Static", "max_batches", self.max_batches, 1)
+        for name in ("equalize", "bias_correction"):
+            if getattr(self, name) not in (None, True, False):
+                raise ConfigError(f"Int8Static.{name} must be None (where it helps), True or False, "
+                                  f"got {getattr(self, name)!r}")
         if self.calibration is not None and isinstance(self.calibration, (str, bytes, int, float)):
             raise ConfigError(f"Int8Static.calibration must be an iterable of batches, got {self.calibration!r}")
 

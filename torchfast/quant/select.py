@@ -39,8 +39,8 @@ def quantize_static(model: nn.Module, cfg: Int8Static, *, example_inputs: Batch 
         work = copy.deepcopy(model).eval()
         try:
             if m == "fx":
-                from .static import quantize_fx_static
-                results[m] = quantize_fx_static(work, cfg, batches, exclusion)
+                from .refine import refined_fx_static
+                results[m] = refined_fx_static(work, cfg, batches, exclusion)
             else:
                 from .pt2e import quantize_pt2e_static
                 results[m] = quantize_pt2e_static(work, cfg, batches, example_inputs, exclusion)

@@ -1,0 +1,94 @@
+"""Accuracy-preserving rewrites before int8, each kept only where it measurably helps.
+
+Cross-layer equalization and bias correction are exact (or nearly) in float and usually bring the int8
+model closer to the float one, but not always (per-channel weights already absorb most range imbalance).
+So each variant is quantized for real and judged against the float model on calibration batches; the
+closest wins and the report says what each variant measured.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+from torch import nn
+
+from ..measure import compare_outputs, outputs
+from ..modules import Batch
+from ..report import Report
+from ..transform import Exclusion
+from .calibrate import CalibrationError, describe
+from .config import Int8Static
+
+__all__ = ["refined_fx_static"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d)
+
+
+def _variants(model: nn.Module, cfg: Int8Static, exclusion: Exclusion) -> list[tuple[str, Callable]]:
+    from .bias_correction import correct_bias
+    from .equalize import equalize
+
+    patterns = tuple(exclusion.patterns) if hasattr(exclusion, "patterns") else tuple(cfg.exclude)
+    has_convs = sum(isinstance(m, _CONVS) for m in model.modules()) >= 2
+
+    def bc(m, batches):  # one pass on float inputs over a few batches: seconds, where sequential takes minutes
+        return correct_bias(m, batches[:4], per_channel=cfg.per_channel, sequential=False, exclude=patterns,
+                            inplace=True)[0]
+
+    def cle(m, batches):
+        return equalize(m, exclude=patterns, inplace=True)[0]
+    out: list[tuple[str, Callable]] = []
+    want_cle = cfg.equalize is not False and has_convs
+    want_bc = cfg.bias_correction is not False
+    if cfg.equalize is not True and cfg.bias_correction is not True:
+        out.append(("plain", lambda m, b: m))
+    if want_bc and cfg.equalize is not True:
+        out.append(("bias correction", bc))
+    if want_cle and cfg.bias_correction is False:
+        out.append(("cross-layer equalization", cle))
+    if want_cle and want_bc:
+        out.append(("cross-layer equalization + bias correction", lambda m, b: bc(cle(m, b), b)))
+    return out
+
+
+def refined_fx_static(model: nn.Module, cfg: Int8Static, batches: list[Batch],
+                      exclusion: Exclusion | None = None) -> tuple[nn.Module, Report]:
+    """FX int8 of ``model`` (a private copy, eval mode), after the rewrite that keeps int8 closest to float."""
+    from .static import quantize_fx_static
+
+    exclusion = exclusion if exclusion is not None else Exclusion(cfg.exclude, "Int8Static")
+    variants = _variants(model, cfg, exclusion)
+    if len(variants) == 1 and variants[0][0] == "plain":
+        return quantize_fx_static(model, cfg, batches, exclusion)
+    first = max(len(batches) - 2, 0)
+    judge = batches[first:]
+    reference = []
+    for i, b in enumerate(judge, start=first):  # the float model must run on them: name the batch that does not
+        try:
+            reference += outputs(model, [b])
+        except Exception as e:
+            raise CalibrationError(f"calibration batch {i} ({describe(b)}) failed in the model: "
+                                   f"{type(e).__name__}: {e}") from e
+    scored: list[tuple[float, str, nn.Module, Report]] = []
+    failures: list[str] = []
+    for label, rewrite in variants:
+        try:
+            float_variant = rewrite(copy.deepcopy(model), batches)
+            q, rep = quantize_fx_static(float_variant, cfg, batches, exclusion)
+            err = compare_outputs(reference, outputs(q, judge)).rel_err
+        except Exception as e:  # noqa: BLE001 - a rewrite that does not fit this model is skipped, with the reason
+            if label == "plain":
+                raise
+            failures.append(f"{label}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+            continue
+        scored.append((err, label, q, rep))
+    if not scored:
+        return quantize_fx_static(model, cfg, batches, exclusion)
+    err, label, q, rep = min(scored, key=lambda t: t[0])
+    for e, lab, _, _ in scored:
+        rep.note(f"before int8, {lab}: relative output error {e:.4g} on calibration batches"
+                 + (" (chosen)" if lab == label else ""))
+    for f in failures:
+        rep.note(f"before int8, {f} (not used)")
+    rep.summary["float rewrite before int8"] = label
+    return q, rep
