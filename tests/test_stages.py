@@ -119,8 +119,11 @@ def test_quantize_dispatches_every_quant_config_through_the_table(stage, monkeyp
 
     monkeypatch.setitem(STAGES, stage.name, dataclasses.replace(stage, implementation=fake))
     cfg = stage.config_class()()
-    out, rep = tf.quantize(_mlp(), cfg, example_inputs=X_MLP, calibration=["b"], inplace=True)
-    assert calls == [(cfg, True, ["b"], True)] and rep.title == "fake"
+    batches = [X_MLP]
+    out, rep = tf.quantize(_mlp(), cfg, example_inputs=X_MLP, calibration=batches, inplace=True)
+    assert len(calls) == 1 and rep.title == "fake"
+    config, example_is_x, calibration, inplace = calls[0]
+    assert config == cfg and example_is_x and calibration is batches and inplace
     assert rep.summary["config"] == cfg.to_dict()
 
 
@@ -132,8 +135,8 @@ def test_quantize_refuses_a_config_without_an_implementation():
 
 @pytest.mark.parametrize("cfg, model, x", [
     (tf.Int8Dynamic(backend="torch.ao", keep_slower=True), _mlp, X_MLP),
-    (tf.Int8Static(calibration=[X_CNN]), _cnn, X_CNN),
-    (tf.WeightOnly(bits=8), _mlp, X_MLP),
+    (tf.Int8Static(calibration=[X_CNN], keep_slower=True), _cnn, X_CNN),
+    (tf.WeightOnly(bits=8, keep_slower=True), _mlp, X_MLP),
     (tf.HalfPrecision(dtype="bf16", keep_slower=True), _mlp, X_MLP),
 ], ids=lambda v: type(v).__name__ if isinstance(v, Config) else "")
 def test_what_a_stage_produces_is_what_the_table_says(cfg, model, x):

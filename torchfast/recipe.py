@@ -32,9 +32,11 @@ def stage_for(config: Config) -> StageFn:
 
 
 def apply_stage(model: nn.Module, config: Config, example_inputs: Any = None,
-                calibration: list | None = None) -> tuple[nn.Module, Report]:
-    """Run the transform of ``config`` on ``model`` in place (the caller passes its own copy)."""
-    return stage_for(config)(model, config, example_inputs=example_inputs, calibration=calibration, inplace=True)
+                calibration: list | None = None, **options: Any) -> tuple[nn.Module, Report]:
+    """Run the transform of ``config`` on ``model`` in place (the caller passes its own copy). ``options``
+    go to transforms that take more (``quantize``'s validation / tolerance / eval_fn)."""
+    return stage_for(config)(model, config, example_inputs=example_inputs, calibration=calibration, inplace=True,
+                             **options)
 
 
 def apply_recipe(model: nn.Module, recipe: Iterable[Config], example_inputs: Any = None,
