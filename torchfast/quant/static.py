@@ -85,6 +85,7 @@ def _capture_child_inputs(model: nn.Module, children: list[str], batches: list[B
 
 
 WEIGHT_READ = "the model's code reads its .weight/.bias, which an int8 layer packs"
+PADS = "zero pads run in int8"
 
 
 def _graph_weight_readers(prepared: nn.Module, model: nn.Module, skip: tuple[str, ...]) -> list[str]:
@@ -106,9 +107,12 @@ def _fx_one(model: nn.Module, cfg: Int8Static, batches: list[Batch], reduce_rang
     """FX-quantize ``model``; on a trace failure keep it float and recurse into its children. A leaf layer
     is tried once, wrapped in a Sequential; if even that fails to trace (a conv subclass whose forward
     branches on shapes), it stays float as it is."""
-    from torch.ao.quantization.backend_config.x86 import get_x86_backend_config
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
+    from .int8_pad import fold_int8_pads, pad_backend_config
+
+    def get_x86_backend_config():  # x86 plus zero pads observed like their input, folded after convert
+        return pad_backend_config()
     mapping = fx_qconfig_mapping(cfg, reduce_range, skip)
     try:
         with quiet("torch.ao"):
@@ -126,7 +130,11 @@ def _fx_one(model: nn.Module, cfg: Int8Static, batches: list[Batch], reduce_rang
         return model[0] if wrapped_leaf else _fx_children(model, cfg, batches, reduce_range, skip, prefix, untraced)
     with quiet("torch.ao"):
         run_calibration(prepared, batches, progress=progress, desc=f"calibrating {prefix or 'model'} ({cfg.observer})")
-        converted = convert_fx(prepared)
+        converted = convert_fx(prepared, backend_config=get_x86_backend_config())
+        pads = fold_int8_pads(converted)
+        if any(pads.values()):
+            untraced.append((prefix or "<root>", PADS + f" ({pads.get('folded', 0)} folded into int8 convs, "
+                                                       f"{pads.get('on int8', 0)} on the int8 integers)"))
     try:  # torch.ao can emit an int8 graph that does not run (a quantize of an already quantized tensor)
         with torch.no_grad():
             call_model(converted, batches[0])
@@ -199,7 +207,7 @@ def layer_report(original: nn.Module, quantized: nn.Module, untraced: list[tuple
                 report.add_row(**row, applied=False, scheme="fp32", reason=WEIGHT_READ)
                 prev_name = name
                 continue
-            owner = next((u for u, w in untraced if u != "<root>" and w != WEIGHT_READ
+            owner = next((u for u, w in untraced if u != "<root>" and w != WEIGHT_READ and not w.startswith(PADS)
                           and (name == u or name.startswith(u + "."))), None)
             why = (f"inside untraceable {owner!r}" if owner and not any(name.startswith(u + ".") and
                    _is_quantized_module(qmods.get(name, nn.Identity())) for u, _ in untraced)
@@ -208,6 +216,9 @@ def layer_report(original: nn.Module, quantized: nn.Module, untraced: list[tuple
         prev_name = name
     for u, why in untraced:
         if why == WEIGHT_READ:
+            continue
+        if why.startswith(PADS):
+            report.note(f"{u}: {why}")
             continue
         if why.startswith(("called with", "not called")):  # incl. "called with non-tensor arguments"
             report.note(f"{u} was {why}; it stays float")
