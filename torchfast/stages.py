@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Union
 
 __all__ = ["Stage", "STAGES", "PRODUCES", "register_stage", "stage_of", "stage_named", "recipe_help",
-           "auto_recipe", "AUTO_HELP", "check_backend", "load"]
+           "AUTO_HELP", "check_backend", "load"]
 
 # what the model holds after a stage. The quantized kinds are those of torchfast.quantized.KINDS, the names
 # backends declare in backends/registry.py; the others compile like a float model.
@@ -133,7 +133,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("torchfast.prune.config:UnstructuredSparse", "torchfast.prune:sparsify", {"sparse": {}},
           produces=("sparse",)),
     Stage("torchfast.quant.config:Int8Dynamic", _QUANT, {"int8-dynamic": {}, "dynamic": {}},
-          produces=_int8_dynamic_kinds, implementation="torchfast.quant.dynamic:quantize_dynamic",
+          produces=_int8_dynamic_kinds, implementation="torchfast.quant.refine:refined_dynamic",
           variants=({"backend": "torchao"}, {"backend": "torch.ao"}), engine_int8=True),
     Stage("torchfast.quant.config:Int8Static", _QUANT, {"int8-static": {}, "static": {}, "int8": {}},
           produces=_int8_static_kinds, implementation="torchfast.quant.select:quantize_static",
@@ -208,15 +208,8 @@ def recipe_help() -> str:
 
 
 # ---------------------------------------------------------------- the "auto" recipe
-AUTO_HELP = "'auto': int8-static for models with convolutions, int8-dynamic otherwise"
-
-
-def auto_recipe(model: Any) -> str:
-    """The recipe ``"auto"`` stands for on ``model``: calibrated int8 where convolutions dominate (their
-    activations need calibrated ranges to stay fast), int8 dynamic for Linear/LSTM models."""
-    from torch import nn
-    has_conv = any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in model.modules())
-    return "int8-static" if has_conv else "int8-dynamic"
+AUTO_HELP = ("'auto': search pruning x low-rank x int8 x every backend for the fastest model within the "
+             "tolerance, distilling pruned/factorized candidates on the calibration data (torchfast.search)")
 
 
 # ---------------------------------------------------------------- stages vs backends

@@ -42,7 +42,7 @@ def test_budget_keeps_the_sensitive_layer_float(scheme):
     model = OutlierMLP().eval()
     val = _data(2, 1)
     cfg = (tf.Int8Static(calibration=_data(4, 0), progress=False, keep_slower=True) if scheme == "static"
-           else tf.Int8Dynamic(keep_slower=True, per_channel=True))
+           else tf.Int8Dynamic(keep_slower=True, per_channel=True, smooth=False))
     tol = tf.Tolerance(min_cosine=0.9999, max_metric_drop=None)
     full, _ = tf.quantize(model, cfg, example_inputs=val[0])
     assert fidelity(model, full, val).cosine < 0.9999  # the fixture really breaks the bound
@@ -99,3 +99,13 @@ def test_metric_budget_uses_eval_fn():
     assert acc(out) == 1.0
     with pytest.raises(TypeError, match="eval_fn"):
         tf.quantize(model, tf.Int8Dynamic(), validation=val, tolerance=tf.Tolerance(), eval_fn=3)
+
+
+def test_int8_dynamic_smooths_where_it_helps_by_default():
+    model = OutlierMLP().eval()
+    val = _data(2, 1)
+    plain, _ = tf.quantize(model, tf.Int8Dynamic(keep_slower=True, smooth=False), example_inputs=val[0])
+    smoothed, rep = tf.quantize(model, tf.Int8Dynamic(keep_slower=True), example_inputs=val[0], calibration=val)
+    assert rep.summary["float rewrite before int8"] == "SmoothQuant"
+    assert any(n.startswith("SmoothQuant") and "(applied)" in n for n in rep.notes)
+    assert fidelity(model, smoothed, val).rel_err < fidelity(model, plain, val).rel_err / 2

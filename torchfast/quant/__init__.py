@@ -126,7 +126,16 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, *, example_inp
 def _quantized_layers(model: nn.Module, rep: Report) -> list[str]:
     """Names (in the float model) of the Conv/Linear/RNN layers the report says were quantized."""
     names = dict(model.named_modules())
-    return [r["layer"] for r in rep.rows if r.get("applied") and isinstance(names.get(r.get("layer")), _LAYERS)]
+    out = []
+    for r in rep.rows:
+        name = r.get("layer")
+        if not r.get("applied") or not isinstance(name, str):
+            continue
+        if name not in names and name.rpartition(".")[0] in names:  # a layer a float rewrite wrapped
+            name = name.rpartition(".")[0]
+        if isinstance(names.get(name), _LAYERS) and name not in out:
+            out.append(name)
+    return out
 
 
 def prepare_static(model: nn.Module, config: Int8Static, calibration: Iterable[Batch] | None,
@@ -216,9 +225,11 @@ def _keep_budget(model: nn.Module, cfg: QuantConfig, implementation, quantized: 
     out_rep = reports[id(result.model)]
     rank = {n: i + 1 for i, n in enumerate(result.float_layers)}
     for r in out_rep.rows:
-        if r.get("layer") in rank:
+        layer = str(r.get("layer"))
+        hit = rank.get(layer) or rank.get(layer.rpartition(".")[0])
+        if hit:
             r.update(applied=False, scheme="fp32",
-                     reason=f"kept float to meet the accuracy budget (sensitivity rank {rank[r['layer']]})")
+                     reason=f"kept float to meet the accuracy budget (sensitivity rank {hit})")
     out_rep.summary.update({"layers kept float for the budget": len(result.float_layers),
                             "budget cosine": result.fidelity.cosine,
                             "budget worst cosine": result.fidelity.worst_cosine,

@@ -42,6 +42,9 @@ class Int8Dynamic(QuantConfig):
     per_channel: per-output-channel weight scales (higher fidelity at the same speed).
     full_range: 8-bit activations instead of fbgemm's default 7 bits. None = only where a probe proves the
       kernel exact on this CPU (VNNI accumulates without the int16 saturation of older AVX2 kernels).
+    smooth: SmoothQuant (Xiao et al., 2023) activation->weight scale migration before int8, strength chosen
+      per layer group on the example inputs / calibration batches. None (default): applied when the int8
+      output is measurably closer to float with it; True forces, False skips. Not with ``inplace=True``.
     """
     backend: str = "auto"
     per_channel: bool = True
@@ -49,12 +52,15 @@ class Int8Dynamic(QuantConfig):
     modules: tuple[str, ...] = _DYNAMIC_MODULES
     exclude: tuple[str, ...] = ()
     keep_slower: bool = False   # apply int8 even to layers (and a model) measured slower than fp32
+    smooth: bool | None = None  # SmoothQuant scale migration first; None: only where int8 gets measurably closer
 
     def validate(self) -> None:
         check_choice("Int8Dynamic", "backend", self.backend, ("auto", "torch.ao", "torchao"))
         _check_names("Int8Dynamic", "modules", self.modules)
         for m in self.modules:
             check_choice("Int8Dynamic", "modules", m, _DYNAMIC_MODULES)
+        if self.smooth not in (None, True, False):
+            raise ConfigError(f"Int8Dynamic.smooth must be None (where it helps), True or False, got {self.smooth!r}")
         if self.full_range not in (None, True, False):
             raise ConfigError(f"Int8Dynamic.full_range must be None, True or False, got {self.full_range!r}")
 

@@ -92,3 +92,51 @@ def refined_fx_static(model: nn.Module, cfg: Int8Static, batches: list[Batch],
         rep.note(f"before int8, {f} (not used)")
     rep.summary["float rewrite before int8"] = label
     return q, rep
+
+
+def refined_dynamic(model: nn.Module, cfg, *, example_inputs: Batch | None = None, calibration=None,
+                    exclusion: Exclusion | None = None, inplace: bool = False) -> tuple[nn.Module, Report]:
+    """Int8Dynamic, after SmoothQuant scale migration where that measurably brings int8 closer to float.
+
+    Smoothing rewrites the float model (scales folded into norms / previous layers, or an explicit input
+    scale), so it runs on copies: with ``inplace=True`` the plain in-place path is taken.
+    """
+    from .calibrate import collect
+    from .dynamic import quantize_dynamic
+    from .smoothquant import smooth
+
+    exclusion = exclusion if exclusion is not None else Exclusion(cfg.exclude, "Int8Dynamic")
+    data = collect(calibration, 4) if calibration is not None else ([example_inputs] if example_inputs is not None
+                                                                     else [])
+    if cfg.smooth is False or inplace or not data or not any(isinstance(m, nn.Linear) for m in model.modules()):
+        q, rep = quantize_dynamic(model, cfg, example_inputs=example_inputs, calibration=calibration,
+                                  exclusion=exclusion, inplace=inplace)
+        if cfg.smooth is True:
+            rep.note("SmoothQuant was not applied: " + ("it rewrites the float model, which inplace=True forbids"
+                                                        if inplace else "no batches to choose its scales on"))
+        return q, rep
+    plain, plain_rep = quantize_dynamic(model, cfg, example_inputs=example_inputs, calibration=calibration,
+                                        exclusion=exclusion, inplace=False)
+    try:
+        smoothed_float, srep = smooth(model, data, exclude=tuple(exclusion.patterns),
+                                      reduce_range=None if cfg.full_range is None else not cfg.full_range)
+    except Exception as e:  # noqa: BLE001 - an optional rewrite: plain int8 stands
+        plain_rep.note(f"SmoothQuant did not fit this model ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+        return plain, plain_rep
+    if not srep.where(applied=True):
+        if cfg.smooth is True:
+            plain_rep.note("SmoothQuant found no layer whose int8 error smoothing lowers")
+        return plain, plain_rep
+    smoothed, smooth_rep = quantize_dynamic(smoothed_float, cfg, example_inputs=example_inputs,
+                                            calibration=calibration, exclusion=exclusion, inplace=False)
+    reference = outputs(model, data)
+    plain_err = compare_outputs(reference, outputs(plain, data)).rel_err
+    smooth_err = compare_outputs(reference, outputs(smoothed, data)).rel_err
+    take = cfg.smooth is True or smooth_err < plain_err
+    q, rep = (smoothed, smooth_rep) if take else (plain, plain_rep)
+    rep.note(f"SmoothQuant ({len(srep.where(applied=True))} layers): relative output error {smooth_err:.4g} vs "
+             f"{plain_err:.4g} without" + (" (applied)" if take else " (not applied)"))
+    if take:
+        rep.children.append(srep)
+        rep.summary["float rewrite before int8"] = "SmoothQuant"
+    return q, rep
