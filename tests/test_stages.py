@@ -1,5 +1,5 @@
 """The stage table (torchfast.stages) is the one list of stages: recipe names, help, config_from_dict,
-quantize()'s dispatch, the "auto" recipe and optimize()'s up-front recipe/backend check all read it."""
+quantize()'s dispatch and optimize()'s up-front recipe/backend check all read it."""
 from __future__ import annotations
 
 import dataclasses
@@ -19,7 +19,7 @@ from torchfast.modules import state_snapshot
 from torchfast.quantized import quantization_of
 from torchfast.recipe_syntax import RecipeSyntaxError, parse_recipe
 from torchfast.report import Report
-from torchfast.stages import STAGES, Stage, auto_recipe, register_stage, stage_named, stage_of
+from torchfast.stages import STAGES, Stage, register_stage, stage_named, stage_of
 
 BUILT_IN = [s for s in STAGES.values() if s.config_path.startswith("torchfast.")]
 QUANT = [s for s in BUILT_IN if s.implementation is not None]
@@ -155,17 +155,12 @@ def test_int8_kinds_follow_the_method_and_backend_fields():
 
 
 # ---------------------------------------------------------------- the "auto" recipe
-def test_auto_recipe_int8_static_for_convolutions_dynamic_otherwise():
-    assert auto_recipe(_cnn()) == "int8-static" and auto_recipe(_mlp()) == "int8-dynamic"
-    assert parse_recipe("auto", _cnn()) == [tf.Int8Static()] and parse_recipe(" AUTO ", _mlp()) == [tf.Int8Dynamic()]
+def test_the_auto_recipe_is_the_search_not_a_list_of_stages():
     assert parse_recipe("none") == []
-    with pytest.raises(RecipeSyntaxError, match="recipe 'auto' picks the stages for a model"):
-        parse_recipe("auto")
-
-
-def test_optimize_takes_the_auto_recipe():
-    res = tf.optimize(_mlp(), X_MLP, "auto", backend="eager", **FAST)
-    assert res.stages[1].name.startswith("Int8Dynamic(")
+    for text in ("auto", " AUTO "):   # optimize() dispatches it to torchfast.search (tests/test_search.py)
+        with pytest.raises(RecipeSyntaxError, match=r"recipe 'auto' is a search.*optimize\(model, x, recipe='auto'\)"):
+            parse_recipe(text, _cnn())
+    assert "search" in stages.AUTO_HELP
 
 
 # ---------------------------------------------------------------- recipe / backend clash, before any work

@@ -1,4 +1,5 @@
-"""A PNG chart of an optimize() report: speed gained vs fidelity kept, one point per stage.
+"""A PNG chart of an optimize() report: speed gained vs fidelity kept, one point per stage (or, for
+``recipe="auto"``, one per fully measured candidate with the Pareto front and the choice marked).
 
 The trade-off a recipe makes is easiest to judge as a path: each kept stage moves the model right
 (faster) and usually down (less faithful); rolled-back stages show where the tolerance stopped it.
@@ -32,7 +33,8 @@ def _rows(report: Any) -> tuple[list[dict], str]:
         report = Report.from_dict(report)
     if not isinstance(report, Report):
         raise TypeError(f"plot() needs an optimize() Report (or Optimized, or its to_dict()), got {type(report).__name__}")
-    rows = [r for r in report.rows if r.get("speedup") is not None and r.get("cosine") is not None]
+    rows = [r for r in report.rows if r.get("speedup") is not None and r.get("cosine") is not None
+            and r.get("rung", "measure") == "measure"]
     if not rows:
         raise ValueError("the report has no stage with both a speedup and a fidelity figure to plot "
                          "(is it an optimize() report?)")
@@ -55,6 +57,9 @@ def plot(report: Any, path: str | os.PathLike, *, title: str | None = None, fide
         raise ValueError("the report has no task metric (optimize(..., eval_fn=...)); use fidelity='cosine'")
     plt = _matplotlib()
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    if "candidate" in rows[0]:
+        _search(ax, rows, key)
+        return _finish(fig, ax, plt, path, dpi, key, title or "torchfast.optimize(recipe='auto'): every candidate")
     kept = [r for r in rows if r.get("applied") in (True, "yes")]
     dropped = [r for r in rows if r not in kept]
     ax.plot([r["speedup"] for r in kept], [r[key] for r in kept], "-o", color="tab:blue", label="kept")
@@ -64,11 +69,38 @@ def plot(report: Any, path: str | os.PathLike, *, title: str | None = None, fide
     for i, r in enumerate(rows):  # numbered in recipe order, staggered so coincident points stay readable
         ax.annotate(f"{i}. {r['stage']}", (r["speedup"], r[key]), textcoords="offset points",
                     xytext=(6, 4 - 11 * (i % 3)), fontsize=8)
+    return _finish(fig, ax, plt, path, dpi, key, title or "torchfast.optimize: speed vs fidelity per stage")
+
+
+def _search(ax: Any, rows: list[dict], key: str) -> None:
+    """The search's candidates: every fully measured one, the Pareto front joined, the choice starred."""
+    front = sorted((r for r in rows if r.get("pareto") in (True, "yes")), key=lambda r: r["speedup"])
+    rest = [r for r in rows if r not in front]
+    if rest:
+        ax.plot([r["speedup"] for r in rest], [r[key] for r in rest], "o", color="tab:grey", alpha=0.6,
+                linestyle="none", label="measured")
+    if front:
+        ax.plot([r["speedup"] for r in front], [r[key] for r in front], "-o", color="tab:blue", label="Pareto front")
+    for i, r in enumerate(front):
+        ax.annotate(r["candidate"], (r["speedup"], r[key]), textcoords="offset points",
+                    xytext=(6, 4 - 11 * (i % 3)), fontsize=7)
+    chosen = [r for r in rows if r.get("status") == "chosen"]
+    if chosen:
+        c = chosen[0]
+        ax.plot([c["speedup"]], [c[key]], "*", color="tab:orange", markersize=16, linestyle="none",
+                label=f"chosen: {c['candidate']}")
+    ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+    for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+        axis(FuncFormatter(lambda v, _: f"{v:g}x"))
+
+
+def _finish(fig: Any, ax: Any, plt: Any, path: str | os.PathLike, dpi: int, key: str, title: str) -> str:
     ax.axvline(1.0, color="grey", lw=0.8, ls=":")
     ax.margins(x=0.25, y=0.1)  # room for the labels
     ax.set_xlabel("speedup vs original (x, interleaved medians)")
     ax.set_ylabel("task metric" if key == "metric" else "output cosine vs original")
-    ax.set_title(title or "torchfast.optimize: speed vs fidelity per stage")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()

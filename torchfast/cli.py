@@ -24,7 +24,8 @@ DESCRIPTION = """Make a trained PyTorch model faster and smaller for inference, 
 
 commands:
   optimize  apply a recipe (low-rank, pruning, quantization, ...) stage by stage, verify each stage
-            against the original, roll back stages that break the tolerance, compile, save
+            against the original, roll back stages that break the tolerance, compile, save; or
+            (--recipe auto, the default) search the recipes and backends for the fastest faithful model
   bench     latency/throughput table over batch sizes, baseline and candidate timed interleaved
   export    save a model as TorchScript (.pt), ExportedProgram (.pt2), ONNX or OpenVINO IR; check it loads back
   serve     serve a model over HTTP with dynamic batching (torchfast serve --help)
@@ -33,6 +34,8 @@ examples:
   torchfast optimize torchvision:resnet50 --input-shape 8,3,224,224 --recipe prune:amount=0.3,int8-static \\
       --backend torchscript --out r50.pt --report report.md
   torchfast optimize zoo:digits-cnn --recipe lowrank:ratio=0.5,int8-static --chart stages.png
+  torchfast optimize torchvision:resnet50 --recipe auto --backend auto --calibration images/ --time-budget 10m \\
+      --out r50.xml --chart candidates.png
   torchfast bench torchvision:mobilenet_v3_large --backend inductor --batch 1,8,32
   torchfast export torchvision:resnet18 --input-shape 1,3,224,224 --format exported_program --out r18.pt2
   torchfast serve r18.pt2     # the artifact records its inputs: no --input-shape needed
@@ -60,9 +63,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-dtype", action="append", metavar="DTYPE",
                    help="dtype of the example inputs (default float32; integer dtypes get ids in [0, 100))")
     p.add_argument("--weights", default=None, help="torchvision weights name, e.g. DEFAULT (downloads; default: random weights)")
-    p.add_argument("--calibration", type=int, default=8, metavar="N",
-                   help="calibration batches for data-aware stages and fidelity (random inputs of the example's "
-                        "shape, real data for zoo: models; default 8)")
+    p.add_argument("--calibration", default="8", metavar="N|PATH",
+                   help="calibration batches for data-aware stages, int8 and distillation, the last quarter held out "
+                        "for fidelity: a number of batches (random inputs of the example's shape, real data for "
+                        "zoo: models; default 8) or unlabeled data: a folder of images, a .txt file of sentences "
+                        "(one per line; hf:/zoo:minilm) or a .pt/.npy file of input tensors, shaped and "
+                        "normalized like the example batch")
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -99,7 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "rolled back when it breaks --tolerance; the result is compiled for --backend.")
     _model_args(p)
     p.add_argument("--recipe", default="auto",
-                   help=f"the stages, in order: {recipe_help()}. {AUTO_HELP} (the default); 'none': no stage")
+                   help=f"the stages, in order: {recipe_help()}. {AUTO_HELP} (the default; bounded by "
+                        f"--time-budget); 'none': no stage")
+    p.add_argument("--time-budget", default="10m", metavar="DURATION",
+                   help="how long --recipe auto may search: 90s, 10m, 1h30m, or 'none' (default 10m); when it runs "
+                        "out, the best candidate found so far is returned and the report says so")
     _backend_args(p, "auto")
     p.add_argument("--tolerance", default=None, metavar="SPEC",
                    help="bounds vs the original that make a stage roll back: min_cosine=0.99,max_rel_err=...,"
@@ -176,7 +186,24 @@ def _recipe(spec: str | None, model) -> list:
     from .recipe_syntax import parse_recipe
     if spec is None or spec.strip() == "":
         return []
-    return parse_recipe(spec, model)  # 'auto' picks the stages for the model, 'none' is no stage
+    return parse_recipe(spec, model)  # 'none' is no stage; 'auto' (the search) is optimize's alone
+
+
+def _duration(text: str) -> float:
+    """``90``, ``90s``, ``10m``, ``1h30m``, ``1.5h`` -> seconds; ``none``/``inf`` -> no budget."""
+    import math
+    import re
+    t = text.strip().lower()
+    if t in ("none", "inf", "off"):
+        return math.inf
+    parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", t)
+    if not t or parts is None or not any(parts.groups()):
+        raise UsageError(f"--time-budget {text!r}: expected a duration like 90s, 10m, 1h30m or 'none'")
+    h, m, sec = (float(g) if g else 0.0 for g in parts.groups())
+    total = 3600 * h + 60 * m + sec
+    if total <= 0:
+        raise UsageError(f"--time-budget {text!r}: the budget must be positive")
+    return total
 
 
 def _backend_options(a) -> dict[str, Any]:
@@ -223,22 +250,28 @@ def cmd_optimize(a) -> int:
     from .cli_models import load_source
     from .pipeline import optimize
 
+    from .search import is_auto
+
     tol = _tolerance(a.tolerance)
+    auto = is_auto(a.recipe)
+    budget = _duration(a.time_budget) if auto else None
     src = load_source(a.model, a.input_shape, a.input_dtype, a.calibration, a.weights)
-    recipe = _recipe(a.recipe, src.model)
-    print(f"model: {src.description}; recipe: {', '.join(type(c).__name__ for c in recipe) or '(none)'}; "
-          f"backend: {a.backend}", file=sys.stderr)
+    recipe = "auto" if auto else _recipe(a.recipe, src.model)
+    what = (f"auto (search, {'no' if budget == float('inf') else f'{budget:g}s'} budget)" if auto
+            else ", ".join(type(c).__name__ for c in recipe) or "(none)")
+    print(f"model: {src.description}; recipe: {what}; backend: {a.backend}", file=sys.stderr)
     result = optimize(src.model, src.example, recipe, backend=a.backend, backend_options=_backend_options(a),
                       eval_fn=src.eval_fn, tolerance=tol, calibration=src.calibration or None,
                       validation=src.validation or None,
                       runs=a.runs, threads=a.threads, on_error="skip" if a.keep_going else "raise",
-                      progress=False if a.no_progress else None)
+                      progress=False if a.no_progress else None, time_budget_s=budget)
     print(result.table())
     if a.report:
         _write_report(result.report, a.report)
         print(f"\nreport written to {a.report}")
     if a.chart:
-        result.chart(a.chart, title=f"{a.model}: speed vs fidelity per stage")
+        result.chart(a.chart, title=f"{a.model}: " + ("every candidate of the search" if auto
+                                                       else "speed vs fidelity per stage"))
         print(f"chart written to {a.chart}")
     if a.out:
         fmt = _format_for(a.out, a.format)

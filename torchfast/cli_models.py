@@ -36,6 +36,8 @@ class Source:
     eval_fn: Callable | None = None
     description: str = ""
     validation: list = field(default_factory=list)  # fidelity batches, distinct from the calibration ones
+    image_prep: Any = None                          # cli_data.ImagePrep: how --calibration FOLDER images are normalized
+    tokenize: Callable[[list[str]], Any] | None = None  # sentences -> a batch, for --calibration FILE.txt
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -96,7 +98,10 @@ def _torchvision(name: str, shapes, dtypes, n_calib: int, weights: str | None) -
         raise SourceError(f"torchvision has no model {name!r} ({e}); e.g. {known}, ...") from None
     shapes = shapes or [(1, 3, 224, 224)]
     what = f"torchvision {name} ({'weights ' + weights if weights else 'random weights: speed only'})"
-    return _random_source(model, shapes, dtypes or [torch.float32], n_calib, what)
+    src = _random_source(model, shapes, dtypes or [torch.float32], n_calib, what)
+    from .cli_data import ImagePrep
+    src.image_prep = ImagePrep((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # the ImageNet statistics
+    return src
 
 
 def _hf(path: str, shapes, n_calib: int) -> Source:
@@ -112,8 +117,16 @@ def _hf(path: str, shapes, n_calib: int) -> Source:
         g = torch.Generator().manual_seed(seed)
         return {"input_ids": torch.randint(0, vocab, (n, seq), generator=g),
                 "attention_mask": torch.ones(n, seq, dtype=torch.long)}
+    def tokenizer():
+        from transformers import AutoTokenizer
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except Exception as e:  # noqa: BLE001 - a model folder without a tokenizer
+            raise SourceError(f"hf:{path} has no tokenizer to read sentences with ({type(e).__name__}: {e})") from e
+    from .cli_data import tokenizer_fn
     return Source(model, make(batch), lambda n: make(n), [make(batch, 100 + i) for i in range(n_calib)], None,
-                  f"Hugging Face {path} (random token ids, seq {seq})", [make(batch, 200 + i) for i in range(4)])
+                  f"Hugging Face {path} (random token ids, seq {seq})", [make(batch, 200 + i) for i in range(4)],
+                  tokenize=tokenizer_fn(tokenizer, seq, ("input_ids", "attention_mask")))
 
 
 def _zoo(name: str, shapes, n_calib: int) -> Source:
@@ -123,8 +136,10 @@ def _zoo(name: str, shapes, n_calib: int) -> Source:
         n = shapes[0][0] if shapes else 64
         x = data.x_test
         val = [x[i:i + 64] for i in range(0, len(x), 64)]  # held-out test images; calibration uses training ones
+        from .cli_data import ImagePrep
         return Source(eval_mode(model), x[:n], lambda k: x[:k], data.calibration()[:max(1, n_calib)], data.eval_fn,
-                      f"trained {name} on scikit-learn digits (metric: test accuracy)", val)
+                      f"trained {name} on scikit-learn digits (metric: test accuracy)", val,
+                      image_prep=ImagePrep((0.3,), (0.35,)))  # load_digits' normalization, white digits on black
     if name == "minilm":
         from .zoo.minilm import batches, load_minilm
         model, tok = load_minilm()
@@ -132,8 +147,10 @@ def _zoo(name: str, shapes, n_calib: int) -> Source:
         calib = batches(tok, n_batches=max(1, n_calib), batch_size=batch, seq_len=seq, offset=64)
         ex = batches(tok, 1, batch, seq)[0]
         val = batches(tok, n_batches=4, batch_size=batch, seq_len=seq, offset=64 + batch * max(1, n_calib))
+        from .cli_data import tokenizer_fn
         return Source(model, ex, lambda k: batches(tok, 1, k, seq)[0], calib, None,
-                      f"all-MiniLM-L6-v2 on real sentences (batch {batch}, seq {seq})", val)
+                      f"all-MiniLM-L6-v2 on real sentences (batch {batch}, seq {seq})", val,
+                      tokenize=tokenizer_fn(tok, seq, tuple(ex)))
     raise SourceError(f"unknown zoo model {name!r}; choose digits-cnn, digits-mlp or minilm")
 
 
@@ -183,8 +200,20 @@ def _artifact(path: str, shapes, dtypes, n_calib: int) -> Source:
 
 
 def load_source(spec: str, input_shapes: list[str] | None = None, input_dtypes: list[str] | None = None,
-                calibration: int = 8, weights: str | None = None) -> Source:
-    """Turn a MODEL argument and the input options into a :class:`Source` (see MODEL_HELP)."""
+                calibration: int | str = 8, weights: str | None = None) -> Source:
+    """Turn a MODEL argument and the input options into a :class:`Source` (see MODEL_HELP).
+
+    ``calibration``: a number of batches (random inputs, or the built-in data of zoo: models), or the path
+    of unlabeled data (a folder of images, a .txt of sentences, a .pt/.npy of tensors; ``torchfast.cli_data``):
+    those batches become the calibration data, and the last quarter of them the fidelity check."""
+    if isinstance(calibration, str) and calibration.strip().isdigit():
+        calibration = int(calibration)
+    if isinstance(calibration, str):
+        from .cli_data import load_data
+        src = load_source(spec, input_shapes, input_dtypes, 0, weights)
+        src.calibration, src.validation = load_data(calibration, src), []
+        src.description += f"; calibration: {len(src.calibration)} batch(es) from {calibration}"
+        return src
     shapes = [parse_shape(s) for s in (input_shapes or [])]
     dtypes = [_dtype(d) for d in (input_dtypes or [])]
     if calibration < 0:

@@ -146,7 +146,7 @@ class Config(metaclass=_ConfigMeta):
 
 
 # configs that are not recipe stages (the stages' own come from the stage table, torchfast.stages)
-_NOT_STAGES = ("torchfast.pipeline",)
+_NOT_STAGES = ("torchfast.pipeline", "torchfast.search")
 
 
 def _load_configs() -> None:

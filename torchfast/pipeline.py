@@ -218,13 +218,13 @@ def _batch_is_dynamic(dynamic_dims: Any) -> bool:
 
 # ---------------------------------------------------------------- optimize
 def optimize(model: nn.Module, example_inputs: Any, recipe: Sequence[Config] | str = (), *,
-             backend: str = "eager", backend_options: dict | None = None,
+             backend: str | None = None, backend_options: dict | None = None,
              eval_fn: Callable[[Callable], float] | None = None, tolerance: Tolerance | dict | None = None,
              calibration: Iterable | None = None, validation: Iterable | None = None,
              output_fn: Callable[[Any], torch.Tensor] | None = None,
              runs: int = 20, warmup: int = 3, threads: int | None = None,
              on_error: str = "raise", dynamic_dims: Any = (0,), progress: bool | None = None,
-             recover: str | dict | None = "distill") -> Optimized:
+             recover: str | dict | None = "distill", time_budget_s: float | None = None) -> Optimized:
     """Apply ``recipe`` stage by stage on a copy of ``model``, verify each stage, compile, wrap.
 
     ``example_inputs`` is one batch (tensor, tuple of positional inputs, or dict of keyword inputs): it
@@ -239,12 +239,30 @@ def optimize(model: nn.Module, example_inputs: Any, recipe: Sequence[Config] | s
     calibration batches are given), a dict of ``distill`` options (``{"steps": 500}``), or None (off).
     ``on_error="skip"`` rolls back a stage that raises instead of re-raising.
 
-    ``recipe`` is a list of configs or a recipe string (``"lowrank:ratio=0.5,int8-static"``; ``"auto"``:
-    int8 static for models with convolutions, int8 dynamic otherwise). A stage whose model ``backend``
-    cannot compile (torch.ao int8 on inductor) is refused with a ConfigError before any stage runs.
+    ``recipe`` is a list of configs or a recipe string (``"lowrank:ratio=0.5,int8-static"``). A stage whose
+    model ``backend`` cannot compile (torch.ao int8 on inductor) is refused with a ConfigError before any
+    stage runs.
+
+    ``recipe="auto"`` (or a :class:`torchfast.search.SearchSpace`) searches pruning x low-rank x int8 x
+    every backend (``backend`` defaults to ``"auto"`` there, ``"eager"`` otherwise; a named backend narrows
+    the search to it) for the fastest model within
+    ``tolerance``, recovering pruned / factorized candidates by distillation on the calibration batches
+    (``recover``), within ``time_budget_s`` (default 600 s; ``math.inf``: none). It returns a
+    :class:`torchfast.search_report.Searched`: ``report`` is the table of every candidate (Pareto front
+    marked), ``chart()`` plots it; never a model slower than the original or outside the tolerance (then the
+    original, and ``reason`` says why). See ``torchfast.search``.
     """
     check_module(model)
     tol = _as_tolerance(tolerance)
+    from .search import DEFAULT_BUDGET_S, SearchSpace, is_auto
+    space = None
+    backend = backend if backend is not None else ("auto" if is_auto(recipe) else "eager")
+    if is_auto(recipe):
+        space, recipe = (recipe if isinstance(recipe, SearchSpace) else SearchSpace()), []
+        time_budget_s = DEFAULT_BUDGET_S if time_budget_s is None else time_budget_s
+        check_range("optimize", "time_budget_s", time_budget_s, 0.0, None, lo_inclusive=False)
+    elif time_budget_s is not None:
+        raise ConfigError("time_budget_s bounds the search of recipe='auto'; an explicit recipe runs every stage")
     if isinstance(recipe, str):
         from .recipe_syntax import parse_recipe
         recipe = parse_recipe(recipe, model)
@@ -285,6 +303,13 @@ def optimize(model: nn.Module, example_inputs: Any, recipe: Sequence[Config] | s
             except Exception as e:
                 raise ExampleInputError(f"the model does not run on example_inputs ({describe_batch(example_inputs)}): "
                                         f"{type(e).__name__}: {e}") from e
+        if space is not None:
+            from .search import run_search
+            return run_search(model, example_inputs, space, backend=backend, options=dict(backend_options or {}),
+                              eval_fn=eval_fn,
+                              tol=tol, calib=calib, val=val, output_fn=output_fn, runs=runs, warmup=warmup,
+                              threads=threads, dynamic_dims=dynamic_dims, progress=progress, recovery=recovery,
+                              time_budget_s=time_budget_s)
         return _run(model, example_inputs, recipe, backend, options, eval_fn, tol, calib, val, output_fn,
                     runs, warmup, threads, on_error, dynamic_dims, tqdm, progress, recovery)
     finally:
@@ -344,13 +369,10 @@ def _run(original, example, recipe, backend, options, eval_fn, tol, calib, val, 
         bar.set_postfix_str(name)
         t0 = time.perf_counter()
         try:
-            if isinstance(cfg, (Int8Static, Int8Dynamic)):
-                # the stage keeps optimize's own budget layer by layer: the most sensitive layers stay float
-                from .quant import quantize
-                cand, rep = quantize(current, cfg, example_inputs=example, calibration=calib, validation=val,
-                                     tolerance=tol, eval_fn=eval_fn)
-            else:
-                cand, rep = apply_stage(copy.deepcopy(current), cfg, example, calib)
+            # an int8 stage keeps optimize's own budget layer by layer: the most sensitive layers stay float
+            budget = dict(validation=val, tolerance=tol, eval_fn=eval_fn) \
+                if isinstance(cfg, (Int8Static, Int8Dynamic)) else {}
+            cand, rep = apply_stage(copy.deepcopy(current), cfg, example, calib, **budget)
             eval_mode(cand)
         except Exception as e:
             if on_error == "raise":

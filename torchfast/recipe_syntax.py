@@ -8,8 +8,8 @@ with ``=`` and no ``:`` continues the parameters of the stage before it, so
 is ``[LowRank(ratio=0.5, method="svd"), ChannelPruning(amount=0.3), Int8Static(observer="histogram")]``.
 Values are parsed as int, float, true/false, none, or text; ``a/b/c`` is a tuple. The names are those of
 the stage table (``torchfast.stages``), each standing for a config class (imported lazily), so parameter
-names are that config's fields. The whole recipe ``"auto"`` picks the stages for the model
-(:func:`torchfast.stages.auto_recipe`); ``"none"`` is the empty recipe.
+names are that config's fields. ``"none"`` is the empty recipe. ``"auto"`` is not a list of stages but
+the search ``optimize(model, x, recipe="auto")`` runs (``torchfast.search``); this parser refuses it.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch
 
 from .config import Config, ConfigError, _modern_kwargs
 from .specs import SpecError, parse_dtype
-from .stages import STAGES, auto_recipe, recipe_help, stage_named
+from .stages import STAGES, recipe_help, stage_named
 
 __all__ = ["parse_recipe", "recipe_help", "RecipeSyntaxError"]
 
@@ -95,17 +95,15 @@ def _build(name: str, params: dict[str, str], text: str) -> Config:
 
 
 def parse_recipe(text: str, model: Any = None) -> list[Config]:
-    """Parse a recipe string (see the module docstring) into a list of configs. ``"auto"`` needs the
-    ``model`` it picks stages for; ``"none"`` is the empty recipe."""
+    """Parse a recipe string (see the module docstring) into a list of configs; ``"none"`` is the empty
+    recipe. ``model`` is accepted for compatibility and unused."""
     if not isinstance(text, str):
         raise RecipeSyntaxError(f"a recipe string is expected, got {type(text).__name__}")
     if text.strip().lower() == "none":
         return []
     if text.strip().lower() == "auto":
-        if model is None:
-            raise RecipeSyntaxError("recipe 'auto' picks the stages for a model: pass it, "
-                                    "parse_recipe('auto', model) (optimize(model, x, 'auto') does)")
-        text = auto_recipe(model)
+        raise RecipeSyntaxError("recipe 'auto' is a search, not a list of stages: optimize(model, x, recipe='auto') "
+                                "(torchfast optimize --recipe auto) runs it and reports the stages it chose")
     stages: list[tuple[str, dict[str, str]]] = []
     for chunk in text.split("+"):
         for tok in chunk.split(","):

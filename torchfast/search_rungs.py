@@ -1,0 +1,407 @@
+"""The rungs of the ``recipe="auto"`` search, cheapest evidence first (see ``torchfast.search``).
+
+Each rung takes the trials the previous one left alive, gathers one dearer piece of evidence, and marks
+the rest with the reason they stop there. Every step goes through torchfast's own transforms, measures
+and compilers; a step that raises becomes the trial's row, never an exception. The time budget is checked
+between steps.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import nn
+
+from .measure import Fidelity, compare_many, compare_outputs, outputs
+from .modules import call_model
+from .search_report import Trial
+from .tolerance import Tolerance
+
+if TYPE_CHECKING:
+    from .search import SearchSpace
+
+RUNOFF_MARGIN = 0.10        # candidates this close to the fastest are timed again, head to head, twice as long
+_now = time.perf_counter    # the search's clock (tests replace it to exhaust a budget deterministically)
+
+
+class Clock:
+    """The time budget: checked between steps, never inside one."""
+
+    def __init__(self, budget_s: float | None) -> None:
+        self.start, self.budget = _now(), budget_s
+        self.ran_out_at: str | None = None
+
+    def used(self) -> float:
+        return _now() - self.start
+
+    def out(self, where: str) -> bool:
+        if self.budget is not None and self.used() >= self.budget:
+            self.ran_out_at = self.ran_out_at or where
+            return True
+        return False
+
+
+def _error(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
+
+
+def int8_config(mode: str) -> Any:
+    from .quant.config import Int8Dynamic, Int8Static
+    # static: the compiled engine is what gets timed, so quantize must not fall back to float on eager timing
+    return Int8Static(progress=False, keep_slower=True) if mode == "static" else Int8Dynamic()
+
+
+@dataclass
+class Context:
+    """What every step of one search shares."""
+    original: nn.Module
+    example: Any
+    space: "SearchSpace"
+    tol: Tolerance
+    calib: list | None
+    val: list
+    ref: list[torch.Tensor]            # the original's outputs on ``val``, computed once
+    output_fn: Callable | None
+    eval_fn: Callable | None
+    base_metric: float | None
+    clock: Clock
+    bar: Any
+    threads: int | None = None
+
+    def fidelity(self, model: Any, n: int | None = None) -> Fidelity:
+        batches = self.val if n is None else self.val[:n]
+        return compare_outputs(self.ref[:len(batches)], outputs(model, batches, self.output_fn))
+
+    def judge(self, t: Trial, model: Any, probe: bool) -> list[str]:
+        """Measure ``model`` into ``t``; the bounds it breaks (probe: on the first two validation batches)."""
+        t.fidelity = self.fidelity(model, 2 if probe else None)
+        t.metric = float(self.eval_fn(model)) if self.eval_fn is not None else None
+        drop = None if t.metric is None else self.base_metric - t.metric
+        return self.tol.violations(t.fidelity, drop)
+
+    def step(self, text: str) -> None:
+        self.bar.set_postfix_str(text[:60])
+        self.bar.update(1)
+
+    def time(self, trials: list[Trial], runs: int, warmup: int, settle: int = 0) -> None:
+        """Time ``trials`` round-robin with the original on the example inputs; their speedups vs it."""
+        lat = compare_many({"(original)": self.original, **{t.name: t.model for t in trials}}, self.example,
+                           warmup=warmup, runs=runs, threads=self.threads, settle=settle)
+        base = lat["(original)"].median_ms
+        for t in trials:
+            t.latency_ms = lat[t.name].median_ms
+            t.speedup = base / t.latency_ms if t.latency_ms > 0 else None
+
+
+# ---------------------------------------------------------------- rungs 1-2: structures, probed then raced
+def origin_trial(cx: Context) -> Trial:
+    from .pipeline import _flops, _size
+    t = Trial(0.0, None, status="ok", note="the original model", model=copy.deepcopy(cx.original))
+    t.flops, t.size_mb, t.fidelity = _flops(cx.original, cx.example), _size(cx.original)[0], cx.fidelity(cx.original, 2)
+    return t
+
+
+def _build_structure(cx: Context, t: Trial, origin: Trial, pruned: dict) -> None:
+    """Apply the trial's pruning (shared per amount) and low-rank step, then probe its fidelity."""
+    from .dropin import eval_mode
+    from .pipeline import _flops, _size
+    from .recipe import apply_stage
+    if cx.clock.out("probe"):
+        t.status, t.note = "not evaluated", "time budget ran out"
+        return
+    cx.step(f"probe {t.name}")
+    t0 = _now()
+    try:
+        model, reports = cx.original, []
+        if t.prune:
+            if t.prune not in pruned:
+                try:
+                    pruned[t.prune] = apply_stage(copy.deepcopy(cx.original), t.configs[0], cx.example, cx.calib)
+                except Exception as e:  # noqa: BLE001 - every structure with this amount fails alike
+                    pruned[t.prune] = e
+            if isinstance(pruned[t.prune], BaseException):
+                raise pruned[t.prune]
+            model, rep = pruned[t.prune]
+            reports.append(rep)
+        if t.lowrank is not None:
+            model, rep = apply_stage(copy.deepcopy(model), t.configs[-1], cx.example, cx.calib)
+            reports.append(rep)
+        elif t.prune:
+            model = copy.deepcopy(model)  # the shared pruned model stays as it was for the low-rank ones
+        eval_mode(model)
+        t.model, t.reports = model, reports
+        t.flops, t.size_mb = _flops(model, cx.example), _size(model)[0]
+        bad = cx.judge(t, model, probe=True)
+    except Exception as e:  # noqa: BLE001 - a candidate that crashes is a row
+        t.status, t.note, t.model = "failed", _error(e), None
+        return
+    finally:
+        t.seconds += _now() - t0
+    if t.flops is not None and t.flops == origin.flops and t.size_mb == origin.size_mb:
+        t.status, t.note, t.model = "dropped", "changed nothing (no layer pruned or factorized)", None
+    elif bad:
+        t.status, t.note = "needs recovery", "; ".join(bad)
+    else:
+        t.status = "ok"
+
+
+def _alive(trials: list[Trial]) -> list[Trial]:
+    return [t for t in trials if t.status in ("ok", "needs recovery")]
+
+
+def _race(cx: Context, trials: list[Trial]) -> bool:
+    """Time the alive structures briefly in eager; False when the budget leaves no time for it."""
+    alive = _alive(trials)
+    if not alive:
+        return True
+    if cx.clock.out("race"):
+        return False
+    cx.step(f"race {len(alive)} structures")
+    cx.time(alive, cx.space.race_runs, warmup=2)
+    for t in alive:
+        t.rung = "race"
+    return True
+
+
+def structures(cx: Context, origin: Trial) -> tuple[list[Trial], list[Trial]]:
+    """All structure trials (for the report) and the survivors of the race, fastest first.
+
+    Pruning alone and low-rank alone are probed and raced first; a combination is built only from a pruning
+    amount and a low-rank setting that each beat the original on their own (halving over the factors)."""
+    space = cx.space
+    pruned: dict = {}
+    singles = [Trial(a, None, configs=space.structure_configs(a, None)) for a in space.prune if a]
+    singles += [Trial(0.0, r, configs=space.structure_configs(0.0, r)) for r in space.lowrank if r is not None]
+    for t in singles:
+        _build_structure(cx, t, origin, pruned)
+    raced = _race(cx, singles)
+    wins = {(t.prune, t.lowrank): t for t in singles if (t.speedup or 0.0) > 1.0}
+    combos = []
+    for a in (a for a in space.prune if a):
+        for r in (r for r in space.lowrank if r is not None):
+            t = Trial(a, r, configs=space.structure_configs(a, r))
+            combos.append(t)
+            losers = [s for s in singles if (s.prune, s.lowrank) in ((a, None), (0.0, r)) and s not in wins.values()]
+            if not raced:
+                t.status, t.note = "not evaluated", "time budget ran out"
+            elif losers:
+                s = losers[0]
+                why = f"{s.speedup:.2f}x in eager" if s.speedup is not None else s.status
+                t.status, t.note = "dropped", f"not built: {s.name} alone did not beat the original ({why})"
+            else:
+                _build_structure(cx, t, origin, pruned)
+    trials = [*singles, *combos]
+    if any(t.status in ("ok", "needs recovery") for t in combos):
+        raced = _race(cx, [*wins.values(), *combos])  # one round, so the ranking compares like with like
+    if not raced:  # out of time: what needs no recovery goes on, fewest FLOPs first
+        for t in _alive(trials):
+            if t.status == "needs recovery":
+                t.status, t.note, t.model = "not evaluated", "time budget ran out before the race", None
+        return trials, sorted(_alive(trials), key=lambda t: t.flops or 0)
+    ranked = sorted(_alive(trials), key=lambda t: -(t.speedup or 0.0))
+    faster = [t for t in ranked if (t.speedup or 0.0) > 1.0]
+    kept = faster[:math.ceil(len(faster) / 2)]
+    for t in ranked:
+        if t not in kept:
+            t.status, t.model = "dropped", None
+            t.note = (f"slower than the original in eager ({t.speedup:.2f}x)" if t not in faster else
+                      f"slower half of the race ({t.speedup:.2f}x; kept >= {kept[-1].speedup:.2f}x)")
+    return trials, kept
+
+
+# ---------------------------------------------------------------- rung 3: recover, then int8
+def recover(cx: Context, survivors: list[Trial], recovery: dict | None) -> list[Trial]:
+    """Fastest first, distill the survivors that need it until ``finalists`` structures are ready."""
+    from .distill import distill
+    ready: list[Trial] = []
+    for t in survivors:
+        if len(ready) >= cx.space.finalists:
+            t.status, t.note, t.model = "dropped", f"not needed: {len(ready)} faster structures are ready", None
+            continue
+        if t.status == "needs recovery":
+            if recovery is None or not cx.calib:
+                why = "recover=None" if recovery is None else "no calibration batches to distill on"
+                t.status, t.note, t.model = "rejected", f"{t.note} ({why})", None
+                continue
+            if cx.clock.out("recover"):
+                t.status, t.note, t.model = "not evaluated", "time budget ran out before its recovery", None
+                continue
+            cx.step(f"distill {t.name}")
+            t.rung, before, t0 = "recover", t.fidelity, _now()
+            try:
+                t.model, rep = distill(t.model, cx.original, cx.calib, output_fn=cx.output_fn, progress=False,
+                                       inplace=True, **recovery)
+                t.reports.append(rep)
+                bad = cx.judge(t, t.model, probe=False)
+            except Exception as e:  # noqa: BLE001
+                t.status, t.note, t.model = "failed", f"distillation failed: {_error(e)}", None
+                continue
+            finally:
+                t.seconds += _now() - t0
+            t.recovered = f"cosine {before.cosine:.4f} -> {t.fidelity.cosine:.4f} ({rep.summary.get('steps')} steps)"
+            if bad:
+                t.status, t.note, t.model = "rejected", "after recovery: " + "; ".join(bad), None
+                continue
+            t.note = "distilled without labels"
+        t.status = "finalist"
+        ready.append(t)
+    return ready
+
+
+def int8_probes(cx: Context, ready: list[Trial], trials: list[Trial]) -> dict[int, dict[str, Any]]:
+    """Per ready structure: {int8 mode: its torch int8 model (quantize() with per-layer float fallback to
+    the tolerance), or None}. A torch int8 that fails or leaves the model float still lets the engines try
+    their own int8 lowering in the measure rung."""
+    from .backends.registry import quantization_kind
+    from .pipeline import _size
+    from .quant import quantize
+    out: dict[int, dict[str, Any]] = {}
+    for s in ready:
+        out[id(s)] = {}
+        for mode in (m for m in cx.space.int8 if m != "none"):
+            cfg = int8_config(mode)
+            t = Trial(s.prune, s.lowrank, mode, configs=[*s.configs, cfg], flops=s.flops)
+            trials.append(t)
+            out[id(s)][mode] = None
+            if cx.clock.out("int8 probe"):
+                t.status, t.note = "not evaluated", "time budget ran out"
+                continue
+            cx.step(f"probe {t.name}")
+            t0 = _now()
+            try:
+                q, rep = quantize(s.model, cfg, example_inputs=cx.example, calibration=cx.calib or [cx.example],
+                                  validation=cx.val[:2], tolerance=cx.tol)
+                t.reports.append(rep)
+                if quantization_kind(q) is None:
+                    t.status = "dropped"
+                    t.note = (f"torch int8 left the model float ({rep.summary.get('result', 'no layer quantized')}); "
+                              f"the engines' own int8 is still tried")
+                    continue
+                t.size_mb = _size(q)[0]
+                bad = cx.judge(t, q, probe=True)
+            except Exception as e:  # noqa: BLE001
+                t.status, t.note = "failed", f"{_error(e)}; the engines' own int8 is still tried"
+                continue
+            finally:
+                t.seconds += _now() - t0
+            if bad:
+                t.status, t.note = "rejected", "; ".join(bad)
+                continue
+            t.status, t.model = "ok", q
+            kept_float = rep.summary.get("layers kept float for the budget")
+            if kept_float:
+                t.note = f"{kept_float} layer(s) kept float for the tolerance"
+            out[id(s)][mode] = q
+    return out
+
+
+# ---------------------------------------------------------------- rung 4: every engine, then the timing
+def backends_here(cx: Context, backend: str, device: str) -> list[str]:
+    from .backends.registry import BACKENDS
+    names = list(cx.space.backends or [b for b in BACKENDS if b != "auto"]) if backend == "auto" else [backend]
+    return [b for b in names if BACKENDS[b].available()[0] and device in BACKENDS[b].devices]
+
+
+def _engines(cx: Context, s: Trial, int8s: dict[str, Any], names: list[str]) -> list[tuple[str, str]]:
+    """(backend, int8 mode) pairs a structure can be built as: float on every backend; int8 through the
+    engine's own toolchain (ONNX Runtime, OpenVINO) or as the torch int8 model where the backend runs it."""
+    from .backends import INT8_NATIVE
+    from .backends.registry import BACKENDS, quantization_kind
+    out = []
+    for b in names:
+        if "none" in cx.space.int8 and not (b == "eager" and not s.configs):  # the original in eager: the baseline
+            out.append((b, "none"))
+        for mode in (m for m in cx.space.int8 if m != "none"):
+            if b in INT8_NATIVE:
+                out.append((b, mode))
+            elif int8s.get(mode) is not None and quantization_kind(int8s[mode]) in BACKENDS[b].quantized:
+                out.append((b, mode))
+    return out
+
+
+def _build(cx: Context, s: Trial, int8s: dict[str, Any], b: str, mode: str, options: dict,
+           dynamic_batch: bool) -> Trial:
+    from . import backends
+    from .pipeline import _size
+    native = b in backends.INT8_NATIVE and mode != "none"
+    cfg = int8_config(mode) if mode != "none" else None
+    t = Trial(s.prune, s.lowrank, mode, b, configs=[*s.configs, *([cfg] if cfg is not None else [])],
+              rung="measure", flops=s.flops, recovered=s.recovered)
+    source = s.model if mode == "none" or native else int8s[mode]
+    t.size_mb = None if native else (s.size_mb if mode == "none" else _size(source)[0])
+    kwargs = dict(options)
+    if dynamic_batch and b not in ("eager", "inductor"):  # engines fixing shapes when built must take any batch
+        kwargs.setdefault("dynamic_batch", True)
+    if native:
+        kwargs.update(int8=cfg, calibration=cx.calib or [cx.example])
+    cx.step(f"build {t.name}")
+    t0 = _now()
+    try:
+        compiled = backends.compile(source, cx.example, backend=b, **kwargs)
+        with torch.inference_mode():
+            call_model(compiled, cx.example)
+        t.seconds = _now() - t0
+        bad = cx.judge(t, compiled, probe=False)
+    except Exception as e:  # noqa: BLE001 - a backend that cannot take the model is a row
+        t.status, t.note, t.seconds = "failed", _error(e), _now() - t0
+        return t
+    t.model, t.eager = compiled, source
+    t.reports = [r for r in (getattr(compiled, "report", None),) if r is not None]
+    if bad:
+        t.status, t.note, t.model = "rejected", "; ".join(bad), None
+    else:
+        t.status, t.note = "measured", f"int8 by {b}'s own toolchain" if native else ""
+    return t
+
+
+def measure(cx: Context, finalists: list[Trial], int8s: dict[int, dict[str, Any]], trials: list[Trial],
+            backend: str, options: dict, dynamic_batch: bool, runs: int, warmup: int) -> list[Trial]:
+    """Build every engine of the first finalist and time them; the later finalists get only the ``engines``
+    fastest kinds. Then one round-robin timing of everything kept, and a run-off of the closest."""
+    from .modules import model_device
+    device = str(options.get("device") or model_device(cx.original).type).split(":")[0]
+    names = backends_here(cx, backend, device)
+    kinds: list[tuple[str, str]] | None = None
+    kept: list[Trial] = []
+    for s in finalists:
+        engines = _engines(cx, s, int8s.get(id(s), {}), names)
+        if kinds is not None:
+            engines = [e for e in engines if e in kinds] or engines[:cx.space.engines]
+        built = []
+        for b, mode in engines:
+            if b != "eager" and cx.clock.out("measure"):   # eager costs nothing to build: always measured
+                trials.append(Trial(s.prune, s.lowrank, mode, b, rung="measure", status="not evaluated",
+                                    note="time budget ran out"))
+                continue
+            t = _build(cx, s, int8s.get(id(s), {}), b, mode, options, dynamic_batch)
+            trials.append(t)
+            if t.status == "measured":
+                built.append(t)
+        if kinds is None and len(built) > cx.space.engines:
+            # successive halving over the engines: the first finalist's, timed in full; the fastest kinds go on
+            cx.step(f"time {len(built)} engines of {s.structure}")
+            cx.time(built, runs, warmup, settle=1)
+            built.sort(key=lambda t: -(t.speedup or 0.0))
+            for t in built[cx.space.engines:]:
+                t.status, t.model = "dropped", None
+                t.note = (f"slower engine on {s.structure} ({t.speedup:.2f}x; kept >= "
+                          f"{built[cx.space.engines - 1].speedup:.2f}x)")
+            built = built[:cx.space.engines]
+        if kinds is None and built:
+            kinds = [(t.backend, t.int8) for t in built]
+        kept += built
+    if not kept:
+        return []
+    cx.step(f"time {len(kept)} candidates")
+    cx.time(kept, runs, warmup, settle=1)
+    best = max(t.speedup or 0.0 for t in kept)
+    close = [t for t in kept if (t.speedup or 0.0) >= best / (1 + RUNOFF_MARGIN)]
+    if len(close) > 1:  # a short timing cannot separate these: again, head to head, twice as long
+        cx.step(f"run-off of {len(close)}")
+        cx.time(close, 2 * runs, warmup, settle=1)
+    return kept
