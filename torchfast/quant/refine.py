@@ -129,9 +129,9 @@ def refined_dynamic(model: nn.Module, cfg, *, example_inputs: Batch | None = Non
         return plain, plain_rep
     smoothed, smooth_rep = quantize_dynamic(smoothed_float, cfg, example_inputs=example_inputs,
                                             calibration=calibration, exclusion=exclusion, inplace=False)
-    reference = outputs(model, data)
-    plain_err = compare_outputs(reference, outputs(plain, data)).rel_err
-    smooth_err = compare_outputs(reference, outputs(smoothed, data)).rel_err
+    reference = _real_outputs(model, data)
+    plain_err = compare_outputs(reference, _real_outputs(plain, data)).rel_err
+    smooth_err = compare_outputs(reference, _real_outputs(smoothed, data)).rel_err
     take = cfg.smooth is True or smooth_err < plain_err
     q, rep = (smoothed, smooth_rep) if take else (plain, plain_rep)
     rep.note(f"SmoothQuant ({len(srep.where(applied=True))} layers): relative output error {smooth_err:.4g} vs "
@@ -140,3 +140,16 @@ def refined_dynamic(model: nn.Module, cfg, *, example_inputs: Batch | None = Non
         rep.children.append(srep)
         rep.summary["float rewrite before int8"] = "SmoothQuant"
     return q, rep
+
+
+def _real_outputs(model: nn.Module, batches: list[Batch]) -> list:
+    """The outputs to judge by: for token models, only the positions the attention mask marks as real
+    (padding positions carry values no user reads, and would dominate the error)."""
+    import torch
+    outs = outputs(model, batches)
+    for i, b in enumerate(batches):
+        mask = b.get("attention_mask") if isinstance(b, dict) else None
+        o = outs[i]
+        if isinstance(mask, torch.Tensor) and o.dim() == 3 and tuple(o.shape[:2]) == tuple(mask.shape):
+            outs[i] = o * mask.to(o.dtype).unsqueeze(-1)
+    return outs
