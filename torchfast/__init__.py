@@ -41,6 +41,7 @@ _EXPORTS: dict[str, str] = {
     "compile": "torchfast.backends",
     "optimize": "torchfast.pipeline",
     "Optimized": "torchfast.pipeline",
+    "SearchSpace": "torchfast.search",  # optimize(recipe=SearchSpace(...)): the space recipe="auto" searches
     "Tolerance": "torchfast.tolerance",
     "wrap": "torchfast.dropin",  # not torchfast.wrap: a submodule of that name would shadow the function
     "save": "torchfast.export",

@@ -7,15 +7,20 @@ the search only decides which points deserve the next, dearer piece of evidence:
 
 1. probe    every structure (pruning amount x low-rank setting) is built and compared with the original
             on a few validation batches; no timing. One outside the tolerance is marked for recovery.
+            Pruning alone and low-rank alone go first; a combination is built only from factors that
+            each beat the original in the race.
 2. race     the structures are timed briefly in eager, round-robin with the original; the faster half
-            goes on (the original always does).
-3. recover  fastest first, a structure that needs it is distilled toward the original on the (unlabeled)
-            calibration batches and checked on every validation batch; the int8 variants of the ready
-            structures are built and probed. This stops once ``finalists`` structures are ready.
-4. measure  each finalist on every backend (float, torch.ao int8, the engines' own int8) is checked on
-            every validation batch (and ``eval_fn``); the faithful ones are timed round-robin with the
-            original on the example inputs, the closest again for twice as long. The first finalist
-            tries every engine, the others only the ``engines`` fastest ones on it.
+            goes on.
+3. measure  the original and the raced structures that need no recovery get their int8 variants
+            (``quantize`` with per-layer float fallback to the tolerance) and are built on every backend
+            (float, torch int8, the engines' own int8 lowering), checked on every validation batch (and
+            ``eval_fn``), and timed: the original tries every engine, the others the ``engines`` fastest
+            ones on it. A measured best candidate exists from here on.
+4. recover  fastest first, the structures that raced faster than those and need it are distilled toward
+            the original on the (unlabeled) calibration batches, checked again, and measured as in 3,
+            until ``finalists`` structures are in.
+5. finish   every kept candidate is timed round-robin with the original on the example inputs, the
+            closest again for twice as long.
 
 The fastest candidate within the tolerance that beats the original is returned; otherwise the original,
 with the reason. A time budget stops the search between two steps: the best candidate found so far is
@@ -184,13 +189,23 @@ def run_search(original: nn.Module, example: Any, space: SearchSpace, *, backend
                            eval_fn, base_metric, clock, bar, threads)
         origin = rungs.origin_trial(cx)
         trials, survivors = rungs.structures(cx, origin)
-        ready = rungs.recover(cx, survivors, recovery)
         origin.status = "finalist"
         trials.insert(0, origin)
-        finalists = [*ready, origin]
-        int8s = rungs.int8_probes(cx, finalists, trials)
-        measured = rungs.measure(cx, finalists, int8s, trials, backend, options, _batch_is_dynamic(dynamic_dims),
-                                 runs, warmup)
+        measure = rungs.Measure(cx, trials, backend, options, _batch_is_dynamic(dynamic_dims), runs, warmup)
+        # first what needs no recovery, the original first: a measured best candidate exists early
+        sure = [t for t in survivors if t.status == "ok"][:space.finalists]
+        for t in sure:
+            t.status = "finalist"
+        measure.add([origin, *sure], rungs.int8_probes(cx, [origin, *sure], trials))
+        # then, fastest first, the structures that need distillation and raced faster than those
+        pending = [t for t in survivors if t.status == "needs recovery"]
+        bar_speed = max((t.speedup or 0.0 for t in sure), default=1.0)
+        for t in (t for t in survivors if t.status == "ok"):
+            t.status, t.model = "dropped", None
+            t.note = f"not needed: {space.finalists} faster structures are ready"
+        ready = rungs.recover(cx, pending, recovery, space.finalists - len(sure), bar_speed)
+        measure.add(ready, rungs.int8_probes(cx, ready, trials))
+        measured = measure.finish()
     finally:
         bar.close()
     chosen, reason = _choose(measured, tol)
@@ -230,10 +245,11 @@ def run_search(original: nn.Module, example: Any, space: SearchSpace, *, backend
     })
     notes = [f"rungs: probe = output fidelity vs the original on the first 2 of {len(val)} validation batch(es), "
              f"no timing; race = eager, {space.race_runs} runs round-robin with the original; recover = "
-             f"torchfast.distill on the calibration batches (no labels), then every validation batch; measure = "
-             f"every validation batch{' and eval_fn' if eval_fn is not None else ''}, timed round-robin with the "
-             f"original on the example inputs ({runs} runs; within {rungs.RUNOFF_MARGIN:.0%} of the fastest: again, "
-             f"{2 * runs} runs). speedup: the original's median / the candidate's, from its last timing.",
+             f"torchfast.distill on the calibration batches (no labels), checked on every validation batch; "
+             f"measure = every validation batch{' and eval_fn' if eval_fn is not None else ''}, timed round-robin "
+             f"with the original on the example inputs ({runs} runs; within {rungs.RUNOFF_MARGIN:.0%} of the "
+             f"fastest: again, {2 * runs} runs). speedup: the original's median / the candidate's, from its last "
+             f"timing (race rows: eager, short).",
              "size: the PyTorch model's serialized state_dict; '-' where an engine's own toolchain made the int8.",
              "pareto: no other fully measured candidate is both faster and more faithful "
              f"({'metric' if base_metric is not None else 'cosine'})."]

@@ -18,9 +18,6 @@ from .report import Report
 
 __all__ = ["Trial", "Searched", "pareto_front", "search_report"]
 
-# how far a trial got, in order
-RUNGS = ("probe", "race", "recover", "measure")
-
 
 @dataclass
 class Trial:

@@ -215,40 +215,43 @@ def structures(cx: Context, origin: Trial) -> tuple[list[Trial], list[Trial]]:
 
 
 # ---------------------------------------------------------------- rung 3: recover, then int8
-def recover(cx: Context, survivors: list[Trial], recovery: dict | None) -> list[Trial]:
-    """Fastest first, distill the survivors that need it until ``finalists`` structures are ready."""
+def recover(cx: Context, pending: list[Trial], recovery: dict | None, slots: int, bar_speed: float) -> list[Trial]:
+    """Fastest first, distill the structures that need it, while ``slots`` finalist places are left and the
+    structure raced faster than ``bar_speed`` (the fastest structure that needed no recovery)."""
     from .distill import distill
     ready: list[Trial] = []
-    for t in survivors:
-        if len(ready) >= cx.space.finalists:
-            t.status, t.note, t.model = "dropped", f"not needed: {len(ready)} faster structures are ready", None
+    for t in pending:
+        if len(ready) >= slots:
+            t.status, t.note, t.model = "dropped", f"not needed: {cx.space.finalists} faster structures are ready", None
             continue
-        if t.status == "needs recovery":
-            if recovery is None or not cx.calib:
-                why = "recover=None" if recovery is None else "no calibration batches to distill on"
-                t.status, t.note, t.model = "rejected", f"{t.note} ({why})", None
-                continue
-            if cx.clock.out("recover"):
-                t.status, t.note, t.model = "not evaluated", "time budget ran out before its recovery", None
-                continue
-            cx.step(f"distill {t.name}")
-            t.rung, before, t0 = "recover", t.fidelity, _now()
-            try:
-                t.model, rep = distill(t.model, cx.original, cx.calib, output_fn=cx.output_fn, progress=False,
-                                       inplace=True, **recovery)
-                t.reports.append(rep)
-                bad = cx.judge(t, t.model, probe=False)
-            except Exception as e:  # noqa: BLE001
-                t.status, t.note, t.model = "failed", f"distillation failed: {_error(e)}", None
-                continue
-            finally:
-                t.seconds += _now() - t0
-            t.recovered = f"cosine {before.cosine:.4f} -> {t.fidelity.cosine:.4f} ({rep.summary.get('steps')} steps)"
-            if bad:
-                t.status, t.note, t.model = "rejected", "after recovery: " + "; ".join(bad), None
-                continue
-            t.note = "distilled without labels"
-        t.status = "finalist"
+        if t.speedup is not None and t.speedup <= bar_speed:
+            t.status, t.model = "dropped", None
+            t.note = f"{t.note}; not recovered: a structure needing no recovery raced faster ({bar_speed:.2f}x)"
+            continue
+        if recovery is None or not cx.calib:
+            why = "recover=None" if recovery is None else "no calibration batches to distill on"
+            t.status, t.note, t.model = "rejected", f"{t.note} ({why})", None
+            continue
+        if cx.clock.out("recover"):
+            t.status, t.note, t.model = "not evaluated", "time budget ran out before its recovery", None
+            continue
+        cx.step(f"distill {t.name}")
+        t.rung, before, t0 = "recover", t.fidelity, _now()
+        try:
+            t.model, rep = distill(t.model, cx.original, cx.calib, output_fn=cx.output_fn, progress=False,
+                                   inplace=True, **recovery)
+            t.reports.append(rep)
+            bad = cx.judge(t, t.model, probe=False)
+        except Exception as e:  # noqa: BLE001
+            t.status, t.note, t.model = "failed", f"distillation failed: {_error(e)}", None
+            continue
+        finally:
+            t.seconds += _now() - t0
+        t.recovered = f"cosine {before.cosine:.4f} -> {t.fidelity.cosine:.4f} ({rep.summary.get('steps')} steps)"
+        if bad:
+            t.status, t.note, t.model = "rejected", "after recovery: " + "; ".join(bad), None
+            continue
+        t.status, t.note = "finalist", "distilled without labels"
         ready.append(t)
     return ready
 
@@ -359,49 +362,60 @@ def _build(cx: Context, s: Trial, int8s: dict[str, Any], b: str, mode: str, opti
     return t
 
 
-def measure(cx: Context, finalists: list[Trial], int8s: dict[int, dict[str, Any]], trials: list[Trial],
-            backend: str, options: dict, dynamic_batch: bool, runs: int, warmup: int) -> list[Trial]:
-    """Build every engine of the first finalist and time them; the later finalists get only the ``engines``
-    fastest kinds. Then one round-robin timing of everything kept, and a run-off of the closest."""
-    from .modules import model_device
-    device = str(options.get("device") or model_device(cx.original).type).split(":")[0]
-    names = backends_here(cx, backend, device)
-    kinds: list[tuple[str, str]] | None = None
-    kept: list[Trial] = []
-    for s in finalists:
-        engines = _engines(cx, s, int8s.get(id(s), {}), names)
-        if kinds is not None:
-            engines = [e for e in engines if e in kinds] or engines[:cx.space.engines]
-        built = []
-        for b, mode in engines:
-            if b != "eager" and cx.clock.out("measure"):   # eager costs nothing to build: always measured
-                trials.append(Trial(s.prune, s.lowrank, mode, b, rung="measure", status="not evaluated",
-                                    note="time budget ran out"))
-                continue
-            t = _build(cx, s, int8s.get(id(s), {}), b, mode, options, dynamic_batch)
-            trials.append(t)
-            if t.status == "measured":
-                built.append(t)
-        if kinds is None and len(built) > cx.space.engines:
-            # successive halving over the engines: the first finalist's, timed in full; the fastest kinds go on
-            cx.step(f"time {len(built)} engines of {s.structure}")
-            cx.time(built, runs, warmup, settle=1)
-            built.sort(key=lambda t: -(t.speedup or 0.0))
-            for t in built[cx.space.engines:]:
-                t.status, t.model = "dropped", None
-                t.note = (f"slower engine on {s.structure} ({t.speedup:.2f}x; kept >= "
-                          f"{built[cx.space.engines - 1].speedup:.2f}x)")
-            built = built[:cx.space.engines]
-        if kinds is None and built:
-            kinds = [(t.backend, t.int8) for t in built]
-        kept += built
-    if not kept:
-        return []
-    cx.step(f"time {len(kept)} candidates")
-    cx.time(kept, runs, warmup, settle=1)
-    best = max(t.speedup or 0.0 for t in kept)
-    close = [t for t in kept if (t.speedup or 0.0) >= best / (1 + RUNOFF_MARGIN)]
-    if len(close) > 1:  # a short timing cannot separate these: again, head to head, twice as long
-        cx.step(f"run-off of {len(close)}")
-        cx.time(close, 2 * runs, warmup, settle=1)
-    return kept
+class Measure:
+    """Rung 4, fed finalists in two waves (those needing no recovery, then the recovered ones): the first
+    finalist (the original) is built on every engine and timed, the later ones only on the ``engines``
+    fastest kinds; ``finish`` times everything kept round-robin and runs off the closest."""
+
+    def __init__(self, cx: Context, trials: list[Trial], backend: str, options: dict, dynamic_batch: bool,
+                 runs: int, warmup: int) -> None:
+        from .modules import model_device
+        device = str(options.get("device") or model_device(cx.original).type).split(":")[0]
+        self.cx, self.trials, self.options, self.dynamic_batch = cx, trials, options, dynamic_batch
+        self.runs, self.warmup = runs, warmup
+        self.names = backends_here(cx, backend, device)
+        self.kinds: list[tuple[str, str]] | None = None
+        self.kept: list[Trial] = []
+
+    def add(self, finalists: list[Trial], int8s: dict[int, dict[str, Any]]) -> None:
+        cx = self.cx
+        for s in finalists:
+            engines = _engines(cx, s, int8s.get(id(s), {}), self.names)
+            if self.kinds is not None:
+                engines = [e for e in engines if e in self.kinds] or engines[:cx.space.engines]
+            built = []
+            for b, mode in engines:
+                if b != "eager" and cx.clock.out("measure"):   # eager costs nothing to build: always measured
+                    self.trials.append(Trial(s.prune, s.lowrank, mode, b, rung="measure", status="not evaluated",
+                                             note="time budget ran out"))
+                    continue
+                t = _build(cx, s, int8s.get(id(s), {}), b, mode, self.options, self.dynamic_batch)
+                self.trials.append(t)
+                if t.status == "measured":
+                    built.append(t)
+            if self.kinds is None and len(built) > cx.space.engines:
+                # successive halving over the engines: the first finalist's, timed in full; the fastest go on
+                cx.step(f"time {len(built)} engines of {s.structure}")
+                cx.time(built, self.runs, self.warmup, settle=1)
+                built.sort(key=lambda t: -(t.speedup or 0.0))
+                for t in built[cx.space.engines:]:
+                    t.status, t.model = "dropped", None
+                    t.note = (f"slower engine on {s.structure} ({t.speedup:.2f}x; kept >= "
+                              f"{built[cx.space.engines - 1].speedup:.2f}x)")
+                built = built[:cx.space.engines]
+            if self.kinds is None and built:
+                self.kinds = [(t.backend, t.int8) for t in built]
+            self.kept += built
+
+    def finish(self) -> list[Trial]:
+        cx, kept = self.cx, self.kept
+        if not kept:
+            return []
+        cx.step(f"time {len(kept)} candidates")
+        cx.time(kept, self.runs, self.warmup, settle=1)
+        best = max(t.speedup or 0.0 for t in kept)
+        close = [t for t in kept if (t.speedup or 0.0) >= best / (1 + RUNOFF_MARGIN)]
+        if len(close) > 1:  # a short timing cannot separate these: again, head to head, twice as long
+            cx.step(f"run-off of {len(close)}")
+            cx.time(close, 2 * self.runs, self.warmup, settle=1)
+        return kept
