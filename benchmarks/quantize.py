@@ -1,7 +1,7 @@
 """Quantization on real models: size, latency (interleaved vs fp32, medians), fidelity.
 
 Run under the shared lock:  flock /tmp/torchfast-bench.lock .venv/bin/python benchmarks/quantize.py
-Sections: article (digits MLP + CNN), minilm, resnet. ``--only`` picks some; ``--runs`` trades time for noise.
+Sections: article (digits MLP + CNN), minilm, resnet, accuracy (int8 that keeps accuracy, vs NNCF). ``--only`` picks some; ``--runs`` trades time for noise.
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def article(runs: int, threads: int, bar) -> list[dict]:
 
 
 def minilm(runs: int, threads: int, bar) -> list[dict]:
-    from torchfast.zoo.minilm import batches, embedding_cosine, load_minilm
+    from torchfast.zoo.minilm import batches, load_minilm, mean_pool
     model, tok = load_minilm()
     bl = batches(tok, n_batches=4, batch_size=8, seq_len=128)
     x = bl[0]
@@ -68,19 +68,29 @@ def minilm(runs: int, threads: int, bar) -> list[dict]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         stock = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
-    ours, rep = tf.quantize(model, tf.Int8Dynamic(), example_inputs=x)
+    ours, rep = tf.quantize(model, tf.Int8Dynamic(), example_inputs=x, calibration=bl)
+    plain, _ = tf.quantize(model, tf.Int8Dynamic(smooth=False), example_inputs=x)
     cands = [("fp32", model), ("torch.ao quantize_dynamic, stock (per-tensor, 7-bit)", stock),
-             (f"torchfast Int8Dynamic (auto: {rep.summary['layers quantized']} int8 layers, "
-              f"{rep.summary['activation bits']}-bit act)", ours)]
+             ("torchfast Int8Dynamic(smooth=False)", plain),
+             (f"torchfast Int8Dynamic, default ({rep.summary['layers quantized']} int8 layers, "
+              f"{rep.summary['activation bits']}-bit act, {rep.summary.get('float rewrite before int8', 'no rewrite')})",
+              ours)]
     lr = _lowrank(model, bl[1:3], x, method="svd", flops_reduction=1.25, allocation="global")
     if lr is not None:
         q, _ = tf.quantize(lr, tf.Int8Dynamic(), example_inputs=x)
         cands.append(("low-rank (1.25x fewer FLOPs, global) + Int8Dynamic", q))
+    held = batches(tok, n_batches=6, batch_size=8, seq_len=128, offset=64)  # 48 sentences no step has seen
+
+    def pooled(m):
+        def run(**b):
+            return mean_pool(m(**b).last_hidden_state, b["attention_mask"])
+        return run
     for name, m in cands:
         cmp = compare_latency(model, m, x, runs=runs, threads=threads)
+        fid = fidelity(pooled(model), pooled(m), held)
         rows.append({"model": "all-MiniLM-L6-v2 b8 s128", "variant": name, "size (MB)": size_of(m).mb,
                      "latency (ms)": cmp.candidate.median_ms, "speedup": cmp.speedup,
-                     "embedding cosine": embedding_cosine(model, m, bl)})
+                     "embedding cosine (48 held-out)": fid.cosine, "worst sentence": fid.worst_cosine})
         bar.update(1)
     return rows
 
@@ -114,9 +124,88 @@ def resnet(runs: int, threads: int, bar, names=("resnet18", "resnet50")) -> list
     return rows
 
 
+class _OpenVINO:
+    """A compiled OpenVINO model as a callable on one tensor: the engine used directly, as its users do."""
+
+    def __init__(self, ov_model, threads: int) -> None:
+        import openvino as ov
+        self.compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                                                  "PERFORMANCE_HINT": "LATENCY"})
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.request.infer([x.numpy()])[self.compiled.output(0)].copy())
+
+
+def _nncf_int8(model, x, calibration, threads: int) -> _OpenVINO:
+    """NNCF's default post-training int8 (its own preset, fast bias correction), compiled by OpenVINO."""
+    import nncf
+    import openvino as ov
+    with torch.no_grad():
+        om = ov.convert_model(model, example_input=x)
+    q = nncf.quantize(om, nncf.Dataset(calibration), subset_size=sum(b.shape[0] for b in calibration))
+    return _OpenVINO(q, threads)
+
+
+def _agreement(reference, candidate, batches) -> float:
+    with torch.no_grad():
+        same = [(reference(b).argmax(-1) == candidate(b).argmax(-1)).float() for b in batches]
+    return torch.cat(same).mean().item()
+
+
+def _accuracy_models():
+    from torchfast.zoo.mobile import trained_mobilenet
+    for label, kw in (("digits MobileNet (trained, ReLU)", {}),
+                      ("digits MobileNet, 'same'-padding Conv2d subclasses", {"same_padding": True}),
+                      ("digits MobileNet (trained, hardswish)", {"act": "hardswish"})):
+        model, data = trained_mobilenet(**kw)
+        cal = data.calibration(n_batches=8, batch_size=32)
+        yield label, model, cal[:6], cal[6:], [b for b, _ in data.test_batches(64)], data, 64
+    for name in ("resnet18", "mobilenet_v3_large"):
+        model = _resnet(name)
+        g = torch.Generator().manual_seed(1)
+        imgs = [torch.randn(8, 3, 224, 224, generator=g) for _ in range(16)]
+        yield f"{name} (random weights, BN re-estimated)", model, imgs[:4], imgs[4:10], imgs[10:], None, 8
+
+
+def accuracy(runs: int, threads: int, bar) -> list[dict]:
+    """Default Int8Static, Int8Static under a top-1 budget, and NNCF's int8 through OpenVINO, same images."""
+    from torchfast.measure import compare_many
+    rows = []
+    for label, model, cal, val, held, data, bs in _accuracy_models():
+        x = held[0][:bs] if held[0].shape[0] >= bs else torch.cat(held)[:bs]
+        cands = {"fp32 eager": model}
+        reports = {}
+        q, reports["torchfast Int8Static (default)"] = tf.quantize(
+            model, tf.Int8Static(calibration=cal + val, progress=False), example_inputs=x)
+        cands["torchfast Int8Static (default)"] = q
+        q, reports["torchfast Int8Static, Tolerance(min_top1_agreement=0.95)"] = tf.quantize(
+            model, tf.Int8Static(calibration=cal, progress=False), example_inputs=x, validation=val,
+            tolerance=tf.Tolerance(min_top1_agreement=0.95, min_cosine=None, max_metric_drop=None))
+        cands["torchfast Int8Static, Tolerance(min_top1_agreement=0.95)"] = q
+        cands["OpenVINO + NNCF int8 (default)"] = _nncf_int8(model, x, cal + val, threads)
+        lat = compare_many(cands, x, runs=runs, warmup=3, threads=threads, settle=1)
+        base = lat["fp32 eager"].median_ms
+        base_acc = data.eval_fn(model) if data is not None else None
+        for name, m in cands.items():
+            rep = reports.get(name)
+            row = {"model": label, "variant": name, f"speedup vs fp32 (b{bs})": base / lat[name].median_ms,
+                   "held-out top-1 agreement": _agreement(model, m, held)}
+            if data is not None:
+                acc = data.eval_fn(m)
+                row.update({"accuracy (%)": 100 * acc, "Δ acc (pts)": 100 * (acc - base_acc)})
+            if rep is not None:
+                kept = [r["layer"] for r in rep.rows if not r.get("applied") and r.get("type") in ("Conv2d", "Linear")]
+                row["float layers"] = len(kept)
+                row["note"] = rep.summary.get("result", "-")
+            rows.append(row)
+        bar.update(1)
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--only", nargs="*", default=["article", "minilm", "resnet"])
+    p.add_argument("--only", nargs="*", default=["article", "minilm", "resnet", "accuracy"])
     p.add_argument("--runs", type=int, default=12)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--pt2e", action="store_true", help="add the PT2E + inductor row for the digits CNN (compiles)")
@@ -124,7 +213,7 @@ def main(argv=None) -> None:
     global PT2E
     PT2E = a.pt2e
     torch.set_num_threads(a.threads)
-    total = {"article": 7 + a.pt2e, "minilm": 4, "resnet": 4}
+    total = {"article": 7 + a.pt2e, "minilm": 5, "resnet": 4, "accuracy": 5}
     t0 = time.perf_counter()
     out = []
     with tqdm(total=sum(total[s] for s in a.only), desc="quantize benchmark", unit="row") as bar:
