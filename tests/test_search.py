@@ -164,6 +164,23 @@ def test_the_returned_model_is_never_slower_even_when_a_candidate_is_barely_so(m
     assert res.chosen is None and "nothing to gain" in res.reason
 
 
+def test_a_winner_that_does_not_hold_up_head_to_head_gives_the_original_back(monkeypatch):
+    # round-robin with every engine, pruning wins; timed alone with the original, it is slower
+    _fake_timing(monkeypatch, _fast_when_pruned)
+    fake = search_rungs.compare_many
+
+    def compare_many(models, batch, **kwargs):
+        out = fake(models, batch, **kwargs)
+        if len(models) == 2:   # the confirmation: the winner alone with the original
+            (name,) = [k for k in models if k != "(original)"]
+            out[name] = Latency(11.0, 11.0, 11.0, 11.0, 1, 1)
+        return out
+    monkeypatch.setattr(search_rungs, "compare_many", compare_many)
+    res = tf.optimize(_mlp(), X, SMALL, calibration=_data(), tolerance=LOOSE, **QUICK)
+    assert res.chosen is None and "head to head with the original: 0.91x" in res.reason
+    assert res.speedup == 1.0 and not any(t.status == "chosen" for t in res.trials)
+
+
 def test_min_speedup_of_the_tolerance_is_the_bar_for_the_search(monkeypatch):
     _fake_timing(monkeypatch, _fast_when_pruned)   # at most 3x
     res = tf.optimize(_mlp(), X, SMALL, calibration=_data(), tolerance=tf.Tolerance(min_speedup=5.0), **QUICK)
