@@ -97,3 +97,21 @@ def test_inputs_move_to_the_model_device_and_back():
     torch.testing.assert_close(out, m(x.cuda()).cpu())
     with pytest.raises(InputError, match="expected device cuda"):
         tf.wrap(m, x.cuda(), move_inputs=False)(x)
+
+
+def test_keywords_reach_the_wrapped_model_as_keywords():
+    # engines compiled from a dict batch (OpenVINO, ONNX Runtime) take keyword inputs only
+    class Pair(nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return (input_ids * attention_mask).float()
+    calls = []
+
+    def engine(*args, **kwargs):
+        calls.append((len(args), sorted(kwargs)))
+        return Pair()(*args, **kwargs)
+    ids, mask = torch.ones(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.long)
+    w = tf.wrap(engine, {"input_ids": ids, "attention_mask": mask}, like=Pair())
+    w(input_ids=ids, attention_mask=mask)
+    w(ids, attention_mask=mask)
+    w(ids, mask)
+    assert calls == [(0, ["attention_mask", "input_ids"]), (1, ["attention_mask"]), (2, [])]

@@ -143,7 +143,7 @@ class Wrapped(nn.Module):
                     bound.arguments[name] = {k: self._prepare(k, v, seen) for k, v in value.items()}
                 else:
                     bound.arguments[name] = self._prepare(name, value, seen)
-            args, kwargs = bound.args, bound.kwargs
+            args, kwargs = self._as_called(bound, len(args))
         if self.use_inference_mode:
             with torch.inference_mode():
                 out = self.inner(*args, **kwargs)
@@ -153,6 +153,16 @@ class Wrapped(nn.Module):
             back = seen[0]
             out = _map(out, lambda t: t.to(back))
         return out
+
+    def _as_called(self, bound: inspect.BoundArguments, n_positional: int) -> tuple[tuple, dict]:
+        """The bound (checked) arguments in the form the caller used: what came by keyword goes on by keyword,
+        for engines compiled from keyword inputs (a dict batch) that take nothing else."""
+        params = self._sig.parameters
+        if any(p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) for p in params.values()):
+            return bound.args, bound.kwargs
+        names = list(bound.arguments)
+        return (tuple(bound.arguments[n] for n in names[:n_positional]),
+                {n: bound.arguments[n] for n in names[n_positional:]})
 
     def extra_repr(self) -> str:
         spec = ", ".join(f"{s.name}: {s.shape_str()} {s.dtype}" for s in self.input_spec.values())
