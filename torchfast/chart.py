@@ -90,9 +90,10 @@ def _search(ax: Any, rows: list[dict], key: str) -> None:
         ax.plot([c["speedup"]], [c[key]], "*", color="tab:orange", markersize=16, linestyle="none",
                 label=f"chosen: {c['candidate']}")
     ax.set_xscale("log")
-    from matplotlib.ticker import FuncFormatter
-    for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
-        axis(FuncFormatter(lambda v, _: f"{v:g}x"))
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _finish(fig: Any, ax: Any, plt: Any, path: str | os.PathLike, dpi: int, key: str, title: str) -> str:

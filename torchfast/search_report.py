@@ -92,10 +92,11 @@ def pareto_front(trials: list[Trial], key: str) -> list[Trial]:
     def fid(t: Trial) -> float | None:
         return t.metric if key == "metric" else (None if t.fidelity is None else t.fidelity.cosine)
     pts = [t for t in trials if t.rung == "measure" and t.speedup is not None and fid(t) is not None]
+    eps = 1e-6   # fidelities this close are equal (float noise of engines that compute the same thing)
     front = []
     for t in pts:
-        dominated = any(o is not t and o.speedup >= t.speedup and fid(o) >= fid(t)
-                        and (o.speedup > t.speedup or fid(o) > fid(t)) for o in pts)
+        dominated = any(o is not t and o.speedup >= t.speedup and fid(o) >= fid(t) - eps
+                        and (o.speedup > t.speedup or fid(o) > fid(t) + eps) for o in pts)
         if not dominated:
             front.append(t)
     return sorted(front, key=lambda t: t.speedup)
