@@ -94,6 +94,8 @@ def test_the_search_returns_a_faster_model_within_the_tolerance_and_reports_ever
     assert res.model(X).shape == (16, 10) and all(torch.equal(v, state_snapshot(m)[k]) for k, v in before.items())
     assert tf.Report.from_dict(res.report.to_dict()).rows[0]["candidate"] == res.chosen.name
     assert res.chosen.name in res.table() and "recovery" in res.table()
+    res.save(str(tmp_path / "m.pt"))   # as any optimize() result: here TorchScript, loadable by plain torch
+    torch.testing.assert_close(torch.jit.load(str(tmp_path / "m.pt"))(X), res.model(X))
     pytest.importorskip("matplotlib")
     assert res.chart(str(tmp_path / "search.png")).endswith("search.png") and (tmp_path / "search.png").stat().st_size
 
@@ -209,6 +211,14 @@ def test_an_unbounded_search_says_its_budget_was_not_exhausted(monkeypatch):
     assert not res.budget_exhausted and res.report.summary["time budget"] == "not exhausted"
     assert res.chosen is not None and res.chosen.name in ("original @ torchscript", "original + int8 dynamic @ eager",
                                                           "original + int8 dynamic @ torchscript")
+
+
+def test_without_calibration_batches_the_search_still_runs_on_the_example(monkeypatch):
+    _fake_timing(monkeypatch, _fast_when_pruned)
+    res = tf.optimize(_mlp(), X, SMALL, tolerance=tf.Tolerance(min_cosine=0.999999, max_metric_drop=None), **QUICK)
+    needing = [t for t in res.trials if t.backend is None and t.status == "rejected"]
+    assert needing and all("no calibration batches to distill on" in t.note for t in needing)
+    assert res.chosen is not None and not tf.Tolerance(min_cosine=0.999999).violations(res.chosen.fidelity)
 
 
 # ---------------------------------------------------------------- arguments
