@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from ..errors import TorchfastError
-from ..modules import (Batch, ExampleInputError, call_model, check_module, describe_batch, evaluating,
-                       get_submodule, maybe_copy, weight_readers)
+from ..modules import (Batch, call_model, check_module, describe_batch, evaluating,
+                       get_submodule, maybe_copy)
 from ..report import Report
 from .calibrate import CalibrationError, collect
-from .common import check_not_quantized, exclusion
+from .common import check_not_quantized, exclusion, rewritable_layers
 from .simulate import fake_quant_activation, fake_quant_weight
 
 __all__ = ["correct_bias", "BiasCorrectionError"]
@@ -66,29 +66,7 @@ def _plain(m: nn.Module) -> bool:
 
 def _layers(model: nn.Module, batch: Batch, ex: Any) -> tuple[list[str], dict[str, str]]:
     """The correctable layers in the order the forward first runs them, and why the others are left alone."""
-    counts = Counter(id(p) for _, m in model.named_modules() for p in m.parameters(recurse=False))
-    names, skipped = [], {}
-    for n, m in model.named_modules():
-        if not isinstance(m, _LAYER) or n == "":
-            continue
-        if ex(n):
-            skipped[n] = ex.reason(n)
-        elif not _plain(m):
-            skipped[n] = f"{type(m).__name__} has its own forward; its int8 weights are not its .weight"
-        elif not m.weight.is_floating_point():
-            skipped[n] = f"weight is {m.weight.dtype}"
-        elif counts[id(m.weight)] > 1:
-            skipped[n] = "its weight is shared with another module (tied)"
-        else:
-            names.append(n)
-    try:
-        readers = weight_readers(model, names, batch) if names else set()
-    except ExampleInputError as e:
-        raise CalibrationError(f"{type(model).__name__} fails on calibration batch 0: "
-                               f"{str(e).split(': ', 1)[-1]}") from e.__cause__
-    for n in sorted(readers):
-        skipped[n] = "the model's code reads its .weight outside its forward"
-        names.remove(n)
+    names, skipped = rewritable_layers(model, batch, ex, _LAYER, _plain, "its int8 weights are not its .weight")
     order: list[str] = []
     calls: Counter = Counter()
     handles = []

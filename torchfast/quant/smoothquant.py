@@ -29,12 +29,12 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ..errors import TorchfastError
-from ..modules import (Batch, ExampleInputError, call_model, check_module, describe_batch, evaluating,
-                       first_tensor, get_submodule, maybe_copy, swap_modules, weight_readers)
+from ..modules import (Batch, call_model, check_module, describe_batch, evaluating,
+                       first_tensor, get_submodule, maybe_copy, swap_modules)
 from ..report import Report
 from ..transform import Exclusion
 from .calibrate import CalibrationError, collect
-from .common import check_not_quantized, exclusion
+from .common import check_not_quantized, exclusion, rewritable_layers
 from .simulate import activation_qparams, fake_quant_weight
 
 __all__ = ["smooth", "SmoothedLinear", "SmoothQuantError", "DEFAULT_ALPHAS"]
@@ -376,30 +376,8 @@ def _rel_diff(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 # ------------------------------------------------------------------------------------------ public
 def _linears(model: nn.Module, batch: Batch, ex: Exclusion) -> tuple[list[str], dict[str, str]]:
-    counts = Counter(id(p) for _, m in model.named_modules() for p in m.parameters(recurse=False))
-    names, skipped = [], {}
-    for n, m in model.named_modules():
-        if not isinstance(m, nn.Linear) or n == "":
-            continue
-        if ex(n):
-            skipped[n] = ex.reason(n)
-        elif type(m).forward is not nn.Linear.forward:
-            skipped[n] = f"{type(m).__name__} has its own forward; rescaling its weight may not be exact"
-        elif not m.weight.is_floating_point():
-            skipped[n] = f"weight is {m.weight.dtype}"
-        elif counts[id(m.weight)] > 1:
-            skipped[n] = "its weight is shared with another module (tied)"
-        else:
-            names.append(n)
-    try:
-        readers = weight_readers(model, names, batch) if names else set()
-    except ExampleInputError as e:
-        raise CalibrationError(f"{type(model).__name__} fails on calibration batch 0: "
-                               f"{str(e).split(': ', 1)[-1]}") from e.__cause__
-    for n in sorted(readers):
-        skipped[n] = "the model's code reads its .weight outside its forward"
-        names.remove(n)
-    return names, skipped
+    return rewritable_layers(model, batch, ex, (nn.Linear,), lambda m: type(m).forward is nn.Linear.forward,
+                             "rescaling its weight may not be exact")
 
 
 def smooth(model: nn.Module, calibration_batches: Iterable[Batch] | Batch, *,
