@@ -65,7 +65,8 @@ def main(argv=None) -> int:
           f"max abs err {fid.max_abs_err:.3g}")
     if fid.cosine < (0.999 if args.dtype == "fp32" else 0.99):
         fail(f"XLA outputs do not reproduce the model (cosine {fid.cosine:.5f})", code=1)
-    ep_path = torchfast.save(model, out / "model.pt2", format="exported_program", example_inputs=example)
+    ep_path = torchfast.save(model, out / "model.pt2", format="exported_program", example_inputs=example,
+                             dynamic_batch=False)   # XLA programs are per shape; StableHLO needs static dims
     print(f"wrote {ep_path}")
     if not args.no_stablehlo:
         from torch_xla.stablehlo import exported_program_to_stablehlo
