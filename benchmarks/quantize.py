@@ -153,19 +153,45 @@ def _agreement(reference, candidate, batches) -> float:
     return torch.cat(same).mean().item()
 
 
-def _accuracy_models():
+def _digits_mobilenet(**kw):
     from torchfast.zoo.mobile import trained_mobilenet
-    for label, kw in (("digits MobileNet (trained, ReLU)", {}),
-                      ("digits MobileNet, 'same'-padding Conv2d subclasses", {"same_padding": True}),
-                      ("digits MobileNet (trained, hardswish)", {"act": "hardswish"})):
-        model, data = trained_mobilenet(**kw)
-        cal = data.calibration(n_batches=8, batch_size=32)
-        yield label, model, cal[:6], cal[6:], [b for b, _ in data.test_batches(64)], data, 64
-    for name in ("resnet18", "mobilenet_v3_large"):
-        model = _resnet(name)
-        g = torch.Generator().manual_seed(1)
-        imgs = [torch.randn(8, 3, 224, 224, generator=g) for _ in range(16)]
-        yield f"{name} (random weights, BN re-estimated)", model, imgs[:4], imgs[4:10], imgs[10:], None, 8
+    model, data = trained_mobilenet(**kw)
+    cal = data.calibration(n_batches=8, batch_size=32)
+    return model, cal[:6], cal[6:], [b for b, _ in data.test_batches(64)], data, 64
+
+
+def _trained_torchvision(name: str):
+    """The real architecture with trained weights (digits at 64x64, three channels)."""
+    from torchfast.zoo.vision import trained_torchvision
+    model, data = trained_torchvision(name)
+    cal = data.calibration(n_batches=8, batch_size=32)
+    return model, cal[:6], cal[6:], [b for b, _ in data.test_batches(64)], data, 64
+
+
+def _random_torchvision(name: str):
+    model = _resnet(name)
+    g = torch.Generator().manual_seed(1)
+    imgs = [torch.randn(8, 3, 224, 224, generator=g) for _ in range(16)]
+    return model, imgs[:4], imgs[4:10], imgs[10:], None, 8
+
+
+ACCURACY_MODELS = {
+    "digits MobileNet (trained, ReLU)": lambda: _digits_mobilenet(),
+    "digits MobileNet, 'same'-padding Conv2d subclasses": lambda: _digits_mobilenet(same_padding=True),
+    "digits MobileNet (trained, hardswish)": lambda: _digits_mobilenet(act="hardswish"),
+    "resnet18 (trained on digits, 64x64)": lambda: _trained_torchvision("resnet18"),
+    "mobilenet_v3_large (trained on digits, 64x64)": lambda: _trained_torchvision("mobilenet_v3_large"),
+    "resnet18 (random weights, BN re-estimated)": lambda: _random_torchvision("resnet18"),
+    "mobilenet_v3_large (random weights, BN re-estimated)": lambda: _random_torchvision("mobilenet_v3_large"),
+}
+MODELS = None
+
+
+def _accuracy_models():
+    for label, build in ACCURACY_MODELS.items():
+        if MODELS and not any(k in label for k in MODELS):
+            continue
+        yield (label, *build())
 
 
 def accuracy(runs: int, threads: int, bar) -> list[dict]:
@@ -208,12 +234,14 @@ def main(argv=None) -> None:
     p.add_argument("--only", nargs="*", default=["article", "minilm", "resnet", "accuracy"])
     p.add_argument("--runs", type=int, default=12)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--models", nargs="*", default=None,
+                   help="accuracy section: only the models whose label contains one of these words")
     p.add_argument("--pt2e", action="store_true", help="add the PT2E + inductor row for the digits CNN (compiles)")
     a = p.parse_args(argv)
-    global PT2E
-    PT2E = a.pt2e
+    global PT2E, MODELS
+    PT2E, MODELS = a.pt2e, a.models
     torch.set_num_threads(a.threads)
-    total = {"article": 7 + a.pt2e, "minilm": 5, "resnet": 4, "accuracy": 5}
+    total = {"article": 7 + a.pt2e, "minilm": 5, "resnet": 4, "accuracy": len(ACCURACY_MODELS) if not a.models else sum(any(k in lbl for k in a.models) for lbl in ACCURACY_MODELS)}
     t0 = time.perf_counter()
     out = []
     with tqdm(total=sum(total[s] for s in a.only), desc="quantize benchmark", unit="row") as bar:

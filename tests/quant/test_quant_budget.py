@@ -109,3 +109,15 @@ def test_int8_dynamic_smooths_where_it_helps_by_default():
     assert rep.summary["float rewrite before int8"] == "SmoothQuant"
     assert any(n.startswith("SmoothQuant") and "(applied)" in n for n in rep.notes)
     assert fidelity(model, smoothed, val).rel_err < fidelity(model, plain, val).rel_err / 2
+
+
+def test_agreement_budget_says_how_finely_its_validation_resolves_the_bound():
+    from torchfast.quant.budget import agreement_resolution
+    assert agreement_resolution(0.95, 48).startswith("+/-0.062") and "73+" in agreement_resolution(0.95, 48)
+    assert "more validation" not in agreement_resolution(0.95, 400)
+    model = OutlierMLP().eval()
+    val = _data(2, 1)
+    _, rep = tf.quantize(model, tf.Int8Dynamic(keep_slower=True), example_inputs=val[0], validation=val,
+                         tolerance=tf.Tolerance(min_cosine=None, min_top1_agreement=0.9, max_metric_drop=None))
+    budget = next(c for c in rep.children if c.title == "int8 accuracy budget")
+    assert budget.summary["agreement resolution"] == agreement_resolution(0.9, 64)

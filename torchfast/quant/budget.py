@@ -8,6 +8,7 @@ report; if no mix with any int8 layer meets the budget, the caller returns the f
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,7 +21,7 @@ from ..report import Report
 from ..tolerance import Tolerance
 from .simulate import fake_quant_activation, fake_quant_weight
 
-__all__ = ["sensitivity", "fit_budget", "BudgetResult"]
+__all__ = ["sensitivity", "fit_budget", "BudgetResult", "agreement_resolution"]
 
 _SIMULATED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -87,6 +88,16 @@ def sensitivity(model: nn.Module, layers: list[str], calibration: list[Batch], v
     return scores
 
 
+def agreement_resolution(bound: float, samples: int) -> str:
+    """How finely ``samples`` validation samples resolve a top-1 agreement near ``bound`` (95% normal
+    interval): a bound met by less than this may not hold on other data."""
+    half = 1.96 * math.sqrt(max(bound * (1 - bound), 1e-12) / samples)
+    note = f"+/-{half:.3f} at 95% on {samples} samples"
+    if half > (1 - bound):
+        note += f"; more validation samples resolve it better ({math.ceil(1.96 ** 2 * bound / (1 - bound))}+)"
+    return note
+
+
 @dataclass
 class BudgetResult:
     model: nn.Module | None      # None: no mix with an int8 layer meets the budget
@@ -128,6 +139,8 @@ def fit_budget(model: nn.Module, quantized: nn.Module, layers: list[str], build:
     fid, broken = _check(reference, quantized, validation, tolerance, eval_fn, baseline)
     row(0, fid, broken)
     report.summary.update({"validation samples": fid.samples, "tolerance": tolerance.to_dict()})
+    if tolerance.min_top1_agreement is not None and fid.samples:
+        report.summary["agreement resolution"] = agreement_resolution(tolerance.min_top1_agreement, fid.samples)
     if not broken:
         report.summary["result"] = "every quantized layer stays int8"
         return BudgetResult(quantized, [], fid, report)
