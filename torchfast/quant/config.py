@@ -80,6 +80,10 @@ class Int8Static(QuantConfig):
       of Conv->Conv chains incl. depthwise, Nagel et al. 2019; bias correction of the int8 weights' mean
       output shift). None (default): each variant is quantized and kept only when its int8 output is
       measurably closer to the float model's on calibration batches; True forces, False skips.
+    islands: keep int8 only where it repays its quantize/dequantize: a group of int8 layers between ops
+      that run float (SiLU, GELU, custom functions) whose measured saving is less than the quantize and
+      dequantize around it stays float with them (fx method; measured on calibration-shaped inputs).
+      ``keep_slower=True`` keeps every island int8.
     ``calibration`` is data: ``to_dict`` shows its type and ``from_dict`` leaves it unset (pass it to
     ``quantize(..., calibration=)`` instead).
     """
@@ -95,6 +99,7 @@ class Int8Static(QuantConfig):
     keep_slower: bool = False   # return int8 even when it measures slower than float on the example inputs
     equalize: bool | None = None         # cross-layer equalization first; None: only where it measurably helps
     bias_correction: bool | None = None  # correct the int8 weights' mean output shift; None: where it helps
+    islands: bool = True        # keep int8 only where it repays its quantize/dequantize
 
     def validate(self) -> None:
         check_choice("Int8Static", "observer", self.observer, OBSERVERS)
@@ -106,6 +111,8 @@ class Int8Static(QuantConfig):
             if getattr(self, name) not in (None, True, False):
                 raise ConfigError(f"Int8Static.{name} must be None (where it helps), True or False, "
                                   f"got {getattr(self, name)!r}")
+        if not isinstance(self.islands, bool):
+            raise ConfigError(f"Int8Static.islands must be True or False, got {self.islands!r}")
         if self.calibration is not None and isinstance(self.calibration, (str, bytes, int, float)):
             raise ConfigError(f"Int8Static.calibration must be an iterable of batches, got {self.calibration!r}")
 

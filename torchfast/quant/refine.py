@@ -8,6 +8,7 @@ closest wins and the report says what each variant measured.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Callable
 
 from torch import nn
@@ -53,13 +54,19 @@ def _variants(model: nn.Module, cfg: Int8Static, exclusion: Exclusion) -> list[t
 
 def refined_fx_static(model: nn.Module, cfg: Int8Static, batches: list[Batch],
                       exclusion: Exclusion | None = None) -> tuple[nn.Module, Report]:
-    """FX int8 of ``model`` (a private copy, eval mode), after the rewrite that keeps int8 closest to float."""
-    from .static import quantize_fx_static
+    """FX int8 of ``model`` (a private copy, eval mode), after the rewrite that keeps int8 closest to float;
+    with ``cfg.islands`` (and not ``keep_slower``), int8 islands that do not repay their quantize/dequantize
+    are kept float."""
+    from .static import FloatKeys, quantize_fx_static
 
     exclusion = exclusion if exclusion is not None else Exclusion(cfg.exclude, "Int8Static")
     variants = _variants(model, cfg, exclusion)
+    records: dict = {}
+    keys = FloatKeys(records=records) if _weighs_islands(cfg) else FloatKeys()
     if len(variants) == 1 and variants[0][0] == "plain":
-        return quantize_fx_static(model, cfg, batches, exclusion)
+        original = copy.deepcopy(model) if _weighs_islands(cfg) else model
+        q, rep = quantize_fx_static(model, cfg, batches, exclusion, keys)
+        return _islands(original, cfg, batches, exclusion, "plain", q, rep, records)
     first = max(len(batches) - 2, 0)
     judge = batches[first:]
     reference = []
@@ -69,29 +76,54 @@ def refined_fx_static(model: nn.Module, cfg: Int8Static, batches: list[Batch],
         except Exception as e:
             raise CalibrationError(f"calibration batch {i} ({describe(b)}) failed in the model: "
                                    f"{type(e).__name__}: {e}") from e
-    scored: list[tuple[float, str, nn.Module, Report]] = []
+    scored: list[tuple[float, str, nn.Module, Report, dict]] = []
     failures: list[str] = []
     for label, rewrite in variants:
+        got: dict = {}
         try:
             float_variant = rewrite(copy.deepcopy(model), batches)
-            q, rep = quantize_fx_static(float_variant, cfg, batches, exclusion)
+            q, rep = quantize_fx_static(float_variant, cfg, batches, exclusion,
+                                        FloatKeys(records=got) if _weighs_islands(cfg) else FloatKeys())
             err = compare_outputs(reference, outputs(q, judge)).rel_err
         except Exception as e:  # noqa: BLE001 - a rewrite that does not fit this model is skipped, with the reason
             if label == "plain":
                 raise
             failures.append(f"{label}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
             continue
-        scored.append((err, label, q, rep))
+        scored.append((err, label, q, rep, got))
     if not scored:
         return quantize_fx_static(model, cfg, batches, exclusion)
-    err, label, q, rep = min(scored, key=lambda t: t[0])
-    for e, lab, _, _ in scored:
+    err, label, q, rep, got = min(scored, key=lambda t: t[0])
+    for e, lab, _, _, _ in scored:
         rep.note(f"before int8, {lab}: relative output error {e:.4g} on calibration batches"
                  + (" (chosen)" if lab == label else ""))
     for f in failures:
         rep.note(f"before int8, {f} (not used)")
     rep.summary["float rewrite before int8"] = label
-    return q, rep
+    return _islands(model, cfg, batches, exclusion, label, q, rep, got)
+
+
+def _weighs_islands(cfg: Int8Static) -> bool:
+    """The island rule is a speed decision: ``keep_slower=True`` asks for int8 whatever it costs."""
+    return cfg.islands and not cfg.keep_slower
+
+
+def _islands(model: nn.Module, cfg: Int8Static, batches: list[Batch], exclusion: Exclusion, label: str,
+             q: nn.Module, rep: Report, records: dict) -> tuple[nn.Module, Report]:
+    """The int8-island rule on the chosen build; a rebuild redoes the chosen float rewrite (``label``) on a
+    copy of ``model`` with the dropped islands' layers excluded from it and from int8."""
+    if not _weighs_islands(cfg):
+        return q, rep
+    from .islands import keep_paying_islands
+    from .static import FloatKeys, quantize_fx_static
+
+    def rebuild(plan):
+        ex = Exclusion(tuple(exclusion.patterns) + plan.modules, exclusion.owner)
+        rewrite = dict(_variants(model, cfg, ex)).get(label, lambda m, b: m)
+        work = rewrite(copy.deepcopy(model), batches)
+        return quantize_fx_static(work, dataclasses.replace(cfg, progress=False), batches, ex,
+                                  FloatKeys(plan.calls, plan.methods))
+    return keep_paying_islands(model, q, rep, batches, records, rebuild, progress=cfg.progress)
 
 
 def refined_dynamic(model: nn.Module, cfg, *, example_inputs: Batch | None = None, calibration=None,

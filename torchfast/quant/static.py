@@ -12,6 +12,7 @@ inputs. Layers with no int8 kernel (LayerNorm, GELU, ...) stay fp32; the report 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,13 +28,16 @@ from .dynamic import full_range_exact
 from .observers import activation_observer, weight_observer
 from .warnings import quiet
 
-__all__ = ["quantize_fx_static", "fx_qconfig_mapping"]
+__all__ = ["quantize_fx_static", "fx_qconfig_mapping", "FloatKeys"]
 
 _PARAM_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose2d, nn.BatchNorm2d, nn.BatchNorm1d,
                 nn.LayerNorm, nn.Embedding, nn.LSTM, nn.GRU, nn.MultiheadAttention)
 
 
-def fx_qconfig_mapping(cfg: Int8Static, reduce_range: bool, skip: tuple[str, ...] = ()):
+def fx_qconfig_mapping(cfg: Int8Static, reduce_range: bool, skip: tuple[str, ...] = (), calls: tuple = (),
+                       methods: tuple[str, ...] = ()):
+    """The x86 mapping with the chosen observers; ``skip`` (module names), ``calls`` ((scope, function,
+    index) keys of single functional calls) and ``methods`` (tensor method names) stay float."""
     from torch.ao.quantization import QConfig, get_default_qconfig, get_default_qconfig_mapping
 
     qconfig = QConfig(activation=activation_observer(cfg.observer, reduce_range, cfg.percentile),
@@ -46,6 +50,10 @@ def fx_qconfig_mapping(cfg: Int8Static, reduce_range: bool, skip: tuple[str, ...
             mapping.set_object_type(obj, qconfig)
     for name in skip:
         mapping.set_module_name(name, None)
+    for scope, target, index in calls:
+        mapping.set_module_name_object_type_order(scope, target, index, None)
+    for method in methods:
+        mapping.set_object_type(method, None)
     return mapping
 
 
@@ -84,6 +92,21 @@ def _capture_child_inputs(model: nn.Module, children: list[str], batches: list[B
     return seen, weight_readers(model, children, batches[0])
 
 
+@dataclass(frozen=True)
+class FloatKeys:
+    """Functional calls ((module scope, function, index) in the float model) and tensor methods (by name) to
+    keep float, and an optional dict that receives each traced graph's prepare record by its prefix."""
+    calls: tuple = ()
+    methods: tuple[str, ...] = ()
+    records: dict | None = field(default=None, compare=False)
+
+    def child(self, name: str) -> "FloatKeys":
+        """The keys as seen from inside child ``name`` (its scopes without the ``name.`` prefix)."""
+        calls = tuple((s[len(name) + 1:] if s != name else "", t, i) for s, t, i in self.calls
+                      if s == name or s.startswith(name + "."))
+        return FloatKeys(calls, self.methods, self.records)  # records are keyed by full prefix already
+
+
 WEIGHT_READ = "the model's code reads its .weight/.bias, which an int8 layer packs"
 PADS = "zero pads run in int8"
 
@@ -103,31 +126,36 @@ def _graph_weight_readers(prepared: nn.Module, model: nn.Module, skip: tuple[str
 
 
 def _fx_one(model: nn.Module, cfg: Int8Static, batches: list[Batch], reduce_range: bool, skip: tuple[str, ...],
-            prefix: str, untraced: list[tuple[str, str]], progress: bool, wrapped_leaf: bool = False) -> nn.Module:
+            prefix: str, untraced: list[tuple[str, str]], progress: bool, wrapped_leaf: bool = False,
+            keep: FloatKeys = FloatKeys()) -> nn.Module:
     """FX-quantize ``model``; on a trace failure keep it float and recurse into its children. A leaf layer
     is tried once, wrapped in a Sequential; if even that fails to trace (a conv subclass whose forward
-    branches on shapes), it stays float as it is."""
+    branches on shapes), it stays float as it is. ``keep.records`` receives what prepare decided, by prefix."""
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     from .int8_pad import fold_int8_pads, pad_backend_config
 
     def get_x86_backend_config():  # x86 plus zero pads observed like their input, folded after convert
         return pad_backend_config()
-    mapping = fx_qconfig_mapping(cfg, reduce_range, skip)
+    mapping = fx_qconfig_mapping(cfg, reduce_range, skip, keep.calls, keep.methods)
     try:
         with quiet("torch.ao"):
             prepared = prepare_fx(model, mapping, _example_args(batches[0]), backend_config=get_x86_backend_config())
             readers = _graph_weight_readers(prepared, model, skip)
             if readers:  # int8 layers hold packed weights: code reading `layer.weight` would break, keep them float
                 untraced.extend((f"{prefix}.{n}" if prefix else n, WEIGHT_READ) for n in readers)
-                mapping = fx_qconfig_mapping(cfg, reduce_range, tuple(skip) + tuple(readers))
+                mapping = fx_qconfig_mapping(cfg, reduce_range, tuple(skip) + tuple(readers), keep.calls, keep.methods)
                 prepared = prepare_fx(model, mapping, _example_args(batches[0]),
                                       backend_config=get_x86_backend_config())
     except Exception as e:
         if not _is_trace_error(e) and not isinstance(e, TypeError):
             raise
         untraced.append((prefix or "<root>", f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
-        return model[0] if wrapped_leaf else _fx_children(model, cfg, batches, reduce_range, skip, prefix, untraced)
+        return model[0] if wrapped_leaf else _fx_children(model, cfg, batches, reduce_range, skip, prefix, untraced,
+                                                          keep)
+    if keep.records is not None:
+        from .islands_graph import record_prepared
+        keep.records[prefix] = record_prepared(prepared)
     with quiet("torch.ao"):
         run_calibration(prepared, batches, progress=progress, desc=f"calibrating {prefix or 'model'} ({cfg.observer})")
         converted = convert_fx(prepared, backend_config=get_x86_backend_config())
@@ -141,12 +169,13 @@ def _fx_one(model: nn.Module, cfg: Int8Static, batches: list[Batch], reduce_rang
     except Exception as e:  # noqa: BLE001 - that graph is dropped; the parts are quantized one by one
         untraced.append((prefix or "<root>", f"its int8 graph fails to run ({type(e).__name__}: "
                                              f"{str(e).splitlines()[0][:120]})"))
-        return model[0] if wrapped_leaf else _fx_children(model, cfg, batches, reduce_range, skip, prefix, untraced)
+        return model[0] if wrapped_leaf else _fx_children(model, cfg, batches, reduce_range, skip, prefix, untraced,
+                                                          keep)
     return converted
 
 
 def _fx_children(model: nn.Module, cfg: Int8Static, batches: list[Batch], reduce_range: bool, skip: tuple[str, ...],
-                 prefix: str, untraced: list[tuple[str, str]]) -> nn.Module:
+                 prefix: str, untraced: list[tuple[str, str]], keep: FloatKeys = FloatKeys()) -> nn.Module:
     """``model`` stays float; each child is quantized on the inputs it receives."""
     children = [n for n, _ in model.named_children()]
     inputs, readers = _capture_child_inputs(model, children, batches)
@@ -173,7 +202,7 @@ def _fx_children(model: nn.Module, cfg: Int8Static, batches: list[Batch], reduce
         # a bare leaf traces to functional ops; wrapped, it converts to a quantized module at "<name>.0"
         target = nn.Sequential(child) if leaf else child
         q = _fx_one(target, cfg, child_batches, reduce_range, child_skip, full, untraced, progress=False,
-                    wrapped_leaf=leaf)
+                    wrapped_leaf=leaf, keep=keep.child(name))
         setattr(model, name, q)
     return model
 
@@ -229,13 +258,15 @@ def layer_report(original: nn.Module, quantized: nn.Module, untraced: list[tuple
 
 
 def quantize_fx_static(model: nn.Module, cfg: Int8Static, batches: list[Batch],
-                       exclusion: Exclusion | None = None) -> tuple[nn.Module, Report]:
-    """``model`` is already a private copy in eval mode; ``batches`` are validated calibration batches."""
+                       exclusion: Exclusion | None = None, keep: FloatKeys = FloatKeys()) -> tuple[nn.Module, Report]:
+    """``model`` is already a private copy in eval mode; ``batches`` are validated calibration batches;
+    ``keep``: single calls and methods to keep float (beyond ``exclusion``'s layers), and where to record
+    what prepare decided."""
     exclusion = exclusion if exclusion is not None else Exclusion(cfg.exclude, "Int8Static")
     reduce_range = not full_range_exact()
     untraced: list[tuple[str, str]] = []
     original = copy.deepcopy(model)
-    q = _fx_one(model, cfg, batches, reduce_range, exclusion.roots(model), "", untraced, cfg.progress)
+    q = _fx_one(model, cfg, batches, reduce_range, exclusion.roots(model), "", untraced, cfg.progress, keep=keep)
     scheme = "int8 static, " + ("per-channel" if cfg.per_channel else "per-tensor") + f", {cfg.observer}"
     report = layer_report(original, q, untraced, exclusion, scheme)
     report.summary.update({"scheme": "int8 static", "method": "fx", "observer": cfg.observer,
