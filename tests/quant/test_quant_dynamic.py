@@ -46,7 +46,8 @@ def test_full_range_is_probed_and_exact_when_used():
     from torchfast.quant.dynamic import full_range_exact, _dynamic_linear_cls
     lin = nn.Linear(64, 32)
     x = torch.randn(16, 64)
-    for full in (False, True):
+    # 8-bit activations are only used where the probe finds them exact (VNNI); pre-VNNI AVX2 saturates
+    for full in (False, True) if full_range_exact() else (False,):
         q = _dynamic_linear_cls().from_float_full(lin, per_channel=True, full_range=full)
         err = (q(x) - lin(x)).abs().max().item()
         assert err < 0.05
@@ -115,4 +116,5 @@ def test_minilm_int8_dynamic_cosine(minilm):
     q, rep = tf.quantize(model, tf.Int8Dynamic(backend="torch.ao", keep_slower=True))
     assert rep.summary["layers quantized"] == 37  # 6 layers x 6 Linears + pooler
     cos = embedding_cosine(model, q, bl)
-    assert cos >= 0.99, cos
+    from torchfast.quant.dynamic import full_range_exact
+    assert cos >= (0.99 if full_range_exact() else 0.97), cos   # 7-bit activations on pre-VNNI CPUs
