@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from torchfast.cli import _duration, main
+from torchfast.cli import _duration, _search_space, main
 from torchfast.cli_data import ImagePrep, load_data
 from torchfast.cli_models import Source, SourceError, load_source
+from torchfast.config import ConfigError
+from torchfast.search import SearchSpace
 
 CNN = '''
 import torch
@@ -117,3 +119,32 @@ def test_optimize_recipe_auto_on_unlabeled_data_within_a_budget(tmp_path, capsys
     assert main(["bench", f"{tmp_path / 'cnn.py'}:build", "--input-shape", "4,3,6,5", "--recipe", "auto",
                  "--batch", "1", "--no-progress"]) == 2
     assert "recipe 'auto' is a search" in capsys.readouterr().err
+
+
+def test_search_space_spec_parses_to_a_search_space_and_names_what_is_wrong():
+    space = _search_space("prune=0/0.3,lowrank=none/global,int8=static,backends=eager/torchscript,finalists=1")
+    assert space == SearchSpace(prune=(0, 0.3), lowrank=(None, "global"), int8=("static",),
+                                backends=("eager", "torchscript"), finalists=1)
+    assert _search_space("lowrank=none,backends=none") == SearchSpace(lowrank=(None,), backends=None)
+    with pytest.raises(Exception, match="unknown field.*prunning"):
+        _search_space("prunning=0.3")
+    with pytest.raises(ConfigError, match="SearchSpace.int8"):
+        _search_space("int8=fp4")
+
+
+def test_optimize_search_space_narrows_the_search_and_needs_recipe_auto(tmp_path, capsys):
+    (tmp_path / "cnn.py").write_text(CNN)
+    torch.save(torch.randn(32, 3, 6, 5), tmp_path / "x.pt")
+    report = tmp_path / "r.json"
+    rc = main(["optimize", f"{tmp_path / 'cnn.py'}:build", "--input-shape", "4,3,6,5", "--calibration",
+               str(tmp_path / "x.pt"), "--recipe", "auto", "--backend", "eager", "--time-budget", "none",
+               "--search-space", "prune=0,lowrank=none,int8=dynamic/none,finalists=0", "--runs", "3",
+               "--no-progress", "--report", str(report)])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    names = [r["candidate"] for r in json.loads(report.read_text())["rows"]]
+    assert names and all(n.startswith("original") for n in names), names
+    assert not any("static" in n or "prune" in n or "lowrank" in n for n in names), names
+    assert main(["optimize", f"{tmp_path / 'cnn.py'}:build", "--input-shape", "4,3,6,5", "--recipe", "int8-dynamic",
+                 "--search-space", "prune=0", "--no-progress"]) == 2
+    assert "--search-space shapes the search of --recipe auto" in capsys.readouterr().err

@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", default="10m", metavar="DURATION",
                    help="how long --recipe auto may search: 90s, 10m, 1h30m, or 'none' (default 10m); when it runs "
                         "out, the best candidate found so far is returned and the report says so")
+    p.add_argument("--search-space", default=None, metavar="SPEC",
+                   help="what --recipe auto may try, as KEY=VALUE pairs with '/' between choices: "
+                        "prune=0/0.3,lowrank=none/global,int8=static/dynamic,backends=eager/openvino,finalists=1 "
+                        "(fields of torchfast.search.SearchSpace; default: all of it)")
     _backend_args(p, "auto")
     p.add_argument("--tolerance", default=None, metavar="SPEC",
                    help="bounds vs the original that make a stage roll back: min_cosine=0.99,max_rel_err=...,"
@@ -180,6 +184,27 @@ def _tolerance(spec: str | None):
     if unknown:
         raise UsageError(f"--tolerance: unknown bound(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
     return Tolerance(**kv)
+
+
+_SPACE_CHOICES = ("prune", "lowrank", "int8", "backends")  # SearchSpace fields that hold a tuple of choices
+
+
+def _search_space(spec: str):
+    """``prune=0/0.3,lowrank=none/global,finalists=1`` -> SearchSpace; one choice is a one-element tuple."""
+    import dataclasses
+
+    from .search import SearchSpace
+    fields = {f.name for f in dataclasses.fields(SearchSpace)}
+    kv = _kv([spec], "--search-space")
+    unknown = sorted(set(kv) - fields)
+    if unknown:
+        raise UsageError(f"--search-space: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+    for k in _SPACE_CHOICES:
+        if k in kv and not isinstance(kv[k], tuple) and not (k == "backends" and kv[k] is None):
+            kv[k] = (kv[k],)
+    if "int8" in kv:  # 'none' is an int8 mode here, not a missing value
+        kv["int8"] = tuple("none" if m is None else m for m in kv["int8"])
+    return SearchSpace(**kv)
 
 
 def _recipe(spec: str | None, model) -> list:
@@ -254,9 +279,12 @@ def cmd_optimize(a) -> int:
 
     tol = _tolerance(a.tolerance)
     auto = is_auto(a.recipe)
+    if a.search_space is not None and not auto:
+        raise UsageError(f"--search-space shapes the search of --recipe auto; --recipe {a.recipe!r} runs its stages as given")
+    space = _search_space(a.search_space) if a.search_space is not None else None
     budget = _duration(a.time_budget) if auto else None
     src = load_source(a.model, a.input_shape, a.input_dtype, a.calibration, a.weights)
-    recipe = "auto" if auto else _recipe(a.recipe, src.model)
+    recipe = (space or "auto") if auto else _recipe(a.recipe, src.model)
     what = (f"auto (search, {'no' if budget == float('inf') else f'{budget:g}s'} budget)" if auto
             else ", ".join(type(c).__name__ for c in recipe) or "(none)")
     print(f"model: {src.description}; recipe: {what}; backend: {a.backend}", file=sys.stderr)

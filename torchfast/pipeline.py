@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import Config, ConfigError, check_range
 from .tolerance import Tolerance, as_tolerance as _as_tolerance
-from .measure import Fidelity, compare_latency, count_flops, fidelity, size_of
+from .measure import Fidelity, Timing, compare_latency, count_flops, fidelity, resolve_timing, size_of
 from .quant.config import Int8Dynamic, Int8Static
 from .quantized import quantization_of
 from .modules import (ExampleInputError, batches_list, call_model, check_module, describe_batch,
@@ -222,8 +222,8 @@ def optimize(model: nn.Module, example_inputs: Any, recipe: Sequence[Config] | s
              eval_fn: Callable[[Callable], float] | None = None, tolerance: Tolerance | dict | None = None,
              calibration: Iterable | None = None, validation: Iterable | None = None,
              output_fn: Callable[[Any], torch.Tensor] | None = None,
-             runs: int = 20, warmup: int = 3, threads: int | None = None,
-             on_error: str = "raise", dynamic_dims: Any = (0,), progress: bool | None = None,
+             timing: Timing | None = None, runs: int | None = None, warmup: int | None = None,
+             threads: int | None = None, on_error: str = "raise", dynamic_dims: Any = (0,), progress: bool | None = None,
              recover: str | dict | None = "distill", time_budget_s: float | None = None) -> Optimized:
     """Apply ``recipe`` stage by stage on a copy of ``model``, verify each stage, compile, wrap.
 
@@ -238,6 +238,8 @@ def optimize(model: nn.Module, example_inputs: Any, recipe: Sequence[Config] | s
     the report shows its fidelity before and after. ``recover``: ``"distill"`` (default; only acts when
     calibration batches are given), a dict of ``distill`` options (``{"steps": 500}``), or None (off).
     ``on_error="skip"`` rolls back a stage that raises instead of re-raising.
+    ``timing`` (a :class:`torchfast.measure.Timing`; default ``torchfast.measure.DEFAULT_TIMING``) sets the
+    runs, warm-up calls and threads of every timed comparison; ``runs``/``warmup``/``threads`` override it.
 
     ``recipe`` is a list of configs or a recipe string (``"lowrank:ratio=0.5,int8-static"``). A stage whose
     model ``backend`` cannot compile (torch.ao int8 on inductor) is refused with a ConfigError before any
@@ -254,6 +256,8 @@ def optimize(model: nn.Module, example_inputs: Any, recipe: Sequence[Config] | s
     """
     check_module(model)
     tol = _as_tolerance(tolerance)
+    t = resolve_timing(timing, runs=runs, warmup=warmup, threads=threads)
+    runs, warmup, threads = t.runs, t.warmup, t.threads
     from .search import DEFAULT_BUDGET_S, SearchSpace, is_auto
     space = None
     backend = backend if backend is not None else ("auto" if is_auto(recipe) else "eager")

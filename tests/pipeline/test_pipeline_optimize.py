@@ -148,3 +148,24 @@ def test_recipe_string_runs_its_stages():
     # parsing itself is tested in tests/test_recipe_syntax.py; "noise" is registered by pipeline_stages
     res = optimize(_mlp(), torch.randn(4, 16), "noise:scale=0.0001", **FAST)
     assert res.report.rows[1]["stage"] == "Noise(scale=0.0001)"
+
+
+def test_a_timing_object_sets_every_comparison_and_explicit_numbers_override_it(monkeypatch):
+    from torchfast import pipeline
+    from torchfast.measure import Timing
+    seen = []
+    real = pipeline.compare_latency
+
+    def spy(a, b, batch, **kw):
+        seen.append((kw.get("runs"), kw.get("warmup"), kw.get("threads")))
+        return real(a, b, batch, **kw)
+    monkeypatch.setattr(pipeline, "compare_latency", spy)
+    m, x = _mlp(), torch.randn(8, 16)
+    res = optimize(m, x, [st.Noise(1e-4)], timing=Timing(runs=4, warmup=0, threads=1), progress=False)
+    assert seen and set(seen) == {(4, 0, 1)}
+    assert "(4 runs each)" in " ".join(res.report.notes)
+    seen.clear()
+    optimize(m, x, [st.Noise(1e-4)], timing=Timing(runs=4, warmup=0, threads=1), runs=2, progress=False)
+    assert set(seen) == {(2, 0, 1)}
+    with pytest.raises(TypeError, match="torchfast.measure.Timing"):
+        optimize(m, x, [], timing={"runs": 3}, progress=False)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..measure import compare_latency
+from ..measure import compare_latency, resolve_timing
 from ..modules import Batch, model_device, move_batch, swap_modules
 from ..report import Report
 from ..transform import Exclusion
@@ -112,7 +112,7 @@ def cast_half(model: nn.Module, cfg: HalfPrecision, *, example_inputs: Batch | N
     if example_inputs is not None:
         # timed on a cast copy against the untouched fp32 model: the caller's model changes only once it wins
         trial = HalfPrecisionModule(_cast(copy.deepcopy(model), dtype, exclusion), dtype)
-        cmp = compare_latency(model, trial, example_inputs, runs=7, warmup=2)
+        cmp = compare_latency(model, trial, example_inputs, timing=resolve_timing(share=0.35))
         report.summary.update({"fp32 ms": cmp.baseline.median_ms, f"{name} ms": cmp.candidate.median_ms,
                                "speedup": cmp.speedup})
         if cmp.speedup <= 1.0 and not cfg.keep_slower:

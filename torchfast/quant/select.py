@@ -11,7 +11,7 @@ from typing import Iterable
 
 from torch import nn
 
-from ..measure import compare_latency, fidelity
+from ..measure import compare_latency, fidelity, resolve_timing
 from ..modules import Batch
 from ..report import Report
 from ..transform import Exclusion
@@ -54,7 +54,7 @@ def quantize_static(model: nn.Module, cfg: Int8Static, *, example_inputs: Batch 
     if len(results) > 1:
         rows = {}
         for m, (q, _) in results.items():
-            cmp = compare_latency(model, q, reference, runs=10, warmup=3)
+            cmp = compare_latency(model, q, reference, timing=resolve_timing(share=0.5, warmup=3))
             fid = fidelity(model, q, batches[:4])
             rows[m] = (cmp.speedup, fid.cosine)
         top_cos = max(c for _, c in rows.values())
