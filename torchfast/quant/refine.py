@@ -57,15 +57,14 @@ def refined_fx_static(model: nn.Module, cfg: Int8Static, batches: list[Batch],
     """FX int8 of ``model`` (a private copy, eval mode), after the rewrite that keeps int8 closest to float;
     with ``cfg.islands`` (and not ``keep_slower``), int8 islands that do not repay their quantize/dequantize
     are kept float."""
-    from .static import FloatKeys, quantize_fx_static
+    from .static import quantize_fx_static
 
     exclusion = exclusion if exclusion is not None else Exclusion(cfg.exclude, "Int8Static")
     variants = _variants(model, cfg, exclusion)
     records: dict = {}
-    keys = FloatKeys(records=records) if _weighs_islands(cfg) else FloatKeys()
     if len(variants) == 1 and variants[0][0] == "plain":
-        original = copy.deepcopy(model) if _weighs_islands(cfg) else model
-        q, rep = quantize_fx_static(model, cfg, batches, exclusion, keys)
+        original = copy.deepcopy(model) if _weighs_islands(cfg) else model  # the island analysis runs it
+        q, rep = quantize_fx_static(model, cfg, batches, exclusion, _recording(cfg, records))
         return _islands(original, cfg, batches, exclusion, "plain", q, rep, records)
     first = max(len(batches) - 2, 0)
     judge = batches[first:]
@@ -82,8 +81,7 @@ def refined_fx_static(model: nn.Module, cfg: Int8Static, batches: list[Batch],
         got: dict = {}
         try:
             float_variant = rewrite(copy.deepcopy(model), batches)
-            q, rep = quantize_fx_static(float_variant, cfg, batches, exclusion,
-                                        FloatKeys(records=got) if _weighs_islands(cfg) else FloatKeys())
+            q, rep = quantize_fx_static(float_variant, cfg, batches, exclusion, _recording(cfg, got))
             err = compare_outputs(reference, outputs(q, judge)).rel_err
         except Exception as e:  # noqa: BLE001 - a rewrite that does not fit this model is skipped, with the reason
             if label == "plain":
@@ -106,6 +104,12 @@ def refined_fx_static(model: nn.Module, cfg: Int8Static, batches: list[Batch],
 def _weighs_islands(cfg: Int8Static) -> bool:
     """The island rule is a speed decision: ``keep_slower=True`` asks for int8 whatever it costs."""
     return cfg.islands and not cfg.keep_slower
+
+
+def _recording(cfg: Int8Static, records: dict):
+    """FloatKeys that record what prepare decided per call, where the island rule will read it."""
+    from .static import FloatKeys
+    return FloatKeys(records=records) if _weighs_islands(cfg) else FloatKeys()
 
 
 def _islands(model: nn.Module, cfg: Int8Static, batches: list[Batch], exclusion: Exclusion, label: str,
