@@ -63,7 +63,11 @@ class Ledger:
         return fut
 
     def assert_each_answered_once(self, timeout: float = 30.0) -> None:
-        cf.wait(list(self.futures.values()), timeout=timeout)
+        # polled, not cf.wait: a future cancelled by its client stays CANCELLED (not CANCELLED_AND_NOTIFIED),
+        # which cf.wait never counts as done, so it would always sit out the whole timeout
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not all(f.done() for f in self.futures.values()):
+            time.sleep(0.005)
         assert all(f.done() for f in self.futures.values()), "a request was never answered"
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and any(self.answers[r] != 1 for r in self.futures):
