@@ -216,3 +216,31 @@ def test_tuple_output_with_a_constant_round_trips(tmp_path):
     for fn in (built.runnable, loaded):
         a, none, (b,) = fn(torch.ones(5, 4), s)
         assert none is None and torch.allclose(a, torch.full((5, 4), 2.0)) and torch.allclose(b, torch.full((5,), 4.0))
+
+
+def _int8_compute_nodes(q) -> dict[str, bool]:
+    """Conv/Gemm/MatMul node name -> whether it computes on dequantized (int8) inputs."""
+    import onnx
+    proto = onnx.load_model_from_string(q.artifact.model)
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    return {n.name: any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in n.input)
+            for n in proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")}
+
+
+def test_int8_exclude_keeps_those_layers_float(digits_cnn):
+    model, data = digits_cnn
+    calib = data.calibration()
+    full = _int8_compute_nodes(ortb.build_int8(model, data.x_test[:8], ortb.Options(), calibration=calib))
+    assert full and all(full.values())
+    q = ortb.build_int8(model, data.x_test[:8], ortb.Options(), calibration=calib,
+                        exclude=("classifier.*", "features.7"))
+    got = _int8_compute_nodes(q)
+    assert sum(not v for v in got.values()) == 3 and sum(got.values()) == 2, got
+    assert any("kept float on ONNX Runtime (exclude)" in n for n in q.notes)
+    with torch.inference_mode():
+        assert data.eval_fn(q.runnable) >= data.eval_fn(model) - 0.01
+    dyn = _int8_compute_nodes(ortb.build_int8(model, data.x_test[:8], ortb.Options(), mode="dynamic",
+                                              exclude=("classifier.4",)))
+    assert sum(dyn.values()) == 1, dyn   # the other Linear; convs have no dynamic int8 kernel
+    with pytest.raises(BackendError, match=r"exclude=\['features.1'\]: no ONNX node"):
+        ortb.build_int8(model, data.x_test[:8], ortb.Options(), calibration=calib, exclude=("features.1",))

@@ -211,3 +211,55 @@ def test_broken_artifacts_give_clear_errors(digits_cnn, tmp_path):
         tov.load_artifact(tmp_path / "bad.xml")
     with pytest.raises(BackendError, match="save_artifact takes the openvino.Model"):
         tov.save_artifact(model, tmp_path / "x")
+
+
+def _fake_quantized_ops(built) -> dict[str, bool]:
+    """Convolution/MatMul op name -> whether a FakeQuantize (int8 at run time) feeds it, through the ops
+    between it and the previous compute op (pooling, reshapes, activations)."""
+    compute = ("Convolution", "GroupConvolution", "MatMul")
+
+    def fed_by_fq(node, seen) -> bool:
+        for inp in node.inputs():
+            src = inp.get_source_output().get_node()
+            if id(src) in seen:
+                continue
+            seen.add(id(src))
+            kind = src.get_type_name()
+            if kind == "FakeQuantize":
+                return True
+            if kind not in compute + ("Parameter",) and fed_by_fq(src, seen):
+                return True
+        return False
+    return {op.get_friendly_name(): fed_by_fq(op, set()) for op in built.artifact.get_ops()
+            if op.get_type_name() in compute}
+
+
+@pytest.mark.parametrize("route", ["export", "convert_model"])
+def test_int8_exclude_keeps_those_layers_float(digits_cnn, route):
+    model, data = digits_cnn
+    calib = data.calibration()
+    if route == "export":
+        full = _fake_quantized_ops(tov.build_int8(model, data.x_test[:8], tov.Options(), calibration=calib))
+        assert len(full) == 5 and all(full.values()), full
+    built = tov.build_int8(model, data.x_test[:8], tov.Options(route=route), calibration=calib, dynamic_batch=True,
+                           exclude=("classifier.*", "features.7"))
+    got = _fake_quantized_ops(built)
+    assert sum(got.values()) == 2 and sum(not v for v in got.values()) == 3, got
+    note = next(n for n in built.notes if n.startswith("kept float on OpenVINO (exclude): "))
+    assert all(m in note for m in ("classifier.1", "classifier.4", "features.7")) and "features.3" not in note, note
+    with torch.inference_mode():
+        assert data.eval_fn(built.runnable) >= data.eval_fn(model) - 0.01
+    with pytest.raises(BackendError, match=r"exclude=\['features.6'\]: none of the OpenVINO ops"):
+        tov.build_int8(model, data.x_test[:8], tov.Options(route=route), calibration=calib, exclude=("features.6",))
+
+
+def test_nncf_preset_and_model_type_are_backend_options(digits_cnn):
+    model, data = digits_cnn
+    c = torchfast.compile(model, data.x_test[:8], backend="openvino", int8=torchfast.Int8Static(),
+                          calibration=data.calibration(), quant_preset="mixed", model_type="default")
+    with torch.inference_mode():
+        assert c(data.x_test[:8]).shape == (8, 10)   # compile() took them: unknown options are an error
+    built = tov.build_int8(model, data.x_test[:8], tov.Options(quant_preset="mixed"), calibration=data.calibration())
+    assert built.info["preset"] == "mixed" and built.info["model_type"] == "default"
+    with pytest.raises(ConfigError, match="OpenVINOOptions.quant_preset"):
+        tov.Options(quant_preset="fast")

@@ -131,7 +131,7 @@ def _int8_lowering(int8: Any, calibration: Any) -> dict[str, Any]:
     if not isinstance(int8, (Int8Static, Int8Dynamic)):
         raise BackendError(f"int8 must be an Int8Static or Int8Dynamic config, got {type(int8).__name__}")
     if isinstance(int8, Int8Dynamic):
-        return {"mode": "dynamic", "calibration": None}
+        return {"mode": "dynamic", "calibration": None, "exclude": tuple(int8.exclude)}
     source = calibration if calibration is not None else int8.calibration
     calib = batches_list(source) if source is not None else []
     if int8.max_batches:
@@ -139,7 +139,7 @@ def _int8_lowering(int8: Any, calibration: Any) -> dict[str, Any]:
     if not calib:
         raise BackendError("Int8Static needs calibration batches: Int8Static(calibration=batches) or "
                            "compile(..., calibration=batches)")
-    return {"mode": "static", "calibration": calib}
+    return {"mode": "static", "calibration": calib, "exclude": tuple(int8.exclude)}
 
 
 def _compile_torch_int8(model: nn.Module, example_inputs: Batch, backend: str, int8: Any, calibration: Any,

@@ -27,16 +27,8 @@ the model was cast (``compile(dtype=...)``) or ``precision`` says so.
 Shapes: every dimension is static (as in the example) except, with ``dynamic_batch``, dim 0 of the
 batched inputs; static shapes let the plugin pick its kernels once.
 
-int8: ``mode="static"`` is ``nncf.quantize`` (calibrated FakeQuantize, executed as int8 kernels);
-``mode="dynamic"`` is ``nncf.compress_weights`` (INT8_ASYM weights) -- OpenVINO has no separate
-dynamic-activation int8 mode; its CPU plugin quantizes the activations of compressed MatMuls at run
-time (``DYNAMIC_QUANTIZATION_GROUP_SIZE``). Measured (same setup; speed-up vs OpenVINO f32):
+int8 through NNCF: :mod:`torchfast.backends.openvino_int8`.
 
-- digits CNN, batch 32: static x4.4 (accuracy 99.44% -> 99.16%), weight-compressed x1.6 (99.44%)
-- MiniLM, 8x128 tokens: static with the transformer scheme x2.7 (embedding cosine 0.997),
-  weight-compressed x1.3 (cosine 0.9994)
-
-so ``dynamic`` is the cheaper-to-build, more faithful and slower of the two; ``static`` wants calibration.
 bf16 (``precision="bf16"``) runs MiniLM x4.2 and mobilenet x4 vs eager on AMX, at ~3e-2 max abs error.
 """
 from __future__ import annotations
@@ -45,7 +37,6 @@ import copy
 import functools
 import itertools
 import json
-import logging
 import threading
 import warnings
 from dataclasses import dataclass
@@ -71,7 +62,6 @@ __all__ = ["Options", "build", "build_int8", "save_artifact", "load_artifact", "
 _PRECISIONS = ("f32", "bf16", "f16")
 _DTYPE_PRECISION = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 _RT_KEY = ["torchfast", "signature"]
-_MAX_SUBSET = 300
 
 
 @dataclass(frozen=True)
@@ -82,6 +72,8 @@ class Options(Config):
     precision: str | None = None     # "f32" | "bf16" | "f16"; None: the model's dtype (f32 for an fp32 model)
     route: str = "auto"              # "export" (torch.export -> convert), "convert_model" (traces the module),
     #                                  "auto": export, else convert_model
+    quant_preset: str = "auto"       # int8 static: "auto" (NNCF's for the model type), "performance", "mixed"
+    model_type: str = "auto"         # int8 static: "auto" (transformer when attention blocks), "transformer", "default"
 
     def validate(self) -> None:
         if not isinstance(self.device, str) or not self.device.strip():
@@ -94,6 +86,8 @@ class Options(Config):
         if self.precision is not None:
             check_choice("OpenVINOOptions", "precision", self.precision, _PRECISIONS)
         check_choice("OpenVINOOptions", "route", self.route, ("auto", "export", "convert_model"))
+        check_choice("OpenVINOOptions", "quant_preset", self.quant_preset, ("auto", "performance", "mixed"))
+        check_choice("OpenVINOOptions", "model_type", self.model_type, ("auto", "transformer", "default"))
 
 
 # ---------------------------------------------------------------- openvino, lazily
@@ -111,7 +105,7 @@ def _core() -> Any:
     return _ov().Core()
 
 
-def _cause(e: BaseException) -> str:
+def cause(e: BaseException) -> str:
     """One line from an OpenVINO/NNCF exception: the message, not the C++ source location."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     keep = [ln for ln in lines if not ln.startswith(("Exception from src", "Check '", "Traceback", "File "))]
@@ -129,7 +123,7 @@ def _ov_type(ov: Any, dtype: torch.dtype) -> Any:
 
 
 # ---------------------------------------------------------------- conversion
-def _flat(sig: FlatSignature, batch: Any, what: str) -> list[torch.Tensor]:
+def flat_inputs(sig: FlatSignature, batch: Any, what: str) -> list[torch.Tensor]:
     args, kwargs = split_batch(batch)
     try:
         flat = sig.flatten_inputs(args, kwargs)
@@ -146,7 +140,7 @@ def _batched(flat: Sequence[torch.Tensor]) -> list[bool]:
     return [t.dim() >= 1 and t.shape[0] == n for t in flat]
 
 
-def _final_shapes(flat: Sequence[torch.Tensor], dynamic_batch: bool) -> list[list[int]]:
+def final_shapes(flat: Sequence[torch.Tensor], dynamic_batch: bool) -> list[list[int]]:
     batched = _batched(flat) if dynamic_batch else [False] * len(flat)
     return [[-1 if (b and d == 0) else s for d, s in enumerate(t.shape)] for t, b in zip(flat, batched)]
 
@@ -166,22 +160,70 @@ def _trace_example(flat: list[torch.Tensor], shapes: list[list[int]]) -> list[to
 
 
 def convert(model: nn.Module, sig: FlatSignature, flat: list[torch.Tensor], shapes: list[list[int]],
-            route: str = "auto") -> tuple[Any, str, list[str]]:
+            route: str = "auto", owners: dict[str, str] | None = None) -> tuple[Any, str, list[str]]:
     """(the ``ov.Model`` of ``FlatModule(model, sig)``, the route that made it, notes), inputs/outputs named
-    after ``sig``, input shapes as given (-1: dynamic). ``auto``: the export route, else convert_model."""
+    after ``sig``, input shapes as given (-1: dynamic). ``auto``: the export route, else convert_model.
+    ``owners`` (a dict to fill): OpenVINO op name -> the submodule of ``model`` it was converted from."""
     model = _float_copy(model)
     if route == "auto":
         try:
-            return _convert(model, sig, flat, shapes, "export"), "export", []
+            return _convert(model, sig, flat, shapes, "export", owners), "export", []
         except BackendError as e:
             note = (f"torch.export could not capture the model, so it was traced instead: the trace keeps only "
                     f"the branches the example took ({e})")
-            return _convert(model, sig, flat, shapes, "convert_model"), "convert_model", [note]
-    return _convert(model, sig, flat, shapes, route), route, []
+            return _convert(model, sig, flat, shapes, "convert_model", owners), "convert_model", [note]
+    return _convert(model, sig, flat, shapes, route, owners), route, []
 
 
-def _convert(model: nn.Module, sig: FlatSignature, flat: list[torch.Tensor], shapes: list[list[int]], route: str) -> Any:
+def _decompose_like_openvino(ep: Any) -> Any:
+    """The decompositions OpenVINO's converter applies itself, applied first, so that the graph's node names
+    (which become the op names) and their ``nn_module_stack`` are known before conversion."""
+    try:
+        from openvino.frontend.pytorch.torchdynamo.export_decompositions import ops_to_not_decompose
+        from torch.export.decomp_utils import CustomDecompTable
+    except ImportError:
+        return ep.run_decompositions()
+    table = CustomDecompTable()
+    for op in ops_to_not_decompose():
+        try:
+            table.pop(op)
+        except KeyError:
+            pass
+    return ep.run_decompositions(table)
+
+
+def _fx_owners(ep: Any) -> dict[str, str]:
+    """FX node name -> the innermost submodule (of the model inside FlatModule) that ran it."""
+    out = {}
+    for node in ep.graph.nodes:
+        stack = node.meta.get("nn_module_stack") if node.op == "call_function" else None
+        if stack:
+            path = list(stack.values())[-1][0]
+            out[node.name] = path[len("model."):] if path.startswith("model.") else ""
+    return out
+
+
+def _op_owners(om: Any, fx: dict[str, str] | None) -> dict[str, str]:
+    """OpenVINO op name -> submodule name: from the FX node an op was converted from (export route), or from
+    the ``__module.model.<name>/`` prefix the tracing converter writes (convert_model route)."""
+    out = {}
+    for op in om.get_ops():
+        name = op.get_friendly_name()
+        head = name.split("/", 1)[0]
+        if fx is not None:
+            if fx.get(head):
+                out[name] = fx[head]
+        elif head.startswith("__module.model."):
+            out[name] = head[len("__module.model."):]
+    return out
+
+
+def _convert(model: nn.Module, sig: FlatSignature, flat: list[torch.Tensor], shapes: list[list[int]], route: str,
+             owners: dict[str, str] | None = None) -> Any:
     ov = _ov()
+    if owners is not None:  # OpenVINO's own Conv+BatchNorm fusion renames the conv: fold it here, names kept
+        from ..quant.equalize import fold_batchnorm
+        model = fold_batchnorm(model)
     flat_module = FlatModule(model, sig).eval()
     example = _trace_example(flat, shapes)
     name = type(model).__name__
@@ -191,28 +233,35 @@ def _convert(model: nn.Module, sig: FlatSignature, flat: list[torch.Tensor], sha
             if route == "export":
                 dims = tuple({d: torch.export.Dim.AUTO for d, s in enumerate(sh) if s == -1} or None for sh in shapes)
                 ep = torch.export.export(flat_module, tuple(example), dynamic_shapes=(dims,), strict=False)
+                fx = None
+                if owners is not None:
+                    ep = _decompose_like_openvino(ep)
+                    fx = _fx_owners(ep)
                 om = ov.convert_model(ep)
             else:
                 inputs = [(ov.PartialShape(sh), _ov_type(ov, t.dtype)) for sh, t in zip(shapes, flat)]
                 om = ov.convert_model(flat_module, example_input=tuple(example), input=inputs)
+                fx = None
     except BackendError:
         raise
     except Exception as e:
         raise BackendError(f"OpenVINO could not convert {name} (route {route!r}, inputs "
-                           f"{describe_batch(tuple(flat))}): {_cause(e)}") from None
+                           f"{describe_batch(tuple(flat))}): {cause(e)}") from None
     if len(om.inputs) != len(sig.input_names) or len(om.outputs) != len(sig.output_names):
         raise BackendError(f"OpenVINO converted {name} with {len(om.inputs)} input(s) and {len(om.outputs)} "
                            f"output(s), expected inputs {sig.input_names} and outputs {sig.output_names} "
                            "(an input the model never reads is dropped by the converter)")
+    if owners is not None:
+        owners.update(_op_owners(om, fx))
     for port, n in zip(om.inputs, sig.input_names):
         port.get_tensor().set_names({n})
     for port, n in zip(om.outputs, sig.output_names):
         port.get_tensor().set_names({n})
-    _reshape(om, shapes, name)
+    reshape(om, shapes, name)
     return om
 
 
-def _reshape(om: Any, shapes: list[list[int]], name: str) -> None:
+def reshape(om: Any, shapes: list[list[int]], name: str) -> None:
     ov = _ov()
     want = {i: ov.PartialShape(sh) for i, sh in enumerate(shapes)}
     if all(om.inputs[i].get_partial_shape() == ps for i, ps in want.items()):
@@ -220,11 +269,11 @@ def _reshape(om: Any, shapes: list[list[int]], name: str) -> None:
     try:
         om.reshape(want)
     except Exception as e:
-        raise BackendError(f"OpenVINO could not set the input shapes of {name} to {shapes}: {_cause(e)}") from None
+        raise BackendError(f"OpenVINO could not set the input shapes of {name} to {shapes}: {cause(e)}") from None
 
 
 # ---------------------------------------------------------------- compiling and running
-def _device(options: Options) -> str:
+def check_device(options: Options) -> str:
     available = list(_core().available_devices)
     dev = options.device.strip()
     if ":" not in dev:  # torch spells devices in lower case ("cpu"); OpenVINO in upper case ("CPU", "GPU.0")
@@ -237,7 +286,7 @@ def _device(options: Options) -> str:
 
 
 def _compile(om: Any, options: Options, precision: str, name: str) -> tuple[Any, dict[str, Any]]:
-    core, dev = _core(), _device(options)
+    core, dev = _core(), check_device(options)
     threads = options.threads or torch.get_num_threads()
     cfg = {"PERFORMANCE_HINT": options.hint.upper(), "INFERENCE_PRECISION_HINT": precision,
            "INFERENCE_NUM_THREADS": str(threads)}
@@ -251,7 +300,7 @@ def _compile(om: Any, options: Options, precision: str, name: str) -> tuple[Any,
     try:
         compiled = core.compile_model(om, dev, cfg)
     except Exception as e:
-        raise BackendError(f"OpenVINO could not compile {name} for {dev} ({cfg}): {_cause(e)}") from None
+        raise BackendError(f"OpenVINO could not compile {name} for {dev} ({cfg}): {cause(e)}") from None
     info = {"device": dev, "hint": options.hint, "threads": threads}
     try:
         got = compiled.get_property("INFERENCE_PRECISION_HINT")
@@ -298,7 +347,7 @@ class _Engine:
             res = req.infer(feed, share_inputs=True, share_outputs=False)
         except Exception as e:
             shapes = ", ".join(f"{n}{tuple(a.shape)}" for n, a in zip(self.names, arrays))
-            raise BackendError(f"OpenVINO failed to run {self.name} on ({shapes}): {_cause(e)}") from None
+            raise BackendError(f"OpenVINO failed to run {self.name} on ({shapes}): {cause(e)}") from None
         return list(res.to_tuple())
 
     def __deepcopy__(self, memo: dict) -> "_Engine":
@@ -330,11 +379,11 @@ class _Runner(NativeRunner):
                                else t, out)
 
 
-def _precision(options: Options, dtype: torch.dtype) -> str:
+def precision_for(options: Options, dtype: torch.dtype) -> str:
     return options.precision or _DTYPE_PRECISION.get(dtype, "f32")
 
 
-def _finish(om: Any, sig: FlatSignature, options: Options, precision: str, dtype: torch.dtype, name: str,
+def finish(om: Any, sig: FlatSignature, options: Options, precision: str, dtype: torch.dtype, name: str,
             info: dict[str, Any], notes: list[str] | None = None) -> Built:
     om.set_rt_info(json.dumps(_signature_meta(sig, precision, dtype)), _RT_KEY)
     compiled, cinfo = _compile(om, options, precision, name)
@@ -343,109 +392,14 @@ def _finish(om: Any, sig: FlatSignature, options: Options, precision: str, dtype
 
 
 def build(model: nn.Module, example_inputs: Any, options: Options, *, dynamic_batch: bool = False) -> Built:
-    _device(options)  # before the conversion's seconds
+    check_device(options)  # before the conversion's seconds
     sig = signature_of(model, example_inputs)
-    flat = _flat(sig, example_inputs, f"{type(model).__name__} example inputs")
-    om, route, notes = convert(model, sig, flat, _final_shapes(flat, dynamic_batch), options.route)
+    flat = flat_inputs(sig, example_inputs, f"{type(model).__name__} example inputs")
+    om, route, notes = convert(model, sig, flat, final_shapes(flat, dynamic_batch), options.route)
     dtype = model_dtype(model)
-    return _finish(om, sig, options, _precision(options, dtype), dtype, type(model).__name__, {"route": route}, notes)
+    return finish(om, sig, options, precision_for(options, dtype), dtype, type(model).__name__, {"route": route}, notes)
 
 
-# ---------------------------------------------------------------- int8 through NNCF
-def is_attention_model(model: nn.Module) -> bool:
-    """Attention blocks (nn.MultiheadAttention, Hugging Face *Attention modules) want NNCF's transformer
-    scheme: SmoothQuant and no quantized softmax/layernorm inputs."""
-    return any(isinstance(m, nn.MultiheadAttention) or "Attention" in type(m).__name__ for m in model.modules())
-
-
-def _calibration_shapes(flat: list[torch.Tensor], calib: list[list[torch.Tensor]], dynamic_batch: bool) -> list[list[int]]:
-    """Shapes to calibrate with: dims that differ between the example and any calibration batch are dynamic."""
-    shapes = _final_shapes(flat, dynamic_batch)
-    for b, batch in enumerate(calib):
-        for i, (t, c) in enumerate(zip(flat, batch)):
-            if c.dim() != t.dim():
-                raise BackendError(f"calibration batch {b}: input {i} has {c.dim()} dims {tuple(c.shape)}, the "
-                                   f"example has {t.dim()} {tuple(t.shape)}")
-            if c.dtype != t.dtype:
-                raise BackendError(f"calibration batch {b}: input {i} has dtype {c.dtype}, the example {t.dtype}")
-            shapes[i] = [-1 if c.shape[d] != s else s for d, s in enumerate(shapes[i])]
-    return shapes
-
-
-
-def _quiet_nncf():
-    """NNCF logs per-step INFO lines and progress bars; keep warnings and errors."""
-    from nncf.common.logging import nncf_logger
-
-    class _Quiet:
-        def __enter__(self):
-            self.level = nncf_logger.level
-            nncf_logger.setLevel(logging.WARNING)
-
-        def __exit__(self, *exc):
-            nncf_logger.setLevel(self.level)
-    return _Quiet()
-
-
-def build_int8(model: nn.Module, example_inputs: Any, options: Options, *, dynamic_batch: bool = False,
-               mode: str = "static", calibration: Any = None, preset: str = "auto", model_type: str = "auto") -> Built:
-    """int8 through NNCF. ``static``: ``nncf.quantize`` on ``calibration`` batches (tensors, tuples or
-    dicts, as the model is called). ``dynamic``: int8 weights (``nncf.compress_weights``), activations
-    quantized at run time by the plugin. ``preset``: "auto" (NNCF's choice for the model type),
-    "performance" (symmetric) or "mixed" (asymmetric activations). ``model_type``: "auto" (transformer
-    when the model has attention blocks), "transformer" or "default"."""
-    check_choice("build_int8", "mode", mode, ("static", "dynamic"))
-    check_choice("build_int8", "preset", preset, ("auto", "performance", "mixed"))
-    check_choice("build_int8", "model_type", model_type, ("auto", "transformer", "default"))
-    name = type(model).__name__
-    calib = batches_list(calibration) if calibration is not None else []
-    if mode == "static" and not calib:
-        raise BackendError(f"int8 static on OpenVINO needs calibration batches for {name} (NNCF computes "
-                           "activation ranges from them); pass calibration=[batch, ...]")
-    try:
-        import nncf
-    except ImportError:
-        raise BackendError("int8 on OpenVINO needs the nncf package, which is not installed. "
-                           "pip install 'torchfast[openvino]'") from None
-    _device(options)
-    sig = signature_of(model, example_inputs)
-    flat = _flat(sig, example_inputs, f"{name} example inputs")
-    final = _final_shapes(flat, dynamic_batch)
-    dtype = model_dtype(model)
-    info: dict[str, Any] = {"int8": mode}
-    if mode == "dynamic":
-        om, info["route"], notes = convert(model, sig, flat, final, options.route)
-        try:
-            with _quiet_nncf():
-                om = nncf.compress_weights(om, mode=nncf.CompressWeightsMode.INT8_ASYM)
-        except Exception as e:
-            raise BackendError(f"NNCF could not compress the weights of {name}: {_cause(e)}") from None
-        info["int8_weights"] = "int8_asym"
-        return _finish(om, sig, options, _precision(options, dtype), dtype, name, info,
-                       notes + ["int8 dynamic on OpenVINO: int8 weights (NNCF compress_weights INT8_ASYM); the CPU "
-                                "plugin quantizes MatMul activations at run time"])
-
-    cflat = [[a.numpy() for a in _flat(sig, b, f"calibration batch {i}")] for i, b in enumerate(calib)]
-    shapes = _calibration_shapes(flat, [[torch.from_numpy(a) for a in b] for b in cflat], dynamic_batch)
-    om, info["route"], notes = convert(model, sig, flat, shapes, options.route)
-    transformer = model_type == "transformer" or (model_type == "auto" and is_attention_model(model))
-    kwargs: dict[str, Any] = {"subset_size": min(len(cflat), _MAX_SUBSET), "fast_bias_correction": True}
-    if transformer:
-        kwargs["model_type"] = nncf.ModelType.TRANSFORMER
-    if preset != "auto":
-        kwargs["preset"] = nncf.QuantizationPreset(preset)
-    try:
-        with _quiet_nncf():
-            om = nncf.quantize(om, nncf.Dataset(cflat, tuple), **kwargs)
-    except Exception as e:
-        raise BackendError(f"NNCF could not quantize {name} on {len(cflat)} calibration batch(es): {_cause(e)}") from None
-    _reshape(om, final, name)
-    info.update({"calibration_batches": len(cflat), "model_type": "transformer" if transformer else "default",
-                 "preset": preset})
-    return _finish(om, sig, options, _precision(options, dtype), dtype, name, info, notes)
-
-
-# ---------------------------------------------------------------- artifacts (.xml + .bin)
 def _portable_spec(spec: Any) -> Any:
     """The output TreeSpec with types a plain loader knows: Mappings (a ModelOutput) as dicts,
     namedtuples as tuples, so loading needs neither transformers nor the model's classes."""
@@ -541,7 +495,7 @@ def save_artifact(artifact: Any, path: str | Path) -> Path:
     try:
         ov.save_model(om, str(xml), compress_to_fp16=False)
     except Exception as e:
-        raise BackendError(f"could not write the OpenVINO model to {xml}: {_cause(e)}") from None
+        raise BackendError(f"could not write the OpenVINO model to {xml}: {cause(e)}") from None
     return xml
 
 
@@ -561,7 +515,7 @@ def load_artifact(path: str | Path, *, device: str | torch.device | None = None,
     try:
         om = _core().read_model(str(xml), str(bin_))
     except Exception as e:
-        raise BackendError(f"{xml} is not a readable OpenVINO model (broken .xml or .bin): {_cause(e)}") from None
+        raise BackendError(f"{xml} is not a readable OpenVINO model (broken .xml or .bin): {cause(e)}") from None
     sig, meta = _signature_from(om, xml)
     precision = options.precision or meta.get("precision", "f32")
     if precision not in _PRECISIONS:
@@ -577,3 +531,6 @@ def load_artifact(path: str | Path, *, device: str | torch.device | None = None,
                                         numpy_to_torch_dtype(p.get_element_type().to_dtype()))
                             for name, p in zip(sig.input_names, compiled.inputs)]
     return runner
+
+
+from .openvino_int8 import build_int8, is_attention_model  # noqa: E402  (int8 builds on the conversion above)
