@@ -2,7 +2,8 @@
 
 For each model (random weights, eval mode, one image at the model's input size; each model in its own process, one
 thread, with a time limit), run ``prune`` (ChannelPruning 30%), ``decompose`` (LowRank defaults), ``quantize`` (Int8Dynamic
-and Int8Static on 2 calibration batches) and ``compile`` (TorchScript), each on the original model. A cell is
+and Int8Static on 2 calibration batches) and ``compile`` (TorchScript), each on the original model, with a short
+timing behind every speed decision inside them (``--timing-runs``). A cell is
 
 - ``ok``: the transform returned a model that runs and keeps the output shape; the cell shows how many
   layers it changed and skipped (each skipped layer has a named reason in the report);
@@ -60,11 +61,14 @@ def _counts(report) -> str:
     return f"{done} changed, {len(skipped)} kept" + (f" ({unnamed} without reason)" if unnamed else "")
 
 
-def _run_one(zoo: str, name: str, transforms: list[str], q: "mp.Queue") -> None:
+def _run_one(zoo: str, name: str, transforms: list[str], q: "mp.Queue", timing_runs: int) -> None:
     warnings.filterwarnings("ignore")
     import torch
     torch.set_num_threads(1)
     import torchfast as tf
+    from torchfast import measure
+    # pass/fail, not speed: every speed decision inside the transforms takes a short timing
+    measure.DEFAULT_TIMING = measure.Timing(runs=timing_runs, warmup=1)
     out: dict[str, str] = {}
     try:
         model, x = _build(zoo, name)
@@ -107,7 +111,7 @@ def _run_one(zoo: str, name: str, transforms: list[str], q: "mp.Queue") -> None:
 
 
 def sweep(zoo: str, names: list[str], transforms: list[str], timeout_s: float, jobs: int, bar,
-          partial=None) -> list[dict]:
+          partial=None, timing_runs: int = 4) -> list[dict]:
     """Each model in its own process (at most ``jobs`` at once), killed after ``timeout_s``."""
     ctx = mp.get_context("spawn")
     results: dict[str, dict] = {}
@@ -117,7 +121,7 @@ def sweep(zoo: str, names: list[str], transforms: list[str], timeout_s: float, j
         while todo and len(live) < jobs:
             name = todo.pop(0)
             q = ctx.Queue()
-            p = ctx.Process(target=_run_one, args=(zoo, name, transforms, q), daemon=True)
+            p = ctx.Process(target=_run_one, args=(zoo, name, transforms, q, timing_runs), daemon=True)
             p.start()
             live[name] = (p, q, time.perf_counter())
         time.sleep(0.5)
@@ -157,6 +161,9 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout-s", type=float, default=600)
     ap.add_argument("--jobs", type=int, default=2, help="models at once, one thread each (default 2)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--timing-runs", type=int, default=4,
+                    help="timed runs behind each speed decision inside the transforms (default 4: the sweep checks "
+                         "that every transform works, not which kernel is fastest)")
     a = ap.parse_args(argv)
     from tqdm import tqdm
 
@@ -177,7 +184,7 @@ def main(argv=None) -> int:
         for zoo, names in plan:
             done = list(rows)
             save = (lambda got, _done=done: Path(a.json).write_text(json.dumps(_done + got, indent=2))) if a.json else None
-            rows += sweep(zoo, names, transforms, a.timeout_s, a.jobs, bar, partial=save)
+            rows += sweep(zoo, names, transforms, a.timeout_s, a.jobs, bar, partial=save, timing_runs=a.timing_runs)
             if a.json:
                 Path(a.json).write_text(json.dumps(rows, indent=2))
     cols = ["zoo", "model", "build"] + transforms + ["time (s)"]
