@@ -219,12 +219,18 @@ def test_tuple_output_with_a_constant_round_trips(tmp_path):
 
 
 def _int8_compute_nodes(q) -> dict[str, bool]:
-    """Conv/Gemm/MatMul node name -> whether it computes on dequantized (int8) inputs."""
+    """Conv/Gemm/MatMul node name -> whether its weights are int8 (dequantized from an int8 initializer);
+    the dynamic quantizer's MatMulInteger/ConvInteger nodes count as int8."""
     import onnx
     proto = onnx.load_model_from_string(q.artifact.model)
     producer = {o: n for n in proto.graph.node for o in n.output}
-    return {n.name: any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in n.input)
-            for n in proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")}
+
+    def int8_weights(n) -> bool:
+        w = producer.get(n.input[1]) if len(n.input) > 1 else None
+        return w is not None and w.op_type == "DequantizeLinear"
+    out = {n.name: int8_weights(n) for n in proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")}
+    out.update({n.name: True for n in proto.graph.node if n.op_type in ("MatMulInteger", "ConvInteger")})
+    return out
 
 
 def test_int8_exclude_keeps_those_layers_float(digits_cnn):
@@ -241,6 +247,6 @@ def test_int8_exclude_keeps_those_layers_float(digits_cnn):
         assert data.eval_fn(q.runnable) >= data.eval_fn(model) - 0.01
     dyn = _int8_compute_nodes(ortb.build_int8(model, data.x_test[:8], ortb.Options(), mode="dynamic",
                                               exclude=("classifier.4",)))
-    assert sum(dyn.values()) == 1, dyn   # the other Linear; convs have no dynamic int8 kernel
+    assert sum(not v for v in dyn.values()) == 4 and sum(dyn.values()) == 1, dyn   # 3 convs (no dynamic int8 kernel) + classifier.4
     with pytest.raises(BackendError, match=r"exclude=\['features.1'\]: no ONNX node"):
         ortb.build_int8(model, data.x_test[:8], ortb.Options(), calibration=calib, exclude=("features.1",))

@@ -499,6 +499,9 @@ def build_int8(model: nn.Module, example_inputs: Any, options: Options, *, dynam
     feeds = _calibration_feeds(calib, sig, example_inputs, name)
     n = batch_size_of(example_inputs)
     export_dynamic = dynamic_batch or any(f[0].ndim and f[0].shape[0] != n for f in feeds)
+    if exclude:  # the exporter's Conv+BatchNorm fusion names the fused node after the BatchNorm: fold it first
+        from ..quant.equalize import fold_batchnorm
+        model = fold_batchnorm(model)
     proto, exporter, notes = export_onnx(model, example_inputs, sig, dynamic_batch=export_dynamic,
                                          opset=options.opset, dynamo=options.dynamo)
     if preset == "auto":
@@ -537,6 +540,8 @@ def _excluded_nodes(proto: Any, exclude: Sequence[str], name: str) -> list[str]:
         mods = [x[len("model."):] for x in paths if x.startswith("model.")]
         if mods and ex(mods[-1]):
             out.append(node.name)
+            if node.op_type == "Gemm":  # the dynamic quantizer turns a Gemm into "<name>_MatMul" + "<name>_Add"
+                out.append(node.name + "_MatMul")
     if not out:
         raise BackendError(f"exclude={list(exclude)}: no ONNX node of {name} could be traced back to those submodules "
                            f"(the TorchScript exporter records no module scopes; use dynamo=True), so they cannot be "
