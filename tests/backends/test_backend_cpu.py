@@ -110,6 +110,31 @@ def test_inductor_compiles_factorized_model(digits_mlp, fresh_dynamo):
     assert fidelity(fac, fast, data.x_test[:100]).max_abs_err < 1e-4
 
 
+def test_inductor_channels_last_matches_and_leaves_the_model_alone(digits_cnn, fresh_dynamo):
+    model, data = digits_cnn
+    x = data.x_test[:8]
+    fast = torchfast.compile(model, x, backend="inductor", channels_last=True)
+    assert fast.report.summary["channels_last"] is True
+    assert fidelity(model, fast, [x, data.x_test[8:16]]).max_abs_err < 1e-4
+    assert all(p.is_contiguous() for p in model.parameters())   # the NHWC layout went to a copy
+
+
+def test_inductor_cpp_wrapper_reaches_torch_compile(digits_mlp, monkeypatch):
+    """Plumbing only (a cpp_wrapper build compiles C++ for a minute): the option is inductor's."""
+    from torchfast.backends import inductor
+    seen = {}
+    calls = iter([(0, 0), (1, 0)])
+
+    def fake_compile(model, backend, options, **kw):
+        seen.update(options, backend=backend)
+        return model
+    monkeypatch.setattr(inductor.torch, "compile", fake_compile)
+    monkeypatch.setattr(inductor, "_counters", lambda: next(calls))
+    model, data = digits_mlp
+    built = inductor.build(model, data.x_test[:4], inductor.Options(cpp_wrapper=True))
+    assert seen["backend"] == "inductor" and seen["cpp_wrapper"] is True and built.info["cpp_wrapper"] is True
+
+
 def test_dict_inputs_and_structured_outputs_survive_tracing():
     """Keyword inputs (like HF tokenizers give) and a ModelOutput-like result type, on every CPU backend."""
     from collections import OrderedDict
