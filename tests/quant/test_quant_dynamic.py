@@ -54,6 +54,24 @@ def test_full_range_is_probed_and_exact_when_used():
     assert isinstance(full_range_exact(), bool)
 
 
+def test_seven_bit_weights_give_8_bit_activations_where_8_by_8_saturates():
+    from torchfast.quant.dynamic import _dynamic_linear_cls, full_range_exact, precision_plan, seven_bit_weights_exact
+    assert precision_plan(False) == (False, 8)
+    if full_range_exact():
+        assert precision_plan(None) == precision_plan(True) == (True, 8)
+    elif seven_bit_weights_exact():
+        assert precision_plan(None) == precision_plan(True) == (True, 7)
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    x = torch.randn(16, 64)
+    for per_channel in (True, False):
+        q = _dynamic_linear_cls().from_float_full(lin, per_channel=per_channel, full_range=True, weight_bits=7)
+        w = q.weight().int_repr()
+        assert w.abs().max() <= 64 and w.abs().max() >= 60          # the whole 7-bit range is used
+        if seven_bit_weights_exact():
+            assert (q(x) - lin(x)).abs().max().item() < 0.05
+
+
 def test_lstm_gru_and_skip():
     class Seq(nn.Module):
         def __init__(self):
@@ -116,5 +134,7 @@ def test_minilm_int8_dynamic_cosine(minilm):
     q, rep = tf.quantize(model, tf.Int8Dynamic(backend="torch.ao", keep_slower=True))
     assert rep.summary["layers quantized"] == 37  # 6 layers x 6 Linears + pooler
     cos = embedding_cosine(model, q, bl)
-    from torchfast.quant.dynamic import full_range_exact
-    assert cos >= (0.99 if full_range_exact() else 0.97), cos   # 7-bit activations on pre-VNNI CPUs
+    from torchfast.quant.dynamic import precision_plan
+    eight_bit, weight_bits = precision_plan(None)
+    assert (rep.summary["activation bits"], rep.summary["weight bits"]) == ((8, weight_bits) if eight_bit else (7, 8))
+    assert cos >= (0.99 if eight_bit else 0.97), cos   # 7-bit activations only where no exact 8-bit pair exists

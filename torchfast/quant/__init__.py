@@ -21,7 +21,7 @@ from ..transform import Exclusion, legacy_positional
 from .calibrate import CalibrationError
 from .common import AlreadyQuantizedError
 from .config import Float8, HalfPrecision, Int8Dynamic, Int8Static, QuantConfig, WeightOnly
-from .dynamic import full_range_exact
+from .dynamic import full_range_exact, precision_plan
 from .guard import restore_from_twin, shared_twin, speed_verdict
 from .weight_only import UnsupportedDeviceError
 
@@ -210,8 +210,7 @@ def _keep_budget(model: nn.Module, cfg: QuantConfig, implementation, quantized: 
         cal = collect(cfg.calibration if cfg.calibration is not None else calibration, cfg.max_batches)
         bits = 8 if full_range_exact() else 7
     else:
-        cal, bits = [], 8 if (cfg.full_range if getattr(cfg, "full_range", None) is not None
-                              else full_range_exact()) else 7
+        cal, bits = [], 8 if precision_plan(getattr(cfg, "full_range", None))[0] else 7
     result = fit_budget(model, quantized, layers, build, calibration=cal, validation=validation, tolerance=tol,
                         eval_fn=eval_fn, dynamic=not isinstance(cfg, Int8Static), activation_bits=bits,
                         progress=getattr(cfg, "progress", True))

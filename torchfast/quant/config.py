@@ -40,8 +40,10 @@ class Int8Dynamic(QuantConfig):
       the fastest (fp32 when no int8 kernel is faster); "torch.ao" (x86/fbgemm kernels) or "torchao"
       (``Int8DynamicActivationInt8WeightConfig``) force one.
     per_channel: per-output-channel weight scales (higher fidelity at the same speed).
-    full_range: 8-bit activations instead of fbgemm's default 7 bits. None = only where a probe proves the
-      kernel exact on this CPU (VNNI accumulates without the int16 saturation of older AVX2 kernels).
+    full_range: 8-bit activations instead of fbgemm's default 7 bits. None = the most precise pair a probe
+      proves exact on this CPU: 8-bit activations and weights with VNNI; on older AVX2 (int16 pair sums)
+      8-bit activations with 7-bit weights; True = 8-bit activations (7-bit weights where 8 x 8 would
+      saturate); False = 7-bit activations, 8-bit weights.
     smooth: SmoothQuant (Xiao et al., 2023) activation->weight scale migration before int8, strength chosen
       per layer group on the example inputs / calibration batches. None (default): applied when the int8
       output is measurably closer to float with it; True forces, False skips. Not with ``inplace=True``.

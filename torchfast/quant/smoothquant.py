@@ -406,8 +406,8 @@ def smooth(model: nn.Module, calibration_batches: Iterable[Batch] | Batch, *,
     batches = collect(calibration_batches)
     ex = exclusion(model, exclude, "smooth")
     if reduce_range is None:
-        from .dynamic import full_range_exact
-        reduce_range = not full_range_exact()
+        from .dynamic import full_range_exact, precision_plan
+        reduce_range = not (precision_plan(None)[0] if activations == "dynamic" else full_range_exact())
 
     work = maybe_copy(model, inplace)
     with evaluating(work):
