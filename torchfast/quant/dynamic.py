@@ -96,42 +96,36 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
+def _exact_at_the_top(weight_bits: int) -> bool:
+    """Adversarial probe of fbgemm's dynamic kernel with 8-bit activations: every activation at 255, every
+    weight at the top of its range (127 for 8 bits, 64 for 7); exact where no int16 pair sum saturates."""
+    if torch.backends.quantized.engine not in ("x86", "fbgemm"):
+        return False
+    try:
+        lin = nn.Linear(256, 4, bias=False)
+        with torch.no_grad():
+            lin.weight.fill_(1.0)
+        q = _dynamic_linear_cls().from_float_full(lin, per_channel=False, full_range=True, weight_bits=weight_bits)
+        x = torch.ones(3, 256)  # quantizes to 255 (range [0, 1])
+        ref = x @ q.weight().dequantize().t()
+        in_range = bool(q.weight().int_repr().abs().max() <= 2 ** (weight_bits - 1))
+        return in_range and torch.allclose(q(x), ref, rtol=1e-3)
+    except Exception:
+        return False
+
+
 @functools.lru_cache(maxsize=None)
 def full_range_exact() -> bool:
     """Does this CPU's fbgemm dynamic kernel compute 8-bit activations x int8 weights without saturation?
-
-    Adversarial probe: activations at 255 times weights at 127 overflow int16 pair sums (what pre-VNNI
-    AVX2 ``vpmaddubsw`` produces); VNNI accumulates in int32 and gets the exact answer.
-    """
-    if torch.backends.quantized.engine not in ("x86", "fbgemm"):
-        return False
-    try:
-        lin = nn.Linear(256, 4, bias=False)
-        with torch.no_grad():
-            lin.weight.fill_(1.0)
-        q = _dynamic_linear_cls().from_float_full(lin, per_channel=False, full_range=True)
-        x = torch.ones(3, 256)  # quantizes to 255 (range [0, 1]); weights to 127
-        ref = x @ q.weight().dequantize().t()
-        return torch.allclose(q(x), ref, rtol=1e-3)
-    except Exception:
-        return False
+    Pre-VNNI AVX2 ``vpmaddubsw`` sums pairs in int16 (255 x 127 x 2 overflows); VNNI accumulates in int32."""
+    return _exact_at_the_top(8)
 
 
+@functools.lru_cache(maxsize=None)
 def seven_bit_weights_exact() -> bool:
-    """Does this CPU's fbgemm dynamic kernel compute 8-bit activations x weights within +-64 exactly?
-    (Pre-VNNI AVX2: yes, the int16 pair sums cannot saturate; the probe checks rather than assumes.)"""
-    if torch.backends.quantized.engine not in ("x86", "fbgemm"):
-        return False
-    try:
-        lin = nn.Linear(256, 4, bias=False)
-        with torch.no_grad():
-            lin.weight.fill_(1.0)
-        q = _dynamic_linear_cls().from_float_full(lin, per_channel=False, full_range=True, weight_bits=7)
-        x = torch.ones(3, 256)  # activations at 255, weights at the top of the 7-bit range
-        ref = x @ q.weight().dequantize().t()
-        return bool(q.weight().int_repr().abs().max() <= 64) and torch.allclose(q(x), ref, rtol=1e-3)
-    except Exception:
-        return False
+    """Does it compute 8-bit activations x weights within +-64 exactly? (Pre-VNNI AVX2: 2 x 255 x 64 fits
+    int16; the probe checks rather than assumes.)"""
+    return _exact_at_the_top(7)
 
 
 def precision_plan(full_range: bool | None) -> tuple[bool, int]:
