@@ -2,6 +2,7 @@
 and `torchfast optimize --recipe auto --time-budget`."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,13 +105,19 @@ def test_durations():
             _duration(bad)
 
 
-def test_optimize_recipe_auto_on_unlabeled_data_within_a_budget(tmp_path, capsys):
+def _optimize_auto(tmp_path, *flags: str) -> tuple[int, Path]:
+    """``torchfast optimize --recipe auto`` on the test CNN with unlabeled calibration data; (exit code, report)."""
     (tmp_path / "cnn.py").write_text(CNN)
     torch.save(torch.randn(32, 3, 6, 5), tmp_path / "x.pt")
     report = tmp_path / "r.json"
     rc = main(["optimize", f"{tmp_path / 'cnn.py'}:build", "--input-shape", "4,3,6,5", "--calibration",
-               str(tmp_path / "x.pt"), "--recipe", "auto", "--backend", "eager", "--time-budget", "3s",
-               "--runs", "3", "--no-progress", "--report", str(report)])
+               str(tmp_path / "x.pt"), "--recipe", "auto", "--backend", "eager", *flags, "--runs", "3",
+               "--no-progress", "--report", str(report)])
+    return rc, report
+
+
+def test_optimize_recipe_auto_on_unlabeled_data_within_a_budget(tmp_path, capsys):
+    rc, report = _optimize_auto(tmp_path, "--time-budget", "3s")
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert "recipe: auto (search, 3s budget)" in out.err and "optimize: auto" in out.out
@@ -133,13 +140,8 @@ def test_search_space_spec_parses_to_a_search_space_and_names_what_is_wrong():
 
 
 def test_optimize_search_space_narrows_the_search_and_needs_recipe_auto(tmp_path, capsys):
-    (tmp_path / "cnn.py").write_text(CNN)
-    torch.save(torch.randn(32, 3, 6, 5), tmp_path / "x.pt")
-    report = tmp_path / "r.json"
-    rc = main(["optimize", f"{tmp_path / 'cnn.py'}:build", "--input-shape", "4,3,6,5", "--calibration",
-               str(tmp_path / "x.pt"), "--recipe", "auto", "--backend", "eager", "--time-budget", "none",
-               "--search-space", "prune=0,lowrank=none,int8=dynamic/none,finalists=0", "--runs", "3",
-               "--no-progress", "--report", str(report)])
+    rc, report = _optimize_auto(tmp_path, "--time-budget", "none",
+                                "--search-space", "prune=0,lowrank=none,int8=dynamic/none,finalists=0")
     out = capsys.readouterr()
     assert rc == 0, out.err
     names = [r["candidate"] for r in json.loads(report.read_text())["rows"]]

@@ -125,11 +125,15 @@ def build_int8(model: nn.Module, example_inputs: Any, options: Options, *, dynam
     info: dict[str, Any] = {"int8": mode}
     owners: dict[str, str] | None = {} if exclude else None
     kwargs: dict[str, Any] = {}
+    cflat = [] if mode == "dynamic" else \
+        [[a.numpy() for a in flat_inputs(sig, b, f"calibration batch {i}")] for i, b in enumerate(calib)]
+    shapes = (final if mode == "dynamic" else
+              _calibration_shapes(flat, [[torch.from_numpy(a) for a in b] for b in cflat], dynamic_batch))
+    om, info["route"], notes = convert(model, sig, flat, shapes, options.route, owners)
+    if exclude:
+        kwargs["ignored_scope"], more = _ignored(nncf, model, exclude, owners, om)
+        notes = notes + more
     if mode == "dynamic":
-        om, info["route"], notes = convert(model, sig, flat, final, options.route, owners)
-        if exclude:
-            kwargs["ignored_scope"], more = _ignored(nncf, model, exclude, owners, om)
-            notes = notes + more
         try:
             with _quiet_nncf():
                 om = nncf.compress_weights(om, mode=nncf.CompressWeightsMode.INT8_ASYM, **kwargs)
@@ -140,18 +144,12 @@ def build_int8(model: nn.Module, example_inputs: Any, options: Options, *, dynam
                       notes + ["int8 dynamic on OpenVINO: int8 weights (NNCF compress_weights INT8_ASYM); the CPU "
                                "plugin quantizes MatMul activations at run time"])
 
-    cflat = [[a.numpy() for a in flat_inputs(sig, b, f"calibration batch {i}")] for i, b in enumerate(calib)]
-    shapes = _calibration_shapes(flat, [[torch.from_numpy(a) for a in b] for b in cflat], dynamic_batch)
-    om, info["route"], notes = convert(model, sig, flat, shapes, options.route, owners)
     transformer = model_type == "transformer" or (model_type == "auto" and is_attention_model(model))
     kwargs.update({"subset_size": min(len(cflat), _MAX_SUBSET), "fast_bias_correction": True})
     if transformer:
         kwargs["model_type"] = nncf.ModelType.TRANSFORMER
     if preset != "auto":
         kwargs["preset"] = nncf.QuantizationPreset(preset)
-    if exclude:
-        kwargs["ignored_scope"], more = _ignored(nncf, model, exclude, owners, om)
-        notes = notes + more
     try:
         with _quiet_nncf():
             om = nncf.quantize(om, nncf.Dataset(cflat, tuple), **kwargs)

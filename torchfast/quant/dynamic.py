@@ -255,7 +255,7 @@ def quantize_dynamic(model: nn.Module, cfg: Int8Dynamic, *, example_inputs: Batc
                            "layers kept in float": len(report.rows) - len(chosen),
                            "backends tried": ", ".join(backends),
                            "activation bits": 8 if full_range else 7,
-                           "weight bits": weight_bits if full_range else 8})
+                           "weight bits": weight_bits})
     if not names:
         report.note("no Linear/LSTM/GRU layer to quantize: the model is returned unchanged")
     if example_inputs is None:
