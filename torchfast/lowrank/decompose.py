@@ -67,12 +67,43 @@ class SVDPrep(NamedTuple):
         return self.S.numel()
 
 
+# from this length of a matrix's short side on, the Gram route is faster than LAPACK's SVD (measured, one
+# thread: 25088x4096 in 40 s instead of 330 s, 4096x4096 in 17 s instead of 35 s)
+GRAM_MIN_SIDE = 1024
+
+
+def thin_svd(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.svd(M, full_matrices=False)``, through the eigenvectors of the short side's Gram matrix
+    when that side is long (a VGG classifier would spend minutes in the bidiagonalization).
+
+    The short-side factor is orthonormal to working precision and the long-side one is ``M`` projected on
+    it, so ``U[:, :r] S[:r] Vh[:r]`` is the projection of ``M`` on the leading ``r`` directions: exact at full
+    rank, and the singular values are the norms of those projections (accurate for the kept ones).
+    """
+    m, n = M.shape
+    if min(m, n) < GRAM_MIN_SIDE:
+        return torch.linalg.svd(M, full_matrices=False)
+    wide = m <= n
+    G = M @ M.T if wide else M.T @ M
+    _, Q = torch.linalg.eigh(G.double())
+    Q = Q.flip(1).to(M.dtype)  # leading directions first
+    P = Q.T @ M if wide else (M @ Q).T  # row i = s_i * (unit long-side vector i)
+    S = P.norm(dim=1)
+    S, order = S.sort(descending=True)
+    Q, P = Q[:, order], P[order]
+    zero = S <= torch.finfo(M.dtype).tiny  # a direction M has nothing along
+    long_side = torch.where(zero[:, None], torch.zeros_like(P), P / S.clamp_min(torch.finfo(M.dtype).tiny)[:, None])
+    if wide:
+        return Q, S, long_side
+    return long_side.T, S, Q.T
+
+
 def svd_prep(W: torch.Tensor, cov: torch.Tensor | None = None, damping: float = 1e-2) -> SVDPrep:
     if cov is None:
-        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        U, S, Vh = thin_svd(W)
         return SVDPrep(U, S, Vh)
     L = cholesky_whitener(cov.to(W.dtype), damping)
-    U, S, Vh = torch.linalg.svd(W @ L, full_matrices=False)
+    U, S, Vh = thin_svd(W @ L)
     # Vh_in = Vh L^{-1}: solve X L = Vh
     Vh_in = torch.linalg.solve_triangular(L, Vh, upper=False, left=False)
     return SVDPrep(U, S, Vh_in)
@@ -146,7 +177,7 @@ def project_lstsq(W: torch.Tensor, Bm: torch.Tensor, cov_d: torch.Tensor) -> tor
 
 # ---------------------------------------------------------------- Tucker-2 (Kim et al.)
 def _top_left(M: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    U, S, _ = torch.linalg.svd(M, full_matrices=False)
+    U, S, _ = thin_svd(M)
     return U[:, :r], S
 
 
