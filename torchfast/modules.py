@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -41,6 +42,17 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     if not hasattr(parent, child) and child not in parent._modules:
         raise KeyError(f"no submodule named {name!r} in {type(model).__name__}")
     setattr(parent, child, new)
+
+
+def shared_twin(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` that shares every parameter and buffer tensor (no weight memory).
+
+    It keeps the original layers alive while an in-place transform swaps them out of ``model`` (so the float
+    model can still be timed and put back), and gives an in-place transform a tree to build and check its
+    result on before it touches ``model``. Changing a shared tensor's values changes ``model``'s.
+    """
+    memo: dict[int, Any] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 def maybe_copy(model: nn.Module, inplace: bool) -> nn.Module:

@@ -165,6 +165,8 @@ def _size(model: nn.Module) -> tuple[float | None, int | None]:
 
 def _compile(model: nn.Module, example_inputs: Any, backend: str, options: dict) -> nn.Module:
     from . import backends
+    if backend != "auto":  # optimize measures the compiled model against the original itself: verify once
+        options = {"verify": False, **options}
     return backends.compile(model, example_inputs, backend=backend, **options)
 
 
@@ -367,7 +369,7 @@ def _run(original, example, recipe, backend, options, eval_fn, tol, calib, val, 
     if backend == "auto":
         options = {"validation": val, "threads": threads, "progress": False, **options}
 
-    current = copy.deepcopy(original)
+    current = original  # every stage runs on its own copy of the model before it: one copy per stage
     for cfg in recipe:
         name = describe(cfg)
         bar.set_postfix_str(name)
@@ -401,7 +403,7 @@ def _run(original, example, recipe, backend, options, eval_fn, tol, calib, val, 
         results.append(r)
         bar.update(1)
 
-    transformed = current
+    transformed = current if current is not original else copy.deepcopy(original)  # never the user's object
     compile_name = f"compile: {backend}" + (f" + {describe(lowered)}" if lowered is not None else "")
     bar.set_postfix_str(compile_name)
     t0 = time.perf_counter()

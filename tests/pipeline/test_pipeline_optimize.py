@@ -169,3 +169,25 @@ def test_a_timing_object_sets_every_comparison_and_explicit_numbers_override_it(
     assert set(seen) == {(2, 0, 1)}
     with pytest.raises(TypeError, match="torchfast.measure.Timing"):
         optimize(m, x, [], timing={"runs": 3}, progress=False)
+
+
+def test_one_copy_of_the_model_per_stage_and_never_the_users_object(monkeypatch):
+    from torchfast import pipeline
+    copies = []
+    real = copy.deepcopy
+
+    def counting(obj, *a, **kw):
+        if isinstance(obj, nn.Module):
+            copies.append(type(obj).__name__)
+        return real(obj, *a, **kw)
+    monkeypatch.setattr(pipeline.copy, "deepcopy", counting)
+    m, x = _mlp(), torch.randn(8, 16)
+    res = optimize(m, x, [st.Noise(1e-4), st.Noise(1e-4)], tolerance=None, **FAST)
+    assert len(copies) == 2  # one per stage, none for the reference
+    assert res.transformed is not m
+    copies.clear()
+    res = optimize(m, x, [], **FAST)
+    assert len(copies) == 1 and res.transformed is not m  # nothing applied: the result is still a copy
+    with torch.no_grad():
+        next(res.transformed.parameters()).add_(1.0)
+    assert not torch.equal(next(m.parameters()), next(res.transformed.parameters()))

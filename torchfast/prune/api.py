@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..measure import count_flops
-from ..modules import batches_list, call_model, check_module, evaluating, first_tensor, set_submodule, swap_modules
+from ..modules import batches_list, call_model, check_module, evaluating, first_tensor, set_submodule, \
+    shared_twin, swap_modules
 from ..report import Report
 from ..transform import Exclusion, legacy_positional, require_names
 from .config import ChannelPruning
@@ -153,7 +154,9 @@ def prune(model: nn.Module, config: ChannelPruning | None = None, *, example_inp
     Exclusion.resolve(model, cfg)
     require_names(model, [n for n, _ in cfg.layer_amounts], "ChannelPruning.layer_amounts")
 
-    work = copy.deepcopy(model)
+    # in place, a structural twin sharing every tensor is enough to build and check the pruned model on: the
+    # rebuilt layers are new modules and the swap into ``model`` comes last (taylor scores write grads: a copy)
+    work = shared_twin(model) if inplace and cfg.importance != "taylor" else copy.deepcopy(model)
     report = Report(f"prune: {type(model).__name__}", columns=["layer", "type", "before", "after", "applied", "reason"])
     g, fams, blocked, removed = plan(work, example_inputs, cfg, calibration=calibration, report=report)
 

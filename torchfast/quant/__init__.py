@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 from torch import nn
 
 from ..dropin import eval_mode
-from ..modules import Batch, check_module, restore_training_flags, training_flags
+from ..modules import Batch, check_module, restore_training_flags, shared_twin, training_flags
 from ..report import Report
 from ..stages import STAGES, load, stage_of
 from ..tolerance import Tolerance, as_tolerance
@@ -22,7 +22,7 @@ from .calibrate import CalibrationError
 from .common import AlreadyQuantizedError
 from .config import Float8, HalfPrecision, Int8Dynamic, Int8Static, QuantConfig, WeightOnly
 from .dynamic import full_range_exact, precision_plan
-from .guard import restore_from_twin, shared_twin, speed_verdict
+from .guard import restore_from_twin, speed_verdict
 from .weight_only import UnsupportedDeviceError
 
 __all__ = ["quantize", "Int8Dynamic", "Int8Static", "WeightOnly", "Float8", "HalfPrecision",

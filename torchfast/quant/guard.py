@@ -8,29 +8,15 @@ report that says so.
 """
 from __future__ import annotations
 
-import copy
-import itertools
-from typing import Any
-
 from torch import nn
 
 from ..measure import compare_latency, resolve_timing
 from ..modules import Batch
 from ..report import Report
 
-__all__ = ["shared_twin", "restore_from_twin", "speed_verdict", "SLOWER"]
+__all__ = ["restore_from_twin", "speed_verdict", "SLOWER"]
 
 SLOWER = "slower than float"
-
-
-def shared_twin(model: nn.Module) -> nn.Module:
-    """A structural copy of ``model`` that shares every parameter and buffer tensor (no weight memory).
-
-    It keeps the float layers alive while an in-place transform swaps them out of ``model``, so the
-    float model can still be timed and, if it wins, put back.
-    """
-    memo: dict[int, Any] = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    return copy.deepcopy(model, memo)
 
 
 def restore_from_twin(model: nn.Module, twin: nn.Module) -> None:

@@ -11,14 +11,13 @@ inputs. Layers with no int8 kernel (LayerNorm, GELU, ...) stay fp32; the report 
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..modules import Batch, call_model, split_batch, weight_readers
+from ..modules import Batch, call_model, shared_twin, split_batch, weight_readers
 from ..quantized import quantized_module_kind
 from ..report import Report
 from ..transform import Exclusion
@@ -265,7 +264,7 @@ def quantize_fx_static(model: nn.Module, cfg: Int8Static, batches: list[Batch],
     exclusion = exclusion if exclusion is not None else Exclusion(cfg.exclude, "Int8Static")
     reduce_range = not full_range_exact()
     untraced: list[tuple[str, str]] = []
-    original = copy.deepcopy(model)
+    original = shared_twin(model)  # the report reads the layers' names and types from it, no weights
     q = _fx_one(model, cfg, batches, reduce_range, exclusion.roots(model), "", untraced, cfg.progress, keep=keep)
     scheme = "int8 static, " + ("per-channel" if cfg.per_channel else "per-tensor") + f", {cfg.observer}"
     report = layer_report(original, q, untraced, exclusion, scheme)
