@@ -119,19 +119,19 @@ class Optimized:
         only in that format: anything else would silently drop the int8."""
         from .export import format_for_path, save
         fmt = format or format_for_path(path)
-        inner = self.model.inner if hasattr(self.model, "inner") else self.model
         from .backends.compiled import Compiled
-        obj = inner if isinstance(inner, Compiled) else self.transformed
-        native = {"onnxruntime": "onnx", "openvino": "openvino"}.get(getattr(obj, "backend", None))
+        inner = getattr(self.model, "inner", self.model)
+        # the drop-in wrapper of a compiled model (save() unwraps it and records the dims it checks as
+        # dynamic), else the transformed eager model
+        compiled = inner if isinstance(inner, Compiled) else None
+        native = {"onnxruntime": "onnx", "openvino": "openvino"}.get(getattr(compiled, "backend", None))
         lowered = any(s.applied and s.name.startswith("compile:") and "Int8" in s.name for s in self.stages)
         if native and lowered and fmt != native:
-            raise ValueError(f"the optimized model is {obj.backend} int8; it saves as format={native!r} "
+            raise ValueError(f"the optimized model is {compiled.backend} int8; it saves as format={native!r} "
                              f"(a .{'onnx' if native == 'onnx' else 'xml'} path), not {fmt!r}")
         if "example_inputs" not in kwargs and getattr(self, "example_inputs", None) is not None:
             kwargs["example_inputs"] = self.example_inputs
-        if inner is obj and inner is not self.model:
-            obj = self.model   # the drop-in wrapper: save() records the dims it checks as dynamic
-        return save(obj, path, format=fmt, **kwargs)
+        return save(self.model if compiled is not None else self.transformed, path, format=fmt, **kwargs)
 
     def chart(self, path: str, **kwargs: Any) -> str:
         """PNG of latency vs fidelity per stage (needs matplotlib: ``pip install 'torchfast[plot]'``)."""
