@@ -24,7 +24,9 @@ from .config import ChannelPruning
 from .graph import DependencyGraph, Family, TraceError, _tensors
 from .importance import family_scores
 from .structured import describe, keep_indices, rebuild_module
+from .recalibrate import recalibrate_batchnorm
 from .trace import trace
+from ..config import ConfigError
 from ..errors import TorchfastError
 
 
@@ -134,7 +136,8 @@ def prune(model: nn.Module, config: ChannelPruning | None = None, *, example_inp
     """Structured pruning on the model's dependency graph. Returns (pruned model, report).
 
     example_inputs: one batch (tensor / tuple / dict) the graph is traced from (else the first
-        calibration batch). calibration: batches for ``importance="taylor"``.
+        calibration batch). calibration: unlabeled batches for ``importance="taylor"`` and for re-estimating
+        BatchNorm statistics after pruning (``ChannelPruning.recalibrate_bn``; the report's summary says how it went).
     inplace: ``False`` (default) prunes a copy and leaves ``model`` exactly as it was (weights, module
         types, every submodule's train/eval flag). ``True`` swaps the rebuilt layers into ``model`` and
         returns it; the untouched layers keep their parameter objects. When the root module itself is
@@ -151,8 +154,11 @@ def prune(model: nn.Module, config: ChannelPruning | None = None, *, example_inp
         example_inputs = next(iter(batches_list(calibration)), None)
     if example_inputs is None:
         raise ValueError("prune() needs example_inputs: the dependency graph is traced from one forward pass")
-    Exclusion.resolve(model, cfg)
+    exclusion = Exclusion.resolve(model, cfg)
     require_names(model, [n for n, _ in cfg.layer_amounts], "ChannelPruning.layer_amounts")
+    if cfg.recalibrate_bn is True and calibration is None:
+        raise ConfigError("ChannelPruning(recalibrate_bn=True) re-estimates BatchNorm statistics on calibration "
+                          "batches: pass calibration=[batch, ...]")
 
     # in place, a structural twin sharing every tensor is enough to build and check the pruned model on: the
     # rebuilt layers are new modules and the swap into ``model`` comes last (taylor scores write grads: a copy)
@@ -190,6 +196,18 @@ def prune(model: nn.Module, config: ChannelPruning | None = None, *, example_inp
             raise PruneError(f"pruning changed the output shapes {ref_shapes} -> {_shapes(out)}; "
                              "the original model is unchanged")
 
+    restated: dict[str, nn.Module] = {}
+    if new_modules and cfg.recalibrate_bn is not False and calibration is not None:
+        bn = recalibrate_batchnorm(work, model, batches_list(calibration), skip=exclusion,
+                                   force=cfg.recalibrate_bn is True)
+        if bn["layers"]:
+            fit = max(1, len(batches_list(calibration)) - 1)
+            how = (f"{len(bn['layers'])} layers on {fit} calibration batch(es); output error vs the original "
+                   f"{bn['error before']:.4g} -> {bn['error after']:.4g}")
+            report.summary["BatchNorm re-estimated"] = ("yes, " if bn["kept"] else "no (not closer), ") + how
+            if bn["kept"]:
+                restated = {n: work.get_submodule(n) for n in bn["layers"] if n not in new_modules}
+
     for reason, comps in sorted(blocked.items(), key=lambda kv: -len(kv[1])):
         prods = sorted({m for c in comps for m, r in c.producers})
         shown = ", ".join(prods[:3]) + (f" (+{len(prods) - 3} more)" if len(prods) > 3 else "")
@@ -209,7 +227,7 @@ def prune(model: nn.Module, config: ChannelPruning | None = None, *, example_inp
     if inplace and new_modules and not root_replaced:
         user_aliases = _aliases(model)
         user_by_name = dict(model.named_modules(remove_duplicate=False))
-        swap_modules(model, {alias: new for mod, new in new_modules.items()
+        swap_modules(model, {alias: new for mod, new in {**new_modules, **restated}.items()
                              for alias in user_aliases[id(user_by_name[mod])] if alias})
         result = model
     elif inplace and not new_modules:

@@ -22,6 +22,10 @@ class ChannelPruning(Config):
     exclude: module names or fnmatch globs (a name covers its submodules) whose channels must not change.
     layer_amounts: {layer name: amount} overrides for the groups that layer produces.
     round_to: keep channel counts multiples of this (e.g. 8 for vectorized kernels).
+    recalibrate_bn: re-estimate the BatchNorm statistics on the calibration batches after pruning (the layers
+        feeding them lost channels, so the statistics they were trained with no longer fit). ``None``
+        (default): whenever calibration batches are given, kept where it brings the outputs closer to the
+        original's on the last batch (held out); ``True``: always (needs calibration); ``False``: never.
     ``loss_fn`` is a callable: ``to_dict`` shows its type and ``from_dict`` leaves it unset.
     """
     _transform = "prune"
@@ -33,6 +37,7 @@ class ChannelPruning(Config):
     round_to: int = 1
     max_amount: float = 0.9
     loss_fn: Callable[[Any], Any] | None = opaque()
+    recalibrate_bn: bool | None = None
 
     def __post_init__(self) -> None:
         la = self.layer_amounts
@@ -47,6 +52,8 @@ class ChannelPruning(Config):
         check_choice(n, "importance", self.importance, IMPORTANCE)
         check_choice(n, "scope", self.scope, ("local", "global"))
         check_range(n, "max_amount", self.max_amount, 0.0, 1.0, hi_inclusive=False)
+        if self.recalibrate_bn not in (None, True, False):
+            raise ConfigError(f"{n}.recalibrate_bn must be None, True or False, got {self.recalibrate_bn!r}")
         if not isinstance(self.round_to, int) or self.round_to < 1:
             raise ConfigError(f"{n}.round_to must be a positive int, got {self.round_to!r}")
         excluded = Exclusion(self.exclude)
