@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -91,18 +92,22 @@ def digits() -> str:
     base = d.eval_fn(m)
     x = d.x_test[:64]
     rows = [{"amount": 0.0, "importance": "-", "params ratio": 1.0, "acc pruned (%)": 100 * base,
-             "acc after 2-epoch fine-tune (%)": None}]
+             "acc pruned + BN re-estimated (%)": None, "acc after 2-epoch fine-tune (%)": None}]
     for amount in tqdm((0.3, 0.5, 0.7), desc="digits"):
         for imp in ("l2", "bn_scale", "taylor"):
-            pm, rep = tf.prune(m, tf.ChannelPruning(amount=amount, importance=imp), example_inputs=x, calibration=d.calibration(),
-                               inplace=False)
+            cfg = tf.ChannelPruning(amount=amount, importance=imp)
+            bare, _ = tf.prune(m, dataclasses.replace(cfg, recalibrate_bn=False), example_inputs=x,
+                               calibration=d.calibration())
+            # unlabeled training images: 7 batches re-estimate the BatchNorm statistics, the 8th judges them
+            pm, rep = tf.prune(m, cfg, example_inputs=x, calibration=d.calibration())
             acc = d.eval_fn(pm)
             cmp = compare_latency(m, pm, x, runs=20, threads=2)
             pm, frep = tf.finetune(pm, train, F.cross_entropy, epochs=2, lr=2e-3)
             # the tables in RESULTS.md give after/before; the report says "x fewer" (before/after)
             rows.append({"amount": amount, "importance": imp, "params ratio": 1 / rep.summary["params: x fewer"],
                          "FLOPs ratio": 1 / rep.summary["FLOPs: x fewer"], "speedup b64": cmp.speedup,
-                         "acc pruned (%)": 100 * acc, "acc after 2-epoch fine-tune (%)": 100 * d.eval_fn(pm)})
+                         "acc pruned (%)": 100 * d.eval_fn(bare), "acc pruned + BN re-estimated (%)": 100 * acc,
+                         "acc after 2-epoch fine-tune (%)": 100 * d.eval_fn(pm)})
     return format_table(rows)
 
 
