@@ -17,7 +17,7 @@ def _plain_torch(script: str, cwd) -> str:
     """Run ``script`` in a fresh interpreter where torchfast cannot be imported."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # drop the checkout from sys.path and the editable-install finder (`pip install -e .`) from sys.meta_path
+    # drop the source tree from sys.path and the editable-install finder (`pip install -e .`) from sys.meta_path
     code = (f"import os, sys\nsys.path = [p for p in sys.path if p not in ('', '.') and os.path.abspath(p) != {root!r}]\n"
             "sys.meta_path = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')\n"
             "                 and '__editable__' not in getattr(type(f), '__module__', '')]\n"
