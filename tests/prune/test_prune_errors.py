@@ -110,3 +110,42 @@ def test_training_mode_model_is_not_touched(digits_cnn):
     pm, _ = tf.prune(model, tf.ChannelPruning(amount=0.3), example_inputs=data.x_test[:8], inplace=False)
     assert model.training and pm.training
     assert _same(snap, state_snapshot(model))  # BN running stats untouched by tracing / FLOP counting
+
+
+class _WidthFromAnotherTensor(nn.Module):
+    """Reshapes to a width read from another tensor's shape (as maxvit's attention does): the trace cannot
+    see that the two widths must stay equal."""
+
+    def __init__(self, side_branch: bool = True):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(8, 24), nn.Linear(24, 24), nn.Linear(24, 4)
+        self.side = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)) if side_branch else None
+
+    def forward(self, inp):
+        x = torch.relu(self.a(inp))
+        B, D = x.shape
+        z = torch.relu(self.b(x)).reshape(B, 2, -1).reshape(B, D)
+        out = self.head(z)
+        return out + self.side(inp) if self.side is not None else out
+
+
+def test_groups_whose_removal_breaks_the_forward_are_kept_whole_and_the_rest_pruned():
+    torch.manual_seed(0)
+    m, x = _WidthFromAnotherTensor().eval(), torch.randn(4, 8)
+    before = state_snapshot(m)
+    p, rep = tf.prune(m, tf.ChannelPruning(amount=0.5), example_inputs=x)
+    assert p(x).shape == (4, 4) and p.side[0].out_features == 16 and p.a.out_features == 24
+    kept = [r for r in rep.rows if r["layer"] == "a" and r["type"] == "group"]
+    assert kept and "fixes this width" in kept[0]["reason"]
+    assert any("fails on the example inputs" in n and "1 of 2 groups" in n for n in rep.notes)
+    assert all(torch.equal(before[k], v) for k, v in state_snapshot(m).items())
+
+
+def test_when_every_group_breaks_the_forward_prune_refuses_and_changes_nothing():
+    torch.manual_seed(0)
+    m, x = _WidthFromAnotherTensor(side_branch=False).eval(), torch.randn(4, 8)
+    before = state_snapshot(m)
+    with pytest.raises(tf.prune.PruneError, match=r"fails on the example inputs .*shape '\[4, 12\]'"):
+        tf.prune(m, tf.ChannelPruning(amount=0.5), example_inputs=x, inplace=True)
+    assert type(m.a) is nn.Linear and m.a.out_features == 24
+    assert all(torch.equal(before[k], v) for k, v in state_snapshot(m).items())

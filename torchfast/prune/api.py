@@ -130,6 +130,44 @@ def plan(model: nn.Module, example_inputs: Any, cfg: ChannelPruning, *, calibrat
     return g, fams, blocked, removed
 
 
+def _assemble(work: nn.Module, g: DependencyGraph, removed: set[int]) -> tuple[nn.Module, dict, dict]:
+    """Swap into ``work`` the smaller copies of every layer that loses channels/heads; returns (the model,
+    {name: new layer}, {name: the layer it replaced})."""
+    keep = keep_indices(g, removed)
+    aliases = _aliases(work)
+    new_modules = {mod: rebuild_module(work.get_submodule(mod), k) for mod, k in sorted(keep.items())}
+    old_by_name = {mod: work.get_submodule(mod) for mod in new_modules}
+    for mod, new in new_modules.items():
+        for alias in aliases[id(old_by_name[mod])]:
+            if alias:
+                set_submodule(work, alias, new)
+    return (new_modules[""] if "" in new_modules else work), new_modules, old_by_name
+
+
+def _failure(work: nn.Module, example_inputs: Any, ref_shapes: list[tuple]) -> str | None:
+    """Why the pruned model does not do what the original did on the example inputs, or None."""
+    try:  # rebuilt layers carry the flag of the layer they replace, so evaluating() restores them too
+        with torch.no_grad(), evaluating(work):
+            out = call_model(work, example_inputs)
+    except Exception as e:
+        return f"fails on the example inputs ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    if _shapes(out) != ref_shapes:
+        return f"changes the output shapes {ref_shapes} -> {_shapes(out)}"
+    return None
+
+
+def _culprits(groups: list, breaks: Callable[[list], bool], known: bool = False) -> list:
+    """The groups whose removal breaks the model, by halving (a few dozen trial builds for a hundred groups);
+    groups that break it only together are all returned."""
+    if not groups or not (known or breaks(groups)):
+        return []
+    if len(groups) == 1:
+        return list(groups)
+    half = len(groups) // 2
+    found = _culprits(groups[:half], breaks) + _culprits(groups[half:], breaks)
+    return found or list(groups)
+
+
 @legacy_positional(("example_inputs", "config"))
 def prune(model: nn.Module, config: ChannelPruning | None = None, *, example_inputs: Any = None,
           calibration: Any = None, inplace: bool = False) -> tuple[nn.Module, Report]:
@@ -162,39 +200,43 @@ def prune(model: nn.Module, config: ChannelPruning | None = None, *, example_inp
 
     # in place, a structural twin sharing every tensor is enough to build and check the pruned model on: the
     # rebuilt layers are new modules and the swap into ``model`` comes last (taylor scores write grads: a copy)
-    work = shared_twin(model) if inplace and cfg.importance != "taylor" else copy.deepcopy(model)
+    work_is_twin = inplace and cfg.importance != "taylor"
+    work = shared_twin(model) if work_is_twin else copy.deepcopy(model)
     report = Report(f"prune: {type(model).__name__}", columns=["layer", "type", "before", "after", "applied", "reason"])
     g, fams, blocked, removed = plan(work, example_inputs, cfg, calibration=calibration, report=report)
 
-    keep = keep_indices(g, removed)
-    aliases = _aliases(work)
-    new_modules: dict[str, nn.Module] = {}
-    for mod, k in sorted(keep.items()):
-        old = work.get_submodule(mod)
-        new = rebuild_module(old, k)
-        new_modules[mod] = new
-        report.add_row(layer=mod, type=type(old).__name__, before=describe(old), after=describe(new), applied=True,
-                       reason="channels removed" if "head" not in k else "heads removed")
-    old_by_name = {mod: work.get_submodule(mod) for mod in new_modules}
-    root_replaced = "" in new_modules
-    for mod, new in new_modules.items():
-        for alias in aliases[id(old_by_name[mod])]:
-            if alias:
-                set_submodule(work, alias, new)
-    if root_replaced:
-        work = new_modules[""]
-
     ref_shapes = _shapes(g.output)
-    if new_modules:
-        try:  # rebuilt layers carry the flag of the layer they replace, so evaluating() restores them too
-            with torch.no_grad(), evaluating(work):
-                out = call_model(work, example_inputs)
-        except Exception as e:
-            raise PruneError(f"the pruned model fails on the example inputs ({type(e).__name__}: {e}); "
-                             f"the original model is unchanged. Please report this model.") from e
-        if _shapes(out) != ref_shapes:
-            raise PruneError(f"pruning changed the output shapes {ref_shapes} -> {_shapes(out)}; "
-                             "the original model is unchanged")
+    work, new_modules, old_by_name = _assemble(work, g, removed)
+    failure = _failure(work, example_inputs, ref_shapes) if new_modules else None
+    if failure is not None:
+        # the model's own code fixes a size the trace could not see (a reshape to a stored width): find the
+        # groups whose removal breaks it, keep them whole, prune the rest
+        fresh = (lambda: shared_twin(model)) if work_is_twin else (lambda: copy.deepcopy(model))
+        groups = [(f, {c.root for c in f.components} & removed) for f in fams]
+        groups = [(f, roots) for f, roots in groups if roots]
+
+        def breaks(subset: list) -> bool:
+            trial, mods, _ = _assemble(shared_twin(model), g, set().union(*(r for _, r in subset)))
+            return bool(mods) and _failure(trial, example_inputs, ref_shapes) is not None
+        culprits = _culprits(groups, breaks, known=True)
+        if len(culprits) == len(groups):
+            raise PruneError(f"the pruned model {failure}; the original model is unchanged. Please report this model.")
+        for f, roots in culprits:
+            removed -= roots
+            blocked.setdefault("the model's code fixes this width: removing channels breaks its forward",
+                               []).extend(f.components)
+        report.note(f"with every group pruned, the model {failure}: {len(culprits)} of {len(groups)} groups "
+                    f"are kept whole (rows 'kept: the model's code fixes this width')")
+        work, new_modules, old_by_name = _assemble(fresh(), g, removed)
+        failure = _failure(work, example_inputs, ref_shapes) if new_modules else None
+        if failure is not None:
+            raise PruneError(f"the pruned model {failure}; the original model is unchanged. Please report this model.")
+    root_replaced = "" in new_modules
+    keep = keep_indices(g, removed)
+    for mod, new in new_modules.items():
+        old = old_by_name[mod]
+        report.add_row(layer=mod, type=type(old).__name__, before=describe(old), after=describe(new), applied=True,
+                       reason="channels removed" if "head" not in keep[mod] else "heads removed")
 
     restated: dict[str, nn.Module] = {}
     if new_modules and cfg.recalibrate_bn is not False and calibration is not None:
