@@ -235,7 +235,8 @@ def optimize(model: nn.Module, example_inputs: Any, recipe: Sequence[Config] | s
     the last quarter of the calibration batches, 1 to 8, held out from the stages; else the example
     inputs); ``eval_fn(model) -> float`` adds a task metric.
     A stage that breaks ``tolerance`` is rolled back (the model before it continues) and the report
-    says why. A pruning or low-rank stage that breaks it is first distilled toward the original on the
+    says why. A pruning or low-rank stage that breaks it first gets its BatchNorm statistics re-estimated on
+    the calibration batches; if still outside, it is distilled toward the original on the
     calibration batches (``torchfast.distill``, no labels) and kept if that brings it within tolerance;
     the report shows its fidelity before and after. ``recover``: ``"distill"`` (default; only acts when
     calibration batches are given), a dict of ``distill`` options (``{"steps": 500}``), or None (off).
@@ -455,7 +456,20 @@ def _recover(cand: nn.Module, r: StageResult, original: nn.Module, calib: list, 
     recovered model (kept if now within tolerance) records the fidelity it had before."""
     from .distill import distill
     from .errors import TorchfastError
+    from .prune.recalibrate import recalibrate_batchnorm
     t0 = time.perf_counter()
+    # the cheap step first: BatchNorm statistics of the changed model, re-estimated on the calibration batches
+    try:
+        bn = recalibrate_batchnorm(cand, original, calib)
+    except Exception:  # noqa: BLE001 - a model this step cannot run on is left to distillation
+        bn = {"kept": False}
+    if bn["kept"]:
+        r_bn = remeasure(cand, time.perf_counter() - t0)
+        if r_bn.applied:
+            r_bn.before_recovery, r_bn.metric_before_recovery = r.fidelity, r.metric
+            r_bn.reason = (f"BatchNorm statistics re-estimated on the calibration batches (no labels): cosine "
+                           f"{r.fidelity.cosine:.4f} -> {r_bn.fidelity.cosine:.4f}")
+            return cand, r_bn
     try:
         cand, drep = distill(cand, original, calib, output_fn=output_fn, progress=False, inplace=True, **recovery)
     except Exception as e:

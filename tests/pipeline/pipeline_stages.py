@@ -42,6 +42,13 @@ class Slow(Config):
     ms: float = 3.0
 
 
+@dataclass(frozen=True)
+class RescaleConvs(Config):
+    """Multiplies every conv's weight and bias by ``factor``: what the BatchNorm after it sees changes scale,
+    which re-estimating its statistics undoes exactly."""
+    factor: float = 3.0
+
+
 class _Sleepy(nn.Module):
     def __init__(self, inner: nn.Module, ms: float):
         super().__init__()
@@ -85,11 +92,22 @@ def _slow(model, cfg, *, example_inputs=None, calibration=None, inplace=False):
     return _Sleepy(model, cfg.ms), Report("slow")
 
 
+def _rescale(model, cfg, *, example_inputs=None, calibration=None, inplace=False):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.mul_(cfg.factor)
+                if m.bias is not None:
+                    m.bias.mul_(cfg.factor)
+    return model, Report("rescale convs")
+
+
 # in the one stage table, as a transform of your own would be: recipes and recipe strings run them
 register_stage(Stage(Noise, _noise, {"noise": {}}))
 register_stage(Stage(DropHidden, _drop, {"drop-hidden": {}}))
 register_stage(Stage(Boom, _boom, {"boom": {}}))
 register_stage(Stage(Slow, _slow, {"slow": {}, "slow-1ms": {"ms": 1.0}}))
+register_stage(Stage(RescaleConvs, _rescale, {"rescale-convs": {}}))
 
 
 class TwoInputs(nn.Module):

@@ -191,3 +191,28 @@ def test_one_copy_of_the_model_per_stage_and_never_the_users_object(monkeypatch)
     with torch.no_grad():
         next(res.transformed.parameters()).add_(1.0)
     assert not torch.equal(next(m.parameters()), next(res.transformed.parameters()))
+
+
+def test_recovery_tries_batchnorm_statistics_before_distillation(monkeypatch):
+    from torchfast import distill
+    monkeypatch.setattr(distill, "recoverable", lambda cfg: isinstance(cfg, st.RescaleConvs))
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                      nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    g = torch.Generator().manual_seed(3)
+    calib = [torch.randn(16, 3, 8, 8, generator=g) for _ in range(8)]
+    m.train()
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.momentum = None
+    with torch.no_grad():
+        for x in calib:
+            m(x)
+    m.eval()
+    called = []
+    monkeypatch.setattr(distill, "distill", lambda *a, **k: called.append(1))
+    res = optimize(m, calib[0], [st.RescaleConvs(3.0)], calibration=calib, **FAST)
+    row = res.stages[1]
+    assert row.applied and "BatchNorm statistics re-estimated" in row.reason, row.reason
+    assert row.before_recovery.cosine < 0.99 <= row.fidelity.cosine
+    assert not called  # no training needed
