@@ -130,10 +130,9 @@ def plan(model: nn.Module, example_inputs: Any, cfg: ChannelPruning, *, calibrat
     return g, fams, blocked, removed
 
 
-def _assemble(work: nn.Module, g: DependencyGraph, removed: set[int]) -> tuple[nn.Module, dict, dict]:
-    """Swap into ``work`` the smaller copies of every layer that loses channels/heads; returns (the model,
-    {name: new layer}, {name: the layer it replaced})."""
-    keep = keep_indices(g, removed)
+def _assemble(work: nn.Module, keep: dict) -> tuple[nn.Module, dict, dict]:
+    """Swap into ``work`` the smaller copies of every layer that loses channels/heads (``keep``: what each
+    keeps, from ``keep_indices``); returns (the model, {name: new layer}, {name: the layer it replaced})."""
     aliases = _aliases(work)
     new_modules = {mod: rebuild_module(work.get_submodule(mod), k) for mod, k in sorted(keep.items())}
     old_by_name = {mod: work.get_submodule(mod) for mod in new_modules}
@@ -206,33 +205,33 @@ def prune(model: nn.Module, config: ChannelPruning | None = None, *, example_inp
     g, fams, blocked, removed = plan(work, example_inputs, cfg, calibration=calibration, report=report)
 
     ref_shapes = _shapes(g.output)
-    work, new_modules, old_by_name = _assemble(work, g, removed)
+    keep = keep_indices(g, removed)
+    work, new_modules, old_by_name = _assemble(work, keep)
     failure = _failure(work, example_inputs, ref_shapes) if new_modules else None
     if failure is not None:
         # the model's own code fixes a size the trace could not see (a reshape to a stored width): find the
         # groups whose removal breaks it, keep them whole, prune the rest
-        fresh = (lambda: shared_twin(model)) if work_is_twin else (lambda: copy.deepcopy(model))
         groups = [(f, {c.root for c in f.components} & removed) for f in fams]
         groups = [(f, roots) for f, roots in groups if roots]
 
         def breaks(subset: list) -> bool:
-            trial, mods, _ = _assemble(shared_twin(model), g, set().union(*(r for _, r in subset)))
+            trial, mods, _ = _assemble(shared_twin(model), keep_indices(g, set().union(*(r for _, r in subset))))
             return bool(mods) and _failure(trial, example_inputs, ref_shapes) is not None
         culprits = _culprits(groups, breaks, known=True)
-        if len(culprits) == len(groups):
-            raise PruneError(f"the pruned model {failure}; the original model is unchanged. Please report this model.")
-        for f, roots in culprits:
-            removed -= roots
-            blocked.setdefault("the model's code fixes this width: removing channels breaks its forward",
-                               []).extend(f.components)
-        report.note(f"with every group pruned, the model {failure}: {len(culprits)} of {len(groups)} groups "
-                    f"are kept whole (rows 'kept: the model's code fixes this width')")
-        work, new_modules, old_by_name = _assemble(fresh(), g, removed)
-        failure = _failure(work, example_inputs, ref_shapes) if new_modules else None
-        if failure is not None:
-            raise PruneError(f"the pruned model {failure}; the original model is unchanged. Please report this model.")
+        if len(culprits) < len(groups):
+            for f, roots in culprits:
+                removed -= roots
+                blocked.setdefault("the model's code fixes this width: removing channels breaks its forward",
+                                   []).extend(f.components)
+            report.note(f"with every group pruned, the model {failure}: {len(culprits)} of {len(groups)} groups "
+                        f"are kept whole (rows 'kept: the model's code fixes this width')")
+            keep = keep_indices(g, removed)
+            work, new_modules, old_by_name = _assemble(shared_twin(model) if work_is_twin else copy.deepcopy(model),
+                                                       keep)
+            failure = _failure(work, example_inputs, ref_shapes) if new_modules else None
+    if failure is not None:
+        raise PruneError(f"the pruned model {failure}; the original model is unchanged. Please report this model.")
     root_replaced = "" in new_modules
-    keep = keep_indices(g, removed)
     for mod, new in new_modules.items():
         old = old_by_name[mod]
         report.add_row(layer=mod, type=type(old).__name__, before=describe(old), after=describe(new), applied=True,
@@ -243,8 +242,7 @@ def prune(model: nn.Module, config: ChannelPruning | None = None, *, example_inp
         bn = recalibrate_batchnorm(work, model, batches_list(calibration), skip=exclusion,
                                    force=cfg.recalibrate_bn is True)
         if bn["layers"]:
-            fit = max(1, len(batches_list(calibration)) - 1)
-            how = (f"{len(bn['layers'])} layers on {fit} calibration batch(es); output error vs the original "
+            how = (f"{len(bn['layers'])} layers on {bn['batches']} calibration batch(es); output error vs the original "
                    f"{bn['error before']:.4g} -> {bn['error after']:.4g}")
             report.summary["BatchNorm re-estimated"] = ("yes, " if bn["kept"] else "no (not closer), ") + how
             if bn["kept"]:

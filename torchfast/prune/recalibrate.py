@@ -12,8 +12,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
-
+from ..measure import compare_outputs, outputs
 from ..modules import Batch, call_model, evaluating
 
 __all__ = ["batchnorms", "recalibrate_batchnorm"]
@@ -26,20 +25,6 @@ def batchnorms(model: nn.Module, skip: Callable[[str], Any] = lambda name: False
             and m.running_mean is not None and not skip(n)}
 
 
-def _flat(out: Any) -> torch.Tensor:
-    parts = [t.detach().float().reshape(-1) for t in tree_flatten(out)[0]
-             if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    return torch.cat(parts) if parts else torch.zeros(0)
-
-
-def _rel_err(reference: list[torch.Tensor], model: nn.Module, judge: list[Batch]) -> float:
-    with torch.no_grad():
-        got = [_flat(call_model(model, b)) for b in judge]
-    num = sum(float((g - r).pow(2).sum()) for g, r in zip(got, reference))
-    den = sum(float(r.pow(2).sum()) for r in reference)
-    return (num / den) ** 0.5 if den > 0 else float(num > 0)
-
-
 def recalibrate_batchnorm(pruned: nn.Module, original: nn.Module, batches: list[Batch], *,
                           skip: Callable[[str], Any] = lambda name: False, force: bool = False) -> dict[str, Any]:
     """Give ``pruned``'s BatchNorm layers statistics measured on ``batches`` (fresh tensors: layers whose
@@ -47,16 +32,16 @@ def recalibrate_batchnorm(pruned: nn.Module, original: nn.Module, batches: list[
 
     With two or more batches the last one is held out and the new statistics are kept only if they bring
     ``pruned``'s outputs closer to ``original``'s there (``force=True``: kept regardless). Returns what was
-    done: ``{"layers": [...], "kept": bool, "error before": x, "error after": y}``.
+    done: ``{"layers": [...], "batches": n, "kept": bool, "error before": x, "error after": y}`` (relative
+    output errors on the held-out batch).
     """
     bns = batchnorms(pruned, skip)
     if not bns or not batches:
-        return {"layers": [], "kept": False, "error before": None, "error after": None}
+        return {"layers": [], "batches": 0, "kept": False, "error before": None, "error after": None}
     fit, judge = (batches[:-1], batches[-1:]) if len(batches) >= 2 else (batches, batches)
     with evaluating(original, pruned):
-        with torch.no_grad():
-            reference = [_flat(call_model(original, b)) for b in judge]
-        before = _rel_err(reference, pruned, judge)
+        reference = outputs(original, judge)
+        before = compare_outputs(reference, outputs(pruned, judge)).rel_err
         old = {n: (m.running_mean, m.running_var, m.num_batches_tracked, m.momentum) for n, m in bns.items()}
         try:
             for m in bns.values():
@@ -71,7 +56,7 @@ def recalibrate_batchnorm(pruned: nn.Module, original: nn.Module, batches: list[
                     call_model(pruned, b)
             for m in bns.values():
                 m.eval()
-            after = _rel_err(reference, pruned, judge)
+            after = compare_outputs(reference, outputs(pruned, judge)).rel_err
         except BaseException:
             _put_back(bns, old)
             raise
@@ -80,7 +65,7 @@ def recalibrate_batchnorm(pruned: nn.Module, original: nn.Module, batches: list[
         kept = force or after < before
         if not kept:
             _put_back(bns, old)
-    return {"layers": sorted(bns), "kept": kept, "error before": before, "error after": after}
+    return {"layers": sorted(bns), "batches": len(fit), "kept": kept, "error before": before, "error after": after}
 
 
 def _put_back(bns: dict[str, nn.Module], old: dict[str, tuple]) -> None:
