@@ -393,8 +393,11 @@ def _run(original, example, recipe, backend, options, eval_fn, tol, calib, val, 
         r, stage_speedup = measure(cand, name, seconds, rep, prev=current)
         if not r.applied and recovery is not None and _recoverable(cfg, tol, stage_speedup):
             if calib:
+                # a stage that re-estimated BatchNorm statistics on these batches itself (prune) reports it
+                restated = rep is not None and "BatchNorm re-estimated" in rep.summary
                 cand, r = _recover(cand, r, original, calib, recovery, output_fn, on_error,
-                                   lambda c, extra: measure(c, name, seconds + extra, rep, prev=current)[0])
+                                   lambda c, extra: measure(c, name, seconds + extra, rep, prev=current)[0],
+                                   batchnorm_done=restated)
             else:
                 r.reason += " (with calibration batches, optimize would distill it toward the original first)"
         if r.applied:
@@ -451,18 +454,22 @@ def _recoverable(cfg: Config, tol: Tolerance, stage_speedup: float | None) -> bo
 
 
 def _recover(cand: nn.Module, r: StageResult, original: nn.Module, calib: list, recovery: dict,
-             output_fn: Any, on_error: str, remeasure: Callable[[nn.Module, float], StageResult]):
-    """Distill ``cand`` toward the original on the calibration batches and measure it again; the row of the
+             output_fn: Any, on_error: str, remeasure: Callable[[nn.Module, float], StageResult],
+             batchnorm_done: bool = False):
+    """Re-estimate ``cand``'s BatchNorm statistics on the calibration batches (unless the stage did) and, if it
+    is still outside the tolerance, distill it toward the original there; measure it again. The row of the
     recovered model (kept if now within tolerance) records the fidelity it had before."""
     from .distill import distill
     from .errors import TorchfastError
     from .prune.recalibrate import recalibrate_batchnorm
     t0 = time.perf_counter()
     # the cheap step first: BatchNorm statistics of the changed model, re-estimated on the calibration batches
-    try:
-        bn = recalibrate_batchnorm(cand, original, calib)
-    except Exception:  # noqa: BLE001 - a model this step cannot run on is left to distillation
-        bn = {"kept": False}
+    bn = {"kept": False}
+    if not batchnorm_done:
+        try:
+            bn = recalibrate_batchnorm(cand, original, calib)
+        except Exception:  # noqa: BLE001 - a model this step cannot run on is left to distillation
+            pass
     if bn["kept"]:
         r_bn = remeasure(cand, time.perf_counter() - t0)
         if r_bn.applied:
