@@ -130,3 +130,30 @@ def test_pt2e_flow_converts_with_dynamic_batch(digits_cnn):
         for n in (8, 32):  # batch dimension exported as dynamic
             x = data.x_test[:n]
             assert torch.nn.functional.cosine_similarity(model(x), converted(x)).mean() > 0.99
+
+
+def test_int8_static_frees_every_build_it_does_not_return():
+    """Each variant (plain, bias correction, equalization) is a full FX build; torch.ao memoizes modules
+    in a process-wide cache. Once the result is dropped, none of them may stay alive."""
+    import gc
+    import weakref
+
+    from torch.fx import GraphModule
+
+    def live_graph_modules():
+        gc.collect()
+        return {id(o) for o in gc.get_objects() if isinstance(o, GraphModule)}
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 4 * 4, 4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    before = live_graph_modules()
+    q, rep = tf.quantize(model, tf.Int8Static(calibration=[torch.randn(2, 3, 8, 8) for _ in range(4)],
+                                              progress=False, keep_slower=True), example_inputs=x)
+    assert isinstance(q, GraphModule) and "float rewrite before int8" in rep.summary  # variants were built
+    assert live_graph_modules() - before == {id(q)}
+    gone = weakref.ref(q)
+    del q, rep
+    gc.collect()
+    assert gone() is None and live_graph_modules() <= before

@@ -7,7 +7,6 @@ Triton's PyTorch backend load, and it is the one compiler that runs torch.ao qua
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -57,14 +56,6 @@ def freeze(scripted: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
         return torch.jit.freeze(scripted.eval())
 
 
-def _clone(m: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
-    buf = io.BytesIO()
-    with quiet_deprecations("torchscript", DEPRECATION_NOTE):
-        torch.jit.save(m, buf)
-        buf.seek(0)
-        return torch.jit.load(buf)
-
-
 def build(model: nn.Module, example_inputs: Any, options: Options, *, dynamic_batch: bool = False) -> Built:
     notes = []
     output_type = None
@@ -81,8 +72,9 @@ def build(model: nn.Module, example_inputs: Any, options: Options, *, dynamic_ba
     if options.optimize:
         try:
             with quiet_deprecations("torchscript", DEPRECATION_NOTE):
-                # optimize_for_inference rewrites in place: give it its own copy, keep the artifact portable
-                runnable = torch.jit.optimize_for_inference(_clone(artifact))
+                # optimize_for_inference rewrites in place: give it its own frozen copy, keep the artifact
+                # portable (a second freeze holds one more copy of the weights; a save/load round trip, five)
+                runnable = torch.jit.optimize_for_inference(freeze(scripted))
         except Exception as e:  # some graphs (custom ops) refuse the oneDNN passes: keep the frozen module
             notes.append(f"optimize_for_inference skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                          "running the frozen module")

@@ -174,6 +174,7 @@ def allocate(layers: list, kind: str, value: float, min_reduction: float) -> dic
     for l in layers:
         ref = l.geom.methods()[0]
         e = l.spectra(ref)[0].double().pow(2)
+        l.trim()
         tail = (1 - e.cumsum(0) / e.sum().clamp_min(1e-300)).clamp_min(0)  # tail[r-1] = error at rank r
         cost = torch.arange(1, e.numel() + 1, dtype=torch.float64) * l.geom.flops(ref, (1,))
         ok = cost * max(min_reduction, 1e-9) <= l.geom.flops()

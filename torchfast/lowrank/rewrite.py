@@ -26,11 +26,15 @@ from .layers import LowRankConv2d, LowRankLinear, set_weights
 from .ranks import Geometry, ranks_at_budget, resolve_ranks
 
 
+# weights from which a layer's cached factorization is dropped between the rank allocation and its build
+LARGE_LAYER = 1_000_000
+
+
 @dataclass
 class Candidate:
     method: str
     ranks: tuple[int, ...]
-    module: nn.Module
+    module: nn.Module | None  # None once only the report needs it
     flops: int
     params: int
     weight_err: float
@@ -81,6 +85,8 @@ class Layer:
             return self._spectra(method)
 
     def _spectra(self, method: str) -> tuple[torch.Tensor, ...]:
+        if method in ("svd", "channel", "spatial") and self._cache.get("spectrum", {}).get(method) is not None:
+            return (self._cache["spectrum"][method],)
         if method in ("svd", "channel"):
             return (self.svd().S,)
         if method == "spatial":
@@ -153,6 +159,27 @@ class Layer:
 
     def best(self, kind: str, value: Any) -> Candidate:
         return min(self.candidates(kind, value), key=lambda c: c.score)
+
+    def release(self, keep_spectra: bool = False) -> None:
+        """Drop the cached weight copies and factorizations: kept for every layer at once they hold several
+        times the model's weights (the full SVD factors, in float64 for mid-size layers), which a model
+        of billions of weights cannot afford. ``keep_spectra`` keeps the singular values (a few KB) that
+        a global rank allocation reads again."""
+        spectrum = {m: self._cache[k].S for m, k in (("svd", "svd"), ("channel", "svd"), ("spatial", "spatial"))
+                    if k in self._cache} if keep_spectra else {}
+        modes = self._cache.get("modes") if keep_spectra else None
+        self._cache.clear()
+        if spectrum:
+            self._cache["spectrum"] = spectrum
+        if modes is not None:
+            self._cache["modes"] = modes
+
+    def trim(self) -> None:
+        """Between reading a large layer's spectrum and building its factors (a global rank allocation reads
+        every layer's first), keep only the spectrum: one SVD more per large layer instead of all their
+        factors in memory at once."""
+        if self.module.weight.numel() >= LARGE_LAYER:
+            self.release(keep_spectra=True)
 
 
 # ---------------------------------------------------------------- layer discovery

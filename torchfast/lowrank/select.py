@@ -8,6 +8,7 @@ next method before giving up on the layer.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any
 
 import torch
@@ -47,7 +48,15 @@ def _guard(layer, cand, cfg: LowRank) -> float:
 
 
 def _decide(layer, cands: list, cfg: LowRank) -> tuple[Any, dict]:
-    """(applied candidate or None, info) for one layer from its candidates (best first)."""
+    """(applied candidate or None, info) for one layer from its candidates (best first); a candidate the
+    info keeps for the report has no module (its weights would only hold memory)."""
+    applied, info = _choose_candidate(layer, cands, cfg)
+    if info.get("candidate") is not None and info["candidate"] is not applied:
+        info["candidate"] = dataclasses.replace(info["candidate"], module=None)
+    return applied, info
+
+
+def _choose_candidate(layer, cands: list, cfg: LowRank) -> tuple[Any, dict]:
     g = layer.geom
     base = g.flops()
     ok = [c for c in sorted(cands, key=lambda c: c.score) if base / max(c.flops, 1) >= cfg.min_flops_reduction]
@@ -79,8 +88,10 @@ def _search(model: nn.Module, layers: list, cfg: LowRank) -> tuple[dict, dict]:
     ratios = sorted(set(float(r) for r in cfg.search_ratios))
     table: dict[str, list[tuple[float, Any]]] = {}   # layer -> [(metric, candidate)]
     work = [(l, r) for l in layers for r in ratios]
-    for layer, r in _progress(work, cfg, "low-rank sensitivity scan"):
+    for i, (layer, r) in enumerate(_progress(work, cfg, "low-rank sensitivity scan")):
         c = layer.best("ratio", r)
+        if i + 1 == len(work) or work[i + 1][0] is not layer:
+            layer.release()  # its candidates are built: the table keeps them, not the factorizations
         if layer.geom.flops() / max(c.flops, 1) < cfg.min_flops_reduction:
             continue
         with swapped(model, [(layer.name, c.module)]):
@@ -141,10 +152,12 @@ def choose(model: nn.Module, layers: list, cfg: LowRank) -> tuple[list, dict]:
             if budgets[layer.name] is None:
                 decisions.append((layer, None, {"reason": "global allocation keeps it: its rank is worth more "
                                                           "than the FLOPs it would save"}))
+                layer.release()
                 continue
             cands = layer.candidates("flops", budgets[layer.name])
         else:
             cands = layer.candidates(kind, value)
         applied, info = _decide(layer, cands, cfg)
         decisions.append((layer, applied, info))
+        layer.release()
     return decisions, summary

@@ -8,6 +8,7 @@ closest wins and the report says what each variant measured.
 from __future__ import annotations
 
 import copy
+import gc
 import dataclasses
 from typing import Callable
 
@@ -75,24 +76,31 @@ def refined_fx_static(model: nn.Module, cfg: Int8Static, batches: list[Batch],
         except Exception as e:
             raise CalibrationError(f"calibration batch {i} ({describe(b)}) failed in the model: "
                                    f"{type(e).__name__}: {e}") from e
-    scored: list[tuple[float, str, nn.Module, Report, dict]] = []
+    scored: list[tuple[float, str]] = []
+    best: tuple[float, str, nn.Module, Report, dict] | None = None  # only the closest build stays in memory
     failures: list[str] = []
     for label, rewrite in variants:
         got: dict = {}
         try:
             float_variant = rewrite(copy.deepcopy(model), batches)
             q, rep = quantize_fx_static(float_variant, cfg, batches, exclusion, _recording(cfg, got))
+            del float_variant
             err = compare_outputs(reference, outputs(q, judge)).rel_err
         except Exception as e:  # noqa: BLE001 - a rewrite that does not fit this model is skipped, with the reason
             if label == "plain":
                 raise
             failures.append(f"{label}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
             continue
-        scored.append((err, label, q, rep, got))
-    if not scored:
+        scored.append((err, label))
+        if best is None or err < best[0]:
+            best = (err, label, q, rep, got)
+        del q, rep
+        gc.collect()  # FX graph modules hold reference cycles: a dropped build is freed only by the collector
+    if best is None:
         return quantize_fx_static(model, cfg, batches, exclusion)
-    err, label, q, rep, got = min(scored, key=lambda t: t[0])
-    for e, lab, _, _, _ in scored:
+    err, label, q, rep, got = best
+    del best
+    for e, lab in scored:
         rep.note(f"before int8, {lab}: relative output error {e:.4g} on calibration batches"
                  + (" (chosen)" if lab == label else ""))
     for f in failures:

@@ -256,6 +256,17 @@ def layer_report(original: nn.Module, quantized: nn.Module, untraced: list[tuple
     return report
 
 
+def forget_fx_device_cache() -> None:
+    """torch.ao's FX prepare/convert memoize each module's device in an unbounded cache keyed by the module,
+    which keeps every observed and converted graph module, with its weights, alive for the life of the
+    process: a model of billions of weights quantized twice no longer fits in memory. Emptied after each
+    build (it is only a memo)."""
+    from torch.ao.quantization.fx import utils as fx_utils
+    cached = getattr(fx_utils, "assert_and_get_unique_device", None)
+    if hasattr(cached, "cache_clear"):
+        cached.cache_clear()
+
+
 def quantize_fx_static(model: nn.Module, cfg: Int8Static, batches: list[Batch],
                        exclusion: Exclusion | None = None, keep: FloatKeys = FloatKeys()) -> tuple[nn.Module, Report]:
     """``model`` is already a private copy in eval mode; ``batches`` are validated calibration batches;
@@ -265,7 +276,10 @@ def quantize_fx_static(model: nn.Module, cfg: Int8Static, batches: list[Batch],
     reduce_range = not full_range_exact()
     untraced: list[tuple[str, str]] = []
     original = shared_twin(model)  # the report reads the layers' names and types from it, no weights
-    q = _fx_one(model, cfg, batches, reduce_range, exclusion.roots(model), "", untraced, cfg.progress, keep=keep)
+    try:
+        q = _fx_one(model, cfg, batches, reduce_range, exclusion.roots(model), "", untraced, cfg.progress, keep=keep)
+    finally:
+        forget_fx_device_cache()
     scheme = "int8 static, " + ("per-channel" if cfg.per_channel else "per-tensor") + f", {cfg.observer}"
     report = layer_report(original, q, untraced, exclusion, scheme)
     report.summary.update({"scheme": "int8 static", "method": "fx", "observer": cfg.observer,
