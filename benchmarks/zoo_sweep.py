@@ -106,8 +106,29 @@ def _run_one(zoo: str, name: str, transforms: list[str], q: "mp.Queue", timing_r
         "compile torchscript": lambda: (lambda c: (c, c.report))(tf.compile(model, x, backend="torchscript")),
     }
     for t in transforms:
+        q.put({"model": name, "zoo": zoo, **out, "running": t})  # a process that dies says where
         attempt(t, steps[t])
     q.put({"model": name, "zoo": zoo, **out})
+
+
+def _drain(q, latest: dict, name: str, wait: float = 0.0) -> dict | None:
+    """The final result if it came; progress messages only update ``latest``."""
+    while True:
+        try:
+            msg = q.get(timeout=wait) if wait else q.get_nowait()
+        except Exception:  # noqa: BLE001 - queue.Empty
+            return None
+        if "running" not in msg:
+            return msg
+        latest[name] = msg
+
+
+def _unfinished(progress: dict | None, name: str, zoo: str, why: str) -> dict:
+    """The cells that finished before a kill, and the one that was running."""
+    if progress is None:
+        return {"model": name, "zoo": zoo, "build": why}
+    running = progress.pop("running")
+    return {**progress, running: f"{why} during {running}"}
 
 
 def sweep(zoo: str, names: list[str], transforms: list[str], timeout_s: float, jobs: int, bar,
@@ -115,6 +136,7 @@ def sweep(zoo: str, names: list[str], transforms: list[str], timeout_s: float, j
     """Each model in its own process (at most ``jobs`` at once), killed after ``timeout_s``."""
     ctx = mp.get_context("spawn")
     results: dict[str, dict] = {}
+    latest: dict[str, dict] = {}  # each model's last progress message
     todo = list(names)
     live: dict[str, tuple] = {}
     while todo or live:
@@ -126,22 +148,16 @@ def sweep(zoo: str, names: list[str], transforms: list[str], timeout_s: float, j
             live[name] = (p, q, time.perf_counter())
         time.sleep(0.5)
         for name, (p, q, t0) in list(live.items()):
-            got = None
-            try:
-                got = q.get_nowait()
-            except Exception:  # noqa: BLE001 - queue.Empty
-                pass
+            got = _drain(q, latest, name)
             if got is None and p.is_alive() and time.perf_counter() - t0 < timeout_s:
                 continue
             if got is None and p.is_alive():
                 p.kill()
-                got = {"model": name, "zoo": zoo, "build": f"timeout after {timeout_s:.0f} s"}
+                got = _unfinished(latest.get(name), name, zoo, f"timeout after {timeout_s:.0f} s")
             elif got is None:
                 p.join(1)
-                try:
-                    got = q.get(timeout=2)
-                except Exception:  # noqa: BLE001
-                    got = {"model": name, "zoo": zoo, "build": f"process died (exit {p.exitcode})"}
+                got = _drain(q, latest, name, wait=2) or _unfinished(latest.get(name), name, zoo,
+                                                                    f"process died (exit {p.exitcode})")
             p.join(5)
             got["time (s)"] = round(time.perf_counter() - t0)
             results[name] = got
