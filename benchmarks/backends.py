@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torchfast as tf  # noqa: E402
 from torchfast.measure import compare_many  # noqa: E402
 from torchfast.report import format_table  # noqa: E402
+from torchfast.zoo.minilm import SentenceEmbedder  # noqa: E402
 
 THREADS = 2
 # the int8 fidelity bound given to auto: random-weight CNNs lose more to int8 than trained ones (OpenVINO's
@@ -45,20 +46,6 @@ INT8_COSINE = {False: 0.97, True: 0.99}
 
 
 # ---------------------------------------------------------------- models and data
-class SentenceEmbedder(torch.nn.Module):
-    """all-MiniLM-L6-v2 as its users run it: token ids + mask -> the mean-pooled sentence embedding. The
-    embedding is the output every engine computes and every fidelity figure (auto's bound too) is taken on."""
-
-    def __init__(self, bert):
-        super().__init__()
-        self.bert = bert
-
-    def forward(self, input_ids, attention_mask):
-        from torchfast.zoo.minilm import mean_pool
-        return mean_pool(self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state,
-                         attention_mask)
-
-
 def build(name: str):
     if name == "minilm":
         from torchfast.zoo.minilm import load_minilm

@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torchfast as tf  # noqa: E402
 from torchfast.measure import compare_latency, fidelity  # noqa: E402
 from torchfast.report import format_table  # noqa: E402
+from torchfast.zoo.minilm import SentenceEmbedder  # noqa: E402
 
 KEEP = ("candidate", "status", "speedup", "cosine", "worst cosine", "top-1 agree", "size (MB)", "pareto",
         "recovery", "note")
@@ -78,23 +78,10 @@ def digits(budget: float, runs: int, steps: int, report: str | None = None) -> s
             f"({check.baseline.median_ms:.2f} ms -> {check.candidate.median_ms:.2f} ms)")
 
 
-class Embedder(nn.Module):
-    """all-MiniLM-L6-v2 as its users call it: token ids + mask -> the normalized mean-pooled embedding."""
-
-    def __init__(self, bert: nn.Module):
-        super().__init__()
-        self.bert = bert
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        from torchfast.zoo.minilm import mean_pool
-        return mean_pool(self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state,
-                         attention_mask)
-
-
 def minilm(budget: float, runs: int, steps: int, prune: tuple, report: str | None = None) -> str:
     from torchfast.zoo.minilm import encode, load_minilm, sentences
     bert, tok = load_minilm()
-    model = Embedder(bert).eval()
+    model = SentenceEmbedder(bert).eval()
     bs, seq = 8, 128
 
     def batches(texts):

@@ -208,11 +208,14 @@ def main(argv=None) -> int:
     raw = [(r["model"], t, r[t]) for r in rows for t in transforms if str(r.get(t, "")).startswith("RAW")]
     summary = {t: {k: sum(1 for r in rows if str(r.get(t, "")).startswith(k)) for k in ("ok", "refused", "RAW")}
                for t in transforms}
+    for t in transforms:  # killed for time or memory, or never reached after such a kill
+        summary[t]["not finished"] = len(rows) - sum(summary[t].values())
     print(json.dumps(summary, indent=1))
-    print(f"{len(rows)} models, {len(raw)} raw tracebacks")
+    unfinished = sum(s["not finished"] for s in summary.values())
+    print(f"{len(rows)} models, {len(raw)} raw tracebacks, {unfinished} cells not finished")
     for m, t, msg in raw:
         print(f"  {m} / {t}: {msg}")
-    return 1 if raw else 0
+    return 1 if raw or unfinished else 0
 
 
 if __name__ == "__main__":

@@ -287,14 +287,9 @@ def _simulate(model: nn.Module, groups: list[_Group], stats: dict[str, torch.Ten
     """Fill each group's ``err``: simulated int8 output error relative to the float output, per candidate."""
     gen = torch.Generator().manual_seed(0)
     acc: dict[tuple[int, Any], list[float]] = defaultdict(lambda: [0.0, 0.0])
-    wq: dict[tuple[str, Any], torch.Tensor] = {}
     hooks = {}
     for gi, g in enumerate(groups):
         for n in g.linears:
-            w = get_submodule(model, n).weight.detach().float()
-            for a, s in g.s.items():
-                wq[(n, a)] = fake_quant_weight(w * s, per_channel)
-
             def hook(m, args, _n=n, _gi=gi, _g=g):
                 x = _rows(args[0])
                 mn, mx = torch.aminmax(x, dim=0)  # the range of x / s, for any s > 0, follows from these
@@ -303,7 +298,8 @@ def _simulate(model: nn.Module, groups: list[_Group], stats: dict[str, torch.Ten
                 if len(idx) > _ROWS_PER_BATCH:
                     idx = idx[torch.randperm(len(idx), generator=gen)[:_ROWS_PER_BATCH]]
                 xs = x[idx]
-                y = xs @ m.weight.detach().float().t()
+                w = m.weight.detach().float()
+                y = xs @ w.t()
                 den = float(y.square().sum())
                 for a, s in _g.s.items():
                     lo_c, hi_c = (stats[_n][0], stats[_n][1]) if static else (mn, mx)
@@ -311,7 +307,9 @@ def _simulate(model: nn.Module, groups: list[_Group], stats: dict[str, torch.Ten
                                                          reduce_range)
                     xq = torch.fake_quantize_per_tensor_affine(xs / s, scale, zp, 0, qmax)
                     e = acc[(_gi, a)]
-                    e[0] += float((xq @ wq[(_n, a)].t() - y).square().sum())
+                    # rounded here, not kept: every layer x every strength would hold several copies of
+                    # the model's weights; rounding costs a fraction of this product over the sampled rows
+                    e[0] += float((xq @ fake_quant_weight(w * s, per_channel).t() - y).square().sum())
                     e[1] += den
             hooks[n] = hook
     _run(model, batches, hooks)

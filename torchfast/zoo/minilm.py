@@ -59,6 +59,19 @@ def mean_pool(last_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.
     return torch.nn.functional.normalize(emb, dim=-1)
 
 
+class SentenceEmbedder(torch.nn.Module):
+    """all-MiniLM-L6-v2 as its users run it: token ids + mask -> the normalized mean-pooled sentence
+    embedding, the output every engine computes and every fidelity figure is taken on."""
+
+    def __init__(self, bert: torch.nn.Module) -> None:
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return mean_pool(self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state,
+                         attention_mask)
+
+
 def batches(tokenizer: Any, n_batches: int = 4, batch_size: int = 8, seq_len: int = 128, offset: int = 0) -> list[dict]:
     texts = sentences(n_batches * batch_size, offset=offset)
     return [encode(tokenizer, texts[i * batch_size:(i + 1) * batch_size], seq_len) for i in range(n_batches)]
