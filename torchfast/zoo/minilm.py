@@ -67,8 +67,10 @@ class SentenceEmbedder(torch.nn.Module):
         super().__init__()
         self.bert = bert
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return mean_pool(self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state,
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return mean_pool(self.bert(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state,
                          attention_mask)
 
 
