@@ -30,7 +30,7 @@ def students(m, d, x):
     yield "lowrank ratio=0.5", tf.decompose(m, tf.LowRank(ratio=0.5), calibration=d.calibration())[0]
 
 
-def recovery(steps: int, runs: int) -> str:
+def recovery(steps: int, runs: int, sections: tuple[str, ...] = ("students", "optimize")) -> str:
     from torchfast.zoo.digits import trained_cnn
     m, d = trained_cnn(seed=0)
     x = d.x_test[:64]
@@ -48,7 +48,7 @@ def recovery(steps: int, runs: int) -> str:
                      "steps": steps_done, "time (s)": seconds})
 
     t_all = time.perf_counter()
-    for name, s in students(m, d, x):
+    for name, s in (students(m, d, x) if "students" in sections else ()):
         row(name, "none", s)
         t0 = time.perf_counter()
         ds, rep = tf.distill(s, m, unlabeled, steps=steps, progress=False)
@@ -57,7 +57,10 @@ def recovery(steps: int, runs: int) -> str:
         fs, frep = tf.finetune(copy.deepcopy(s), labelled, F.cross_entropy, epochs=2, lr=2e-3)  # trains in place
         row(name, "finetune 2 epochs", fs, frep.summary["steps"], time.perf_counter() - t0, labels="yes")
         print(f"{name}: done ({time.perf_counter() - t_all:.0f}s)", flush=True)
-    print(format_table(rows), flush=True)
+    if "students" in sections:
+        print(format_table(rows), flush=True)
+    if "optimize" not in sections:
+        return ""
 
     # optimize(): the pruning stage that used to be rolled back, recovered from 8 unlabeled batches of 32
     t0 = time.perf_counter()
@@ -78,10 +81,16 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=300, help="distillation steps per student (default 300)")
     p.add_argument("--runs", type=int, default=15, help="timed runs per model in optimize() (default 15)")
+    p.add_argument("--sections", default="students,optimize",
+                   help="students (distill vs fine-tune per student), optimize (the recovered stage); default both")
     a = p.parse_args(argv)
+    sections = tuple(a.sections.split(","))
+    bad = set(sections) - {"students", "optimize"}
+    if bad:
+        p.error(f"unknown section(s) {', '.join(sorted(bad))}: choose from students, optimize")
     torch.set_num_threads(2)
     t0 = time.perf_counter()
-    print(recovery(a.steps, a.runs), flush=True)
+    print(recovery(a.steps, a.runs, sections), flush=True)
     print(f"\ntotal {time.perf_counter() - t0:.0f}s, torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
