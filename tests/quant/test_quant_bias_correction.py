@@ -103,3 +103,30 @@ def test_bad_input_names_the_problem():
         correct_bias(model, _data(1, 0), per_channel="yes")
     with pytest.raises(tf.TorchfastError, match="nope"):
         correct_bias(model, _data(1, 0), exclude=["nope"])
+
+
+@pytest.mark.parametrize("parametrized", [False, True], ids=["plain weights", "parametrized weight"])
+def test_simulation_twin_leaves_the_model_and_the_result_consistent(parametrized):
+    """The rounded simulation shares the model's other tensors: its rounded weights and corrected biases must
+    never leak into the user's model or into the corrected copy (a bias-free conv gets its bias on the copy)."""
+    from torch.nn.utils import parametrize
+
+    class Scaled(nn.Module):
+        def forward(self, w):
+            return w * 1.0
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_lattice(nn.Conv2d(4, 16, 3, padding=1, bias=False), 0), nn.ReLU(),
+                          _lattice(nn.Conv2d(16, 8, 3, padding=1), 1)).eval()
+    if parametrized:
+        parametrize.register_parametrization(model[2], "weight", Scaled())
+    before = state_snapshot(model)
+    batches = [torch.rand(4, 4, 8, 8) for _ in range(3)]
+    out, rep = correct_bias(model, batches, sequential=False)
+    after = state_snapshot(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert model[0].bias is None and out[0].bias is not None
+    assert torch.equal(out[0].weight, model[0].weight)  # float weights: the rounding stayed on the simulation
+    assert rep.summary["layers corrected"] == 2
+    row = next(r for r in rep.rows if r["layer"] == "2")  # the correction went into the copy once, not twice
+    assert float((out[2].bias - model[2].bias).abs().max()) == pytest.approx(row["max |correction|"], rel=1e-5)

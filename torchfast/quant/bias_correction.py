@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import TorchfastError
 from ..modules import (Batch, call_model, check_module, describe_batch, evaluating,
-                       get_submodule, maybe_copy)
+                       get_submodule, maybe_copy, shared_twin)
 from ..report import Report
 from .calibrate import CalibrationError, collect
 from .common import check_not_quantized, exclusion, rewritable_layers
@@ -151,13 +151,22 @@ def _input_ranges(model: nn.Module, names: list[str], batches: list[Batch], redu
 
 def _simulated(model: nn.Module, names: list[str], per_channel: bool,
                ranges: dict[str, tuple[float, float]] | None, reduce_range: bool) -> tuple[nn.Module, list]:
-    """A copy of ``model`` whose layers compute with int8-rounded weights (and inputs, with ``ranges``)."""
-    sim = copy.deepcopy(model)
+    """A twin of ``model`` whose layers compute with int8-rounded weights (and inputs, with ``ranges``). It shares
+    every other tensor with ``model``; the layers it rounds get their own weight and bias, which the
+    correction then changes on the twin alone."""
+    plain = all(isinstance(get_submodule(model, n)._parameters.get("weight"), nn.Parameter) for n in names)
+    sim = shared_twin(model) if plain else copy.deepcopy(model)  # parametrized weights: round a full copy
     handles = []
     with torch.no_grad():
         for n in names:
             m = get_submodule(sim, n)
-            m.weight.copy_(fake_quant_weight(m.weight, per_channel).to(m.weight.dtype))
+            w = m.weight
+            if not plain:
+                w.copy_(fake_quant_weight(w, per_channel).to(w.dtype))
+            else:
+                m.weight = nn.Parameter(fake_quant_weight(w, per_channel).to(w.dtype), requires_grad=w.requires_grad)
+                if m.bias is not None:
+                    m.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=m.bias.requires_grad)
             if ranges is not None:
                 lo, hi = ranges[n]
 

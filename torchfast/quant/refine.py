@@ -171,8 +171,10 @@ def refined_dynamic(model: nn.Module, cfg, *, example_inputs: Batch | None = Non
         if cfg.smooth is True:
             plain_rep.note("SmoothQuant found no layer whose int8 error smoothing lowers")
         return plain, plain_rep
+    # smoothed_float is smooth()'s own copy: quantized in place, so a transformer's weights are not copied again
     smoothed, smooth_rep = quantize_dynamic(smoothed_float, cfg, example_inputs=example_inputs,
-                                            calibration=calibration, exclusion=exclusion, inplace=False)
+                                            calibration=calibration, exclusion=exclusion, inplace=True)
+    del smoothed_float
     reference = _real_outputs(model, data)
     plain_err = compare_outputs(reference, _real_outputs(plain, data)).rel_err
     smooth_err = compare_outputs(reference, _real_outputs(smoothed, data)).rel_err
