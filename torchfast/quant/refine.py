@@ -8,8 +8,8 @@ closest wins and the report says what each variant measured.
 from __future__ import annotations
 
 import copy
-import gc
 import dataclasses
+import gc
 from typing import Callable
 
 from torch import nn
