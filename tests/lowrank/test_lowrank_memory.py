@@ -1,7 +1,6 @@
 """decompose() keeps at most one layer's factorizations in memory, and dropping them changes no decision."""
 from __future__ import annotations
 
-import gc
 import importlib
 
 import pytest
@@ -72,6 +71,8 @@ def test_released_layer_gives_the_same_spectrum_and_candidate():
     assert "svd" not in layer._cache and torch.equal(layer.spectra("channel")[0], s)
     after = layer.build("channel", (8,))
     assert after.weight_err == pytest.approx(before.weight_err, rel=1e-9)
+    layer.release(keep_spectra=True)
+    layer.release(keep_spectra=True)  # a second release keeps the spectrum the first one kept
+    assert set(layer._cache) == {"spectrum"} and torch.equal(layer.spectra("channel")[0], s)
     layer.release()
     assert not layer._cache
-    gc.collect()

@@ -28,6 +28,8 @@ from .ranks import Geometry, ranks_at_budget, resolve_ranks
 
 # weights from which a layer's cached factorization is dropped between the rank allocation and its build
 LARGE_LAYER = 1_000_000
+# the cached SVD whose singular values are each method's spectrum (tucker reads its mode spectra instead)
+_SVD_OF = {"svd": "svd", "channel": "svd", "spatial": "spatial"}
 
 
 @dataclass
@@ -85,12 +87,10 @@ class Layer:
             return self._spectra(method)
 
     def _spectra(self, method: str) -> tuple[torch.Tensor, ...]:
-        if method in ("svd", "channel", "spatial") and self._cache.get("spectrum", {}).get(method) is not None:
-            return (self._cache["spectrum"][method],)
-        if method in ("svd", "channel"):
-            return (self.svd().S,)
-        if method == "spatial":
-            return (self.spatial_svd().S,)
+        key = _SVD_OF.get(method)
+        if key is not None:
+            kept = self._cache.get("spectrum", {}).get(key)
+            return (kept if kept is not None else (self.svd() if key == "svd" else self.spatial_svd()).S,)
         if "modes" not in self._cache:
             self._cache["modes"] = D.mode_spectra(self.weight4())
         return self._cache["modes"]
@@ -165,8 +165,8 @@ class Layer:
         times the model's weights (the full SVD factors, in float64 for mid-size layers), which a model
         of billions of weights cannot afford. ``keep_spectra`` keeps the singular values (a few KB) that
         a global rank allocation reads again."""
-        spectrum = {m: self._cache[k].S for m, k in (("svd", "svd"), ("channel", "svd"), ("spatial", "spatial"))
-                    if k in self._cache} if keep_spectra else {}
+        spectrum = {**self._cache.get("spectrum", {}),
+                    **{k: self._cache[k].S for k in ("svd", "spatial") if k in self._cache}} if keep_spectra else {}
         modes = self._cache.get("modes") if keep_spectra else None
         self._cache.clear()
         if spectrum:

@@ -154,19 +154,19 @@ def _simulated(model: nn.Module, names: list[str], per_channel: bool,
     """A twin of ``model`` whose layers compute with int8-rounded weights (and inputs, with ``ranges``). It shares
     every other tensor with ``model``; the layers it rounds get their own weight and bias, which the
     correction then changes on the twin alone."""
-    plain = all(isinstance(get_submodule(model, n)._parameters.get("weight"), nn.Parameter) for n in names)
-    sim = shared_twin(model) if plain else copy.deepcopy(model)  # parametrized weights: round a full copy
+    own_weights = all(isinstance(get_submodule(model, n)._parameters.get("weight"), nn.Parameter) for n in names)
+    sim = shared_twin(model) if own_weights else copy.deepcopy(model)  # parametrized weights: round a full copy
     handles = []
     with torch.no_grad():
         for n in names:
             m = get_submodule(sim, n)
             w = m.weight
-            if not plain:
-                w.copy_(fake_quant_weight(w, per_channel).to(w.dtype))
-            else:
+            if own_weights:
                 m.weight = nn.Parameter(fake_quant_weight(w, per_channel).to(w.dtype), requires_grad=w.requires_grad)
                 if m.bias is not None:
                     m.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=m.bias.requires_grad)
+            else:
+                w.copy_(fake_quant_weight(w, per_channel).to(w.dtype))
             if ranges is not None:
                 lo, hi = ranges[n]
 

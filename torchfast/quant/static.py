@@ -259,8 +259,8 @@ def layer_report(original: nn.Module, quantized: nn.Module, untraced: list[tuple
 def forget_fx_device_cache() -> None:
     """torch.ao's FX prepare/convert memoize each module's device in an unbounded cache keyed by the module,
     which keeps every observed and converted graph module, with its weights, alive for the life of the
-    process: a model of hundreds of millions of weights built a few times no longer fits in memory. Emptied after each
-    build (it is only a memo)."""
+    process: a model of hundreds of millions of weights built a few times no longer fits in memory.
+    Emptied after each build (it is only a memo)."""
     from torch.ao.quantization.fx import utils as fx_utils
     cached = getattr(fx_utils, "assert_and_get_unique_device", None)
     if hasattr(cached, "cache_clear"):
