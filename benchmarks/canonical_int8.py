@@ -37,11 +37,11 @@ def _folded_int8(model, calib):
     (what the Int8Static path does once it uses them)."""
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    from torchfast.quant.dynamic import full_range_exact
     from torchfast.quant.int8_pad import fold_int8_pads, pad_backend_config
     from torchfast.quant.static import fx_qconfig_mapping
+    from torchfast.quant.static_precision import static_precision
 
-    mapping = fx_qconfig_mapping(tf.Int8Static(calibration=calib), reduce_range=not full_range_exact())
+    mapping = fx_qconfig_mapping(tf.Int8Static(calibration=calib), static_precision())
     prepared = prepare_fx(model, mapping, (calib[0],), backend_config=pad_backend_config())
     with torch.no_grad():
         for b in calib:

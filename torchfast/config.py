@@ -209,6 +209,14 @@ def check_choice(cls_name: str, field: str, value: Any, choices: tuple) -> None:
         raise ConfigError(f"{cls_name}.{field} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
+def check_flag(cls_name: str, field: str, value: Any, none: str = "") -> None:
+    """True, False or (with ``none``, what None means) None; by identity, so 1 and 0 are refused too."""
+    allowed = (True, False) + ((None,) if none else ())
+    if not any(value is v for v in allowed):
+        words = (f"None ({none}), " if none else "") + "True or False"
+        raise ConfigError(f"{cls_name}.{field} must be {words}, got {value!r}")
+
+
 def check_exclude(cls_name: str, value: Any, field: str = "exclude") -> tuple[str, ...]:
     """``value`` as a tuple of non-empty module names / globs; a bare string is refused (it is not a list of names)."""
     if isinstance(value, str):

@@ -9,16 +9,20 @@ import torchfast as tf
 from torchfast.modules import state_snapshot, training_flags
 from torchfast.quant.bias_correction import BiasCorrectionError, correct_bias
 from torchfast.quant.calibrate import CalibrationError
+from torchfast.quant.static_precision import static_precision
 
 
 def _lattice(conv: nn.Conv2d, seed: int, frac: float = 0.45) -> nn.Conv2d:
-    """Weights at (k + 0.45) steps of their own int8 grid: every one rounds down by 0.45 of a step, so
-    on non-negative inputs int8 shifts each output channel's mean by a clear, systematic amount."""
+    """Weights at (k + 0.45) steps of their own int8 grid (8- or 7-bit, as Int8Static uses here): every one
+    rounds down by 0.45 of a step, so on non-negative inputs int8 shifts each output channel's mean by a
+    clear, systematic amount."""
+    half_range = 2 ** (static_precision().weight_bits - 1) - 0.5   # symmetric scale = max |w| / half_range
     g = torch.Generator().manual_seed(seed)
     cout = conv.out_channels
     step = 0.002 + 0.002 * torch.rand(cout, generator=g)
-    w = (torch.randint(-60, 60, conv.weight.shape, generator=g).float() + frac) * step.view(-1, 1, 1, 1)
-    w.view(cout, -1)[:, 0] = 127.5 * step   # the largest weight sets the symmetric scale to exactly `step`
+    k = int(half_range) // 2
+    w = (torch.randint(-k, k, conv.weight.shape, generator=g).float() + frac) * step.view(-1, 1, 1, 1)
+    w.view(cout, -1)[:, 0] = half_range * step   # the largest weight sets the symmetric scale to exactly `step`
     with torch.no_grad():
         conv.weight.copy_(w)
         if conv.bias is not None:

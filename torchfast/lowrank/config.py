@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from ..config import Config, ConfigError, check_choice, check_range, opaque
+from ..config import Config, ConfigError, check_choice, check_flag, check_range, opaque
 
 METHODS = ("auto", "svd", "channel", "spatial", "tucker")
 
@@ -92,8 +92,7 @@ class LowRank(Config):
             check_range(n, "energy", self.energy, 0.0, 1.0, lo_inclusive=False)
         if self.flops_reduction is not None:
             check_range(n, "flops_reduction", self.flops_reduction, 1.0, None, lo_inclusive=False)
-        if self.data_aware not in (None, True, False):
-            raise ConfigError(f"{n}.data_aware must be None, True or False, got {self.data_aware!r}")
+        check_flag(n, "data_aware", self.data_aware, none="auto")
         check_range(n, "damping", self.damping, 0.0, None)
         check_range(n, "max_positions", self.max_positions, 1, None)
         check_range(n, "max_cov_dim", self.max_cov_dim, 1, None)

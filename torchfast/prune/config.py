@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
-from ..config import Config, ConfigError, check_choice, check_range, opaque
+from ..config import Config, ConfigError, check_choice, check_flag, check_range, opaque
 from ..transform import Exclusion
 
 IMPORTANCE = ("l1", "l2", "bn_scale", "taylor")
@@ -52,8 +52,7 @@ class ChannelPruning(Config):
         check_choice(n, "importance", self.importance, IMPORTANCE)
         check_choice(n, "scope", self.scope, ("local", "global"))
         check_range(n, "max_amount", self.max_amount, 0.0, 1.0, hi_inclusive=False)
-        if self.recalibrate_bn not in (None, True, False):
-            raise ConfigError(f"{n}.recalibrate_bn must be None, True or False, got {self.recalibrate_bn!r}")
+        check_flag(n, "recalibrate_bn", self.recalibrate_bn, none="where it helps")
         if not isinstance(self.round_to, int) or self.round_to < 1:
             raise ConfigError(f"{n}.round_to must be a positive int, got {self.round_to!r}")
         excluded = Exclusion(self.exclude)

@@ -21,8 +21,9 @@ from ..transform import Exclusion, legacy_positional
 from .calibrate import CalibrationError
 from .common import AlreadyQuantizedError
 from .config import Float8, HalfPrecision, Int8Dynamic, Int8Static, QuantConfig, WeightOnly
-from .dynamic import full_range_exact, precision_plan
+from .dynamic import precision_plan
 from .guard import restore_from_twin, speed_verdict
+from .static_precision import Precision, static_precision
 from .weight_only import UnsupportedDeviceError
 
 __all__ = ["quantize", "Int8Dynamic", "Int8Static", "WeightOnly", "Float8", "HalfPrecision",
@@ -208,11 +209,12 @@ def _keep_budget(model: nn.Module, cfg: QuantConfig, implementation, quantized: 
     reports: dict[int, Report] = {id(quantized): rep}
     if isinstance(cfg, Int8Static):
         cal = collect(cfg.calibration if cfg.calibration is not None else calibration, cfg.max_batches)
-        bits = 8 if full_range_exact() else 7
+        precision = static_precision(cfg.full_range)
     else:
-        cal, bits = [], 8 if precision_plan(getattr(cfg, "full_range", None))[0] else 7
+        act8, weight_bits = precision_plan(getattr(cfg, "full_range", None))
+        cal, precision = [], Precision(8 if act8 else 7, weight_bits)
     result = fit_budget(model, quantized, layers, build, calibration=cal, validation=validation, tolerance=tol,
-                        eval_fn=eval_fn, dynamic=not isinstance(cfg, Int8Static), activation_bits=bits,
+                        eval_fn=eval_fn, dynamic=not isinstance(cfg, Int8Static), precision=precision,
                         progress=getattr(cfg, "progress", True))
     if result.model is None:
         out_rep = rep

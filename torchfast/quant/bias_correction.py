@@ -29,6 +29,7 @@ from ..report import Report
 from .calibrate import CalibrationError, collect
 from .common import check_not_quantized, exclusion, rewritable_layers
 from .simulate import fake_quant_activation, fake_quant_weight
+from .static_precision import Precision, static_precision
 
 __all__ = ["correct_bias", "BiasCorrectionError"]
 
@@ -150,7 +151,7 @@ def _input_ranges(model: nn.Module, names: list[str], batches: list[Batch], redu
 
 
 def _simulated(model: nn.Module, names: list[str], per_channel: bool,
-               ranges: dict[str, tuple[float, float]] | None, reduce_range: bool) -> tuple[nn.Module, list]:
+               ranges: dict[str, tuple[float, float]] | None, precision: Precision) -> tuple[nn.Module, list]:
     """A twin of ``model`` whose layers compute with int8-rounded weights (and inputs, with ``ranges``). It shares
     every other tensor with ``model``; the layers it rounds get their own weight and bias, which the
     correction then changes on the twin alone."""
@@ -162,32 +163,34 @@ def _simulated(model: nn.Module, names: list[str], per_channel: bool,
             m = get_submodule(sim, n)
             w = m.weight
             if own_weights:
-                m.weight = nn.Parameter(fake_quant_weight(w, per_channel).to(w.dtype), requires_grad=w.requires_grad)
+                m.weight = nn.Parameter(fake_quant_weight(w, per_channel, precision.weight_bits).to(w.dtype),
+                                        requires_grad=w.requires_grad)
                 if m.bias is not None:
                     m.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=m.bias.requires_grad)
             else:
-                w.copy_(fake_quant_weight(w, per_channel).to(w.dtype))
+                w.copy_(fake_quant_weight(w, per_channel, precision.weight_bits).to(w.dtype))
             if ranges is not None:
                 lo, hi = ranges[n]
 
                 def pre(mod, args, _lo=lo, _hi=hi):
                     x = args[0]
-                    return (fake_quant_activation(x, _lo, _hi, reduce_range).to(x.dtype), *args[1:])
+                    return (fake_quant_activation(x, _lo, _hi, precision.reduce_range).to(x.dtype), *args[1:])
                 handles.append(m.register_forward_pre_hook(pre))
     return sim, handles
 
 
 def _float_input_shifts(model: nn.Module, names: list[str], batches: list[Batch], per_channel: bool,
-                        ranges: dict[str, tuple[float, float]] | None, reduce_range: bool) -> dict[str, torch.Tensor]:
+                        ranges: dict[str, tuple[float, float]] | None, precision: Precision
+                        ) -> dict[str, torch.Tensor]:
     """Each layer's mean output shift from int8 rounding, on the inputs the float model gives it (one pass)."""
-    wq = {n: fake_quant_weight(get_submodule(model, n).weight, per_channel) for n in names}
+    wq = {n: fake_quant_weight(get_submodule(model, n).weight, per_channel, precision.weight_bits) for n in names}
     sums: dict[str, list] = {}
 
     def make(n):
         def hook(m, args, out):
             x = args[0]
             if ranges is not None:
-                x = fake_quant_activation(x, *ranges[n], reduce_range)
+                x = fake_quant_activation(x, *ranges[n], precision.reduce_range)
             w = wq[n].to(out.dtype)
             yq = nn.functional.linear(x.to(out.dtype), w, m.bias) if isinstance(m, nn.Linear) else \
                 m._conv_forward(x.to(out.dtype), w, m.bias)
@@ -215,14 +218,16 @@ def _add_to_bias(m: nn.Module, delta: torch.Tensor) -> None:
 
 def correct_bias(model: nn.Module, calibration_batches: Iterable[Batch] | Batch, *, per_channel: bool = True,
                  sequential: bool = True, activations: bool = False, reduce_range: bool | None = None,
-                 exclude: Iterable[str] = (), inplace: bool = False) -> tuple[nn.Module, Report]:
+                 weight_bits: int | None = None, exclude: Iterable[str] = (), inplace: bool = False
+                 ) -> tuple[nn.Module, Report]:
     """Subtract from every Conv/Linear bias the mean output shift its int8-rounded weights would cause.
 
     ``per_channel``: the int8 weight scheme to correct for (per output channel, as Int8Static's default).
     ``sequential``: measure each layer behind already rounded and corrected earlier layers (one partial
     forward per layer per batch) rather than on float inputs (one pass). ``activations``: round each layer's
-    input to 8 bits as well (the full int8 layer). ``reduce_range``: 7-bit activations (default: as int8 uses
-    on this CPU). Returns (model, report: per layer the mean |shift| of its outputs before and after).
+    input to 8 bits as well (the full int8 layer). ``reduce_range``: 7-bit activations; ``weight_bits``: 8 or 7
+    (default for both: what Int8Static uses on this CPU, see ``static_precision``). Returns (model, report:
+    per layer the mean |shift| of its outputs before and after).
     A model with BatchNorm after its convs is fine for per-channel weights (BatchNorm folding scales whole
     rows, which per-channel rounding follows); for per-tensor weights fold BatchNorm first.
     """
@@ -235,16 +240,18 @@ def correct_bias(model: nn.Module, calibration_batches: Iterable[Batch] | Batch,
         raise CalibrationError("correct_bias() needs calibration batches: real inputs to measure output means on")
     batches = collect(calibration_batches)
     ex = exclusion(model, exclude, "correct_bias")
-    if reduce_range is None:
-        from .dynamic import full_range_exact
-        reduce_range = not full_range_exact()
+    precision = static_precision(None if reduce_range is None else not reduce_range)
+    if weight_bits is not None:
+        if weight_bits not in (7, 8):
+            raise BiasCorrectionError(f"correct_bias(weight_bits=...) must be 8 or 7, got {weight_bits!r}")
+        precision = Precision(precision.activation_bits, weight_bits)
 
     work = maybe_copy(model, inplace)
     with evaluating(work):
         names, skipped = _layers(work, batches[0], ex)
         float_means = _means(work, names, batches)
-        ranges = _input_ranges(work, names, batches, reduce_range) if activations and names else None
-        sim, handles = _simulated(work, names, per_channel, ranges, reduce_range)
+        ranges = _input_ranges(work, names, batches, precision.reduce_range) if activations and names else None
+        sim, handles = _simulated(work, names, per_channel, ranges, precision)
         try:
             with evaluating(sim):
                 shift_before = {n: m - float_means[n] for n, m in _means(sim, names, batches).items()}
@@ -255,7 +262,7 @@ def correct_bias(model: nn.Module, calibration_batches: Iterable[Batch] | Batch,
                         _add_to_bias(get_submodule(sim, n), corrections[n])
                 else:
                     corrections = {n: -s for n, s in
-                                   _float_input_shifts(work, names, batches, per_channel, ranges, reduce_range).items()}
+                                   _float_input_shifts(work, names, batches, per_channel, ranges, precision).items()}
                     for n in names:
                         _add_to_bias(get_submodule(sim, n), corrections[n])
                 shift_after = {n: m - float_means[n] for n, m in _means(sim, names, batches).items()}
@@ -276,6 +283,7 @@ def correct_bias(model: nn.Module, calibration_batches: Iterable[Batch] | Batch,
     for n, why in skipped.items():
         report.add_row(layer=n, type=type(get_submodule(model, n)).__name__, applied=False, reason=why)
     report.summary.update({"layers corrected": len(names), "weights": "per-channel" if per_channel else "per-tensor",
+                           "weight bits": precision.weight_bits,
                            "measured": "sequentially, behind corrected int8 layers" if sequential else
                            "on float inputs", "activations rounded": activations, "calibration batches": len(batches)})
     if not names:

@@ -20,6 +20,7 @@ from ..modules import Batch
 from ..report import Report
 from ..tolerance import Tolerance
 from .simulate import fake_quant_activation, fake_quant_weight
+from .static_precision import Precision
 
 __all__ = ["sensitivity", "fit_budget", "BudgetResult", "agreement_resolution"]
 
@@ -58,12 +59,12 @@ def _score(fid: Fidelity, tolerance: Tolerance) -> float:
 
 
 def sensitivity(model: nn.Module, layers: list[str], calibration: list[Batch], validation: list[Batch],
-                tolerance: Tolerance, *, dynamic: bool = False, activation_bits: int = 8,
+                tolerance: Tolerance, *, dynamic: bool = False, precision: Precision = Precision(8, 8),
                 progress: bool = True) -> dict[str, float]:
     """Damage each layer does alone when its weights and inputs are int8 (simulated in float)."""
     from tqdm.auto import tqdm
 
-    reduce_range = activation_bits < 8
+    reduce_range = precision.reduce_range
     names = [n for n in layers if isinstance(model.get_submodule(n), _SIMULATED)]
     ranges = {} if dynamic else _input_ranges(model, names, calibration)
     reference = outputs(model, validation)
@@ -80,7 +81,7 @@ def sensitivity(model: nn.Module, layers: list[str], calibration: list[Batch], v
         original = mod.weight.data
         handle = mod.register_forward_pre_hook(hook)
         try:
-            mod.weight.data = fake_quant_weight(original).to(original.dtype)
+            mod.weight.data = fake_quant_weight(original, bits=precision.weight_bits).to(original.dtype)
             scores[n] = _score(compare_outputs(reference, outputs(model, validation)), tolerance)
         finally:
             mod.weight.data = original
@@ -119,7 +120,7 @@ def _check(reference_out: list[torch.Tensor], model: nn.Module, validation: list
 
 def fit_budget(model: nn.Module, quantized: nn.Module, layers: list[str], build: Callable[[list[str]], nn.Module],
                *, calibration: list[Batch], validation: list[Batch], tolerance: Tolerance,
-               eval_fn: Callable | None = None, dynamic: bool = False, activation_bits: int = 8,
+               eval_fn: Callable | None = None, dynamic: bool = False, precision: Precision = Precision(8, 8),
                progress: bool = True) -> BudgetResult:
     """Keep the fewest, most sensitive ``layers`` float until ``build(float_layers)`` meets ``tolerance``.
 
@@ -145,7 +146,7 @@ def fit_budget(model: nn.Module, quantized: nn.Module, layers: list[str], build:
         report.summary["result"] = "every quantized layer stays int8"
         return BudgetResult(quantized, [], fid, report)
     scores = sensitivity(model, layers, calibration, validation, tolerance, dynamic=dynamic,
-                         activation_bits=activation_bits, progress=progress)
+                         precision=precision, progress=progress)
     ranked = sorted(scores, key=scores.get, reverse=True) + [n for n in layers if n not in scores]
     report.summary["most sensitive"] = ", ".join(f"{n} ({scores[n]:.3g})" for n in ranked[:5] if n in scores)
     tried: dict[int, tuple[nn.Module, Fidelity, list[str]]] = {}

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import Config, ConfigError, check_choice, check_range, opaque
+from ..config import Config, ConfigError, check_choice, check_flag, check_range, opaque
 
 __all__ = ["Int8Dynamic", "Int8Static", "WeightOnly", "Float8", "HalfPrecision", "QuantConfig", "OBSERVERS"]
 
@@ -61,10 +61,8 @@ class Int8Dynamic(QuantConfig):
         _check_names("Int8Dynamic", "modules", self.modules)
         for m in self.modules:
             check_choice("Int8Dynamic", "modules", m, _DYNAMIC_MODULES)
-        if self.smooth not in (None, True, False):
-            raise ConfigError(f"Int8Dynamic.smooth must be None (where it helps), True or False, got {self.smooth!r}")
-        if self.full_range not in (None, True, False):
-            raise ConfigError(f"Int8Dynamic.full_range must be None, True or False, got {self.full_range!r}")
+        check_flag("Int8Dynamic", "smooth", self.smooth, none="where it helps")
+        check_flag("Int8Dynamic", "full_range", self.full_range, none="the most precise exact pair")
 
 
 @dataclass(frozen=True)
@@ -82,6 +80,11 @@ class Int8Static(QuantConfig):
       of Conv->Conv chains incl. depthwise, Nagel et al. 2019; bias correction of the int8 weights' mean
       output shift). None (default): each variant is quantized and kept only when its int8 output is
       measurably closer to the float model's on calibration batches; True forces, False skips.
+    full_range: activation x weight precision. None = the most precise pair a probe proves exact on this
+      CPU: 8-bit activations and weights with VNNI; on older AVX2 (int16 pair sums) 8-bit activations with
+      7-bit weights (per-tensor activations lose more to a bit than per-channel weights do); True = 8-bit
+      activations (7-bit weights where 8 x 8 would saturate); False = 7-bit activations, 8-bit weights
+      (torch.ao's x86 default).
     islands: keep int8 only where it repays its quantize/dequantize: a group of int8 layers between ops
       that run float (SiLU, GELU, custom functions) whose measured saving is less than the quantize and
       dequantize around it stays float with them (fx method; measured on calibration-shaped inputs).
@@ -102,6 +105,7 @@ class Int8Static(QuantConfig):
     equalize: bool | None = None         # cross-layer equalization first; None: only where it measurably helps
     bias_correction: bool | None = None  # correct the int8 weights' mean output shift; None: where it helps
     islands: bool = True        # keep int8 only where it repays its quantize/dequantize
+    full_range: bool | None = None       # 8-bit activations; None: where a probe proves the kernels exact
 
     def validate(self) -> None:
         check_choice("Int8Static", "observer", self.observer, OBSERVERS)
@@ -110,9 +114,8 @@ class Int8Static(QuantConfig):
         if self.max_batches is not None:
             check_range("Int8Static", "max_batches", self.max_batches, 1)
         for name in ("equalize", "bias_correction"):
-            if getattr(self, name) not in (None, True, False):
-                raise ConfigError(f"Int8Static.{name} must be None (where it helps), True or False, "
-                                  f"got {getattr(self, name)!r}")
+            check_flag("Int8Static", name, getattr(self, name), none="where it helps")
+        check_flag("Int8Static", "full_range", self.full_range, none="the most precise exact pair")
         if not isinstance(self.islands, bool):
             raise ConfigError(f"Int8Static.islands must be True or False, got {self.islands!r}")
         if self.calibration is not None and isinstance(self.calibration, (str, bytes, int, float)):

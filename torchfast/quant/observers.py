@@ -57,6 +57,13 @@ def activation_observer(kind: str, reduce_range: bool, percentile: float = 99.99
     raise ValueError(f"unknown observer {kind!r}")
 
 
-def weight_observer(per_channel: bool):
+def weight_observer(per_channel: bool, bits: int = 8):
+    """torch.ao's default symmetric int8 weight observer; ``bits=7`` keeps weights within +-64 (see
+    ``static_precision``)."""
     from torch.ao.quantization.observer import default_per_channel_weight_observer, default_weight_observer
-    return default_per_channel_weight_observer if per_channel else default_weight_observer
+    observer = default_per_channel_weight_observer if per_channel else default_weight_observer
+    if bits == 8:
+        return observer
+    if bits != 7:
+        raise ValueError(f"int8 weights are 8 or 7 bits, got {bits!r}")
+    return observer.with_args(quant_min=-64, quant_max=63)

@@ -35,7 +35,7 @@ def _variants(model: nn.Module, cfg: Int8Static, exclusion: Exclusion) -> list[t
 
     def bc(m, batches):  # one pass on float inputs over a few batches: seconds, where sequential takes minutes
         return correct_bias(m, batches[:4], per_channel=cfg.per_channel, sequential=False, exclude=patterns,
-                            inplace=True)[0]
+                            reduce_range=None if cfg.full_range is None else not cfg.full_range, inplace=True)[0]
 
     def cle(m, batches):
         return equalize(m, exclude=patterns, inplace=True)[0]

@@ -1,7 +1,7 @@
 """int8 arithmetic simulated in float: what the x86/fbgemm kernels will compute, to choose settings before
 quantizing (a SmoothQuant strength, a bias correction) without building the int8 model each time.
 
-Weights: the same observer the int8 transforms use (symmetric qint8, per output channel by default).
+Weights: the same observer the int8 transforms use (symmetric qint8, per output channel by default, 8 or 7 bits).
 Activations: per-tensor affine quint8 over [min(x, 0), max(x, 0)], 8 or 7 bits (fbgemm's ``reduce_range``).
 """
 from __future__ import annotations
@@ -13,10 +13,11 @@ from .observers import weight_observer
 __all__ = ["fake_quant_weight", "activation_qparams", "fake_quant_activation"]
 
 
-def fake_quant_weight(w: torch.Tensor, per_channel: bool = True) -> torch.Tensor:
-    """``dequantize(quantize(w))`` as int8 Conv/Linear layers store ``w`` (float32 result)."""
+def fake_quant_weight(w: torch.Tensor, per_channel: bool = True, bits: int = 8) -> torch.Tensor:
+    """``dequantize(quantize(w))`` as int8 Conv/Linear layers store ``w`` (float32 result); ``bits=7``: the
+    +-64 weights paired with 8-bit activations on pre-VNNI CPUs."""
     w = w.detach().float()
-    obs = weight_observer(per_channel)()
+    obs = weight_observer(per_channel, bits)()
     obs(w)
     scale, zp = obs.calculate_qparams()
     if per_channel:

@@ -36,6 +36,7 @@ from ..transform import Exclusion
 from .calibrate import CalibrationError, collect
 from .common import check_not_quantized, exclusion, rewritable_layers
 from .simulate import activation_qparams, fake_quant_weight
+from .static_precision import Precision, static_precision
 
 __all__ = ["smooth", "SmoothedLinear", "SmoothQuantError", "DEFAULT_ALPHAS"]
 
@@ -283,7 +284,7 @@ def _scales(amax: torch.Tensor, wmax: torch.Tensor, alpha: float) -> torch.Tenso
 
 
 def _simulate(model: nn.Module, groups: list[_Group], stats: dict[str, torch.Tensor], batches: list[Batch],
-              per_channel: bool, reduce_range: bool, static: bool) -> None:
+              per_channel: bool, precision: Precision, static: bool) -> None:
     """Fill each group's ``err``: simulated int8 output error relative to the float output, per candidate."""
     gen = torch.Generator().manual_seed(0)
     acc: dict[tuple[int, Any], list[float]] = defaultdict(lambda: [0.0, 0.0])
@@ -304,12 +305,12 @@ def _simulate(model: nn.Module, groups: list[_Group], stats: dict[str, torch.Ten
                 for a, s in _g.s.items():
                     lo_c, hi_c = (stats[_n][0], stats[_n][1]) if static else (mn, mx)
                     scale, zp, qmax = activation_qparams(float((lo_c / s).min()), float((hi_c / s).max()),
-                                                         reduce_range)
+                                                         precision.reduce_range)
                     xq = torch.fake_quantize_per_tensor_affine(xs / s, scale, zp, 0, qmax)
                     e = acc[(_gi, a)]
                     # rounded here, not kept: every layer x every strength would hold several copies of
                     # the model's weights; rounding costs a fraction of this product over the sampled rows
-                    e[0] += float((xq @ fake_quant_weight(w * s, per_channel).t() - y).square().sum())
+                    e[0] += float((xq @ fake_quant_weight(w * s, per_channel, precision.weight_bits).t() - y).square().sum())
                     e[1] += den
             hooks[n] = hook
     _run(model, batches, hooks)
@@ -378,17 +379,34 @@ def _linears(model: nn.Module, batch: Batch, ex: Exclusion) -> tuple[list[str], 
                              "rescaling its weight may not be exact")
 
 
+def _precision(activations: str, reduce_range: bool | None, weight_bits: int | None) -> Precision:
+    """What the int8 transform will compute here: Int8Dynamic's or Int8Static's plan for the requested range."""
+    full_range = None if reduce_range is None else not reduce_range
+    if activations == "dynamic":
+        from .dynamic import precision_plan
+        act8, bits = precision_plan(full_range)
+        plan = Precision(8 if act8 else 7, bits)
+    else:
+        plan = static_precision(full_range)
+    if weight_bits is None:
+        return plan
+    if weight_bits not in (7, 8):
+        raise SmoothQuantError(f"smooth(weight_bits=...) must be 8 or 7, got {weight_bits!r}")
+    return Precision(plan.activation_bits, weight_bits)
+
+
 def smooth(model: nn.Module, calibration_batches: Iterable[Batch] | Batch, *,
            alpha: str | float = "auto", alphas: Sequence[float] = DEFAULT_ALPHAS, insert_scale: bool = True,
            activations: str = "dynamic", per_channel: bool = True, reduce_range: bool | None = None,
-           exclude: Iterable[str] = (), inplace: bool = False) -> tuple[nn.Module, Report]:
+           weight_bits: int | None = None, exclude: Iterable[str] = (), inplace: bool = False
+           ) -> tuple[nn.Module, Report]:
     """Migrate activation outliers into the weights of every Linear, as exact float rewrites (see module doc).
 
     ``alpha``: ``"auto"`` picks per layer group the strength from ``alphas`` (or none) whose simulated int8
     output error on ``calibration_batches`` is lowest; a float in [0, 1] applies that strength everywhere.
     ``activations``: the int8 scheme simulated to choose: ``"dynamic"`` (per-batch ranges, Int8Dynamic) or
-    ``"static"`` (one range over the calibration data, Int8Static). ``reduce_range``: 7-bit activations
-    (default: what Int8Dynamic uses on this CPU). ``exclude``: names or globs of layers to leave alone
+    ``"static"`` (one range over the calibration data, Int8Static). ``reduce_range``: 7-bit activations,
+    ``weight_bits``: 8 or 7 (default for both: what that int8 scheme uses on this CPU). ``exclude``: names or globs of layers to leave alone
     (``"*.attention.*"``). Returns (model, report with a row per Linear).
     """
     check_module(model)
@@ -403,9 +421,7 @@ def smooth(model: nn.Module, calibration_batches: Iterable[Batch] | Batch, *,
         raise CalibrationError("smooth() needs calibration batches: real inputs to measure activation ranges on")
     batches = collect(calibration_batches)
     ex = exclusion(model, exclude, "smooth")
-    if reduce_range is None:
-        from .dynamic import full_range_exact, precision_plan
-        reduce_range = not (precision_plan(None)[0] if activations == "dynamic" else full_range_exact())
+    precision = _precision(activations, reduce_range, weight_bits)
 
     work = maybe_copy(model, inplace)
     with evaluating(work):
@@ -422,7 +438,7 @@ def smooth(model: nn.Module, calibration_batches: Iterable[Batch] | Batch, *,
                                 for n in g.linears]).amax(0)
             g.s = {a: (torch.ones_like(absmax) if a is None else _scales(absmax, wmax, a)) for a in candidates}
         if active:
-            _simulate(work, active, stats, batches, per_channel, reduce_range, activations == "static")
+            _simulate(work, active, stats, batches, per_channel, precision, activations == "static")
         undo_all = []
         for g in active:
             if alpha == "auto":
@@ -472,8 +488,8 @@ def smooth(model: nn.Module, calibration_batches: Iterable[Batch] | Batch, *,
         report.add_row(layer=n, applied=False, reason=why)
     done = [g for g in groups if g.alpha is not None]
     report.summary.update({
-        "alpha": alpha, "simulated": f"int8 {activations}, {'7' if reduce_range else '8'}-bit activations, "
-                                     f"{'per-channel' if per_channel else 'per-tensor'} weights",
+        "alpha": alpha, "simulated": f"int8 {activations}, {precision.describe()}, "
+                                     f"{'per-channel' if per_channel else 'per-tensor'}",
         "layers smoothed": sum(len(g.linears) for g in done),
         "folded into norms": sum(len(g.linears) for g in done if g.kind == "norm"),
         "folded into linears": sum(len(g.linears) for g in done if g.kind == "linear"),

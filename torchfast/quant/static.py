@@ -23,8 +23,8 @@ from ..report import Report
 from ..transform import Exclusion
 from .calibrate import run_calibration
 from .config import Int8Static
-from .dynamic import full_range_exact
 from .observers import activation_observer, weight_observer
+from .static_precision import Precision, static_precision
 from .warnings import quiet
 
 __all__ = ["quantize_fx_static", "fx_qconfig_mapping", "FloatKeys"]
@@ -33,14 +33,15 @@ _PARAM_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose2d, 
                 nn.LayerNorm, nn.Embedding, nn.LSTM, nn.GRU, nn.MultiheadAttention)
 
 
-def fx_qconfig_mapping(cfg: Int8Static, reduce_range: bool, skip: tuple[str, ...] = (), calls: tuple = (),
+def fx_qconfig_mapping(cfg: Int8Static, precision: Precision, skip: tuple[str, ...] = (), calls: tuple = (),
                        methods: tuple[str, ...] = ()):
-    """The x86 mapping with the chosen observers; ``skip`` (module names), ``calls`` ((scope, function,
-    index) keys of single functional calls) and ``methods`` (tensor method names) stay float."""
+    """The x86 mapping with the chosen observers and precision; ``skip`` (module names), ``calls`` ((scope,
+    function, index) keys of single functional calls) and ``methods`` (tensor method names) stay float.
+    Ops torch.ao gives their own qconfig (fixed-range sigmoid outputs, per-tensor ConvTranspose) keep it."""
     from torch.ao.quantization import QConfig, get_default_qconfig, get_default_qconfig_mapping
 
-    qconfig = QConfig(activation=activation_observer(cfg.observer, reduce_range, cfg.percentile),
-                      weight=weight_observer(cfg.per_channel))
+    qconfig = QConfig(activation=activation_observer(cfg.observer, precision.reduce_range, cfg.percentile),
+                      weight=weight_observer(cfg.per_channel, precision.weight_bits))
     default_global = get_default_qconfig("x86")
     mapping = get_default_qconfig_mapping("x86")
     mapping.set_global(qconfig)
@@ -124,7 +125,7 @@ def _graph_weight_readers(prepared: nn.Module, model: nn.Module, skip: tuple[str
     return out
 
 
-def _fx_one(model: nn.Module, cfg: Int8Static, batches: list[Batch], reduce_range: bool, skip: tuple[str, ...],
+def _fx_one(model: nn.Module, cfg: Int8Static, batches: list[Batch], precision: Precision, skip: tuple[str, ...],
             prefix: str, untraced: list[tuple[str, str]], progress: bool, wrapped_leaf: bool = False,
             keep: FloatKeys = FloatKeys()) -> nn.Module:
     """FX-quantize ``model``; on a trace failure keep it float and recurse into its children. A leaf layer
@@ -136,21 +137,21 @@ def _fx_one(model: nn.Module, cfg: Int8Static, batches: list[Batch], reduce_rang
 
     def get_x86_backend_config():  # x86 plus zero pads observed like their input, folded after convert
         return pad_backend_config()
-    mapping = fx_qconfig_mapping(cfg, reduce_range, skip, keep.calls, keep.methods)
+    mapping = fx_qconfig_mapping(cfg, precision, skip, keep.calls, keep.methods)
     try:
         with quiet("torch.ao"):
             prepared = prepare_fx(model, mapping, _example_args(batches[0]), backend_config=get_x86_backend_config())
             readers = _graph_weight_readers(prepared, model, skip)
             if readers:  # int8 layers hold packed weights: code reading `layer.weight` would break, keep them float
                 untraced.extend((f"{prefix}.{n}" if prefix else n, WEIGHT_READ) for n in readers)
-                mapping = fx_qconfig_mapping(cfg, reduce_range, tuple(skip) + tuple(readers), keep.calls, keep.methods)
+                mapping = fx_qconfig_mapping(cfg, precision, tuple(skip) + tuple(readers), keep.calls, keep.methods)
                 prepared = prepare_fx(model, mapping, _example_args(batches[0]),
                                       backend_config=get_x86_backend_config())
     except Exception as e:
         if not _is_trace_error(e) and not isinstance(e, TypeError):
             raise
         untraced.append((prefix or "<root>", f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
-        return model[0] if wrapped_leaf else _fx_children(model, cfg, batches, reduce_range, skip, prefix, untraced,
+        return model[0] if wrapped_leaf else _fx_children(model, cfg, batches, precision, skip, prefix, untraced,
                                                           keep)
     if keep.records is not None:
         from .islands_graph import record_prepared
@@ -168,12 +169,12 @@ def _fx_one(model: nn.Module, cfg: Int8Static, batches: list[Batch], reduce_rang
     except Exception as e:  # noqa: BLE001 - that graph is dropped; the parts are quantized one by one
         untraced.append((prefix or "<root>", f"its int8 graph fails to run ({type(e).__name__}: "
                                              f"{str(e).splitlines()[0][:120]})"))
-        return model[0] if wrapped_leaf else _fx_children(model, cfg, batches, reduce_range, skip, prefix, untraced,
+        return model[0] if wrapped_leaf else _fx_children(model, cfg, batches, precision, skip, prefix, untraced,
                                                           keep)
     return converted
 
 
-def _fx_children(model: nn.Module, cfg: Int8Static, batches: list[Batch], reduce_range: bool, skip: tuple[str, ...],
+def _fx_children(model: nn.Module, cfg: Int8Static, batches: list[Batch], precision: Precision, skip: tuple[str, ...],
                  prefix: str, untraced: list[tuple[str, str]], keep: FloatKeys = FloatKeys()) -> nn.Module:
     """``model`` stays float; each child is quantized on the inputs it receives."""
     children = [n for n, _ in model.named_children()]
@@ -200,7 +201,7 @@ def _fx_children(model: nn.Module, cfg: Int8Static, batches: list[Batch], reduce
         leaf = not any(True for _ in child.children())
         # a bare leaf traces to functional ops; wrapped, it converts to a quantized module at "<name>.0"
         target = nn.Sequential(child) if leaf else child
-        q = _fx_one(target, cfg, child_batches, reduce_range, child_skip, full, untraced, progress=False,
+        q = _fx_one(target, cfg, child_batches, precision, child_skip, full, untraced, progress=False,
                     wrapped_leaf=leaf, keep=keep.child(name))
         setattr(model, name, q)
     return model
@@ -273,18 +274,20 @@ def quantize_fx_static(model: nn.Module, cfg: Int8Static, batches: list[Batch],
     ``keep``: single calls and methods to keep float (beyond ``exclusion``'s layers), and where to record
     what prepare decided."""
     exclusion = exclusion if exclusion is not None else Exclusion(cfg.exclude, "Int8Static")
-    reduce_range = not full_range_exact()
+    precision = static_precision(cfg.full_range)
     untraced: list[tuple[str, str]] = []
     original = shared_twin(model)  # the report reads the layers' names and types from it, no weights
     try:
-        q = _fx_one(model, cfg, batches, reduce_range, exclusion.roots(model), "", untraced, cfg.progress, keep=keep)
+        q = _fx_one(model, cfg, batches, precision, exclusion.roots(model), "", untraced, cfg.progress, keep=keep)
     finally:
         forget_fx_device_cache()
-    scheme = "int8 static, " + ("per-channel" if cfg.per_channel else "per-tensor") + f", {cfg.observer}"
+    scheme = ("int8 static, " + ("per-channel" if cfg.per_channel else "per-tensor") + f", {cfg.observer}, "
+              + precision.describe())
     report = layer_report(original, q, untraced, exclusion, scheme)
     report.summary.update({"scheme": "int8 static", "method": "fx", "observer": cfg.observer,
                            "weights": "per-channel" if cfg.per_channel else "per-tensor",
-                           "activation bits": 7 if reduce_range else 8,
+                           "activation bits": precision.activation_bits,
+                           "weight bits": precision.weight_bits,
                            "calibration batches": len(batches),
                            "layers quantized": len(report.where(applied=True)),
                            "layers kept in float": len(report.where(applied=False))})
