@@ -215,6 +215,7 @@ def _accuracy_models():
 def accuracy(runs: int, threads: int, bar) -> list[dict]:
     """Default Int8Static, Int8Static under a top-1 budget, and NNCF's int8 through OpenVINO, same images."""
     from torchfast.measure import compare_many
+    from torchfast.quant.static_precision import static_precision
     rows = []
     for label, model, cal, val, held, data, bs in _accuracy_models():
         x = held[0][:bs] if held[0].shape[0] >= bs else torch.cat(held)[:bs]
@@ -223,6 +224,11 @@ def accuracy(runs: int, threads: int, bar) -> list[dict]:
         q, reports["torchfast Int8Static (default)"] = tf.quantize(
             model, tf.Int8Static(calibration=cal + val, progress=False), example_inputs=x)
         cands["torchfast Int8Static (default)"] = q
+        if static_precision() != static_precision(False):   # the 7-bit activations torch.ao's x86 default uses
+            name = "torchfast Int8Static(full_range=False): 7-bit activations"
+            q, reports[name] = tf.quantize(model, tf.Int8Static(calibration=cal + val, progress=False,
+                                                                full_range=False), example_inputs=x)
+            cands[name] = q
         q, reports["torchfast Int8Static, Tolerance(min_top1_agreement=0.95)"] = tf.quantize(
             model, tf.Int8Static(calibration=cal, progress=False), example_inputs=x, validation=val,
             tolerance=tf.Tolerance(min_top1_agreement=0.95, min_cosine=None, max_metric_drop=None))

@@ -41,7 +41,7 @@ def minilm_compiled(_minilm):
     ({"providers": "CPUExecutionProvider"}, "providers"), ({"providers": ()}, "providers"),
     ({"opset": 9}, "opset"), ({"dynamo": "yes"}, "dynamo"),
     ({"quant_preset": "llm"}, "quant_preset"), ({"calibrate_method": "kl"}, "calibrate_method"),
-    ({"activation_type": "int4"}, "activation_type"),
+    ({"activation_type": "int4"}, "activation_type"), ({"reduce_range": 1}, "reduce_range"),
 ])
 def test_options_reject_bad_values(kw, field):
     with pytest.raises(ConfigError, match=field):
@@ -118,6 +118,28 @@ def test_int8_dynamic_minilm_keeps_embeddings(minilm):
     assert q.info["int8"] == "dynamic" and q.info["int8_preset"] == "transformer" and q.info["quant_nodes"] > 0
     held_out = batches(tok, n_batches=2, batch_size=4, seq_len=32, offset=40)
     assert embedding_cosine(model, q.runnable, held_out) >= 0.98
+
+
+def test_int8_weights_drop_to_seven_bits_only_where_eight_saturate():
+    """Every activation at 255 times every weight at 127: exact with the default weight bits on this CPU; the
+    probe says whether 8 x 8 saturates here (x86 without VNNI) and the report says which bits were used."""
+    model = torch.nn.Sequential(torch.nn.Linear(256, 8, bias=False)).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    x = torch.ones(4, 256)
+    x[0, 0] = 0.0
+    saturates = ortb.int8_saturates()
+    assert isinstance(saturates, bool)
+    q = ortb.build_int8(model, x, ortb.Options(), mode="dynamic")
+    assert q.info["weight_bits"] == (7 if saturates else 8)
+    assert any(n.startswith("7-bit weights") for n in q.notes) == saturates
+    with torch.inference_mode():
+        torch.testing.assert_close(q.runnable(x)[1:], model(x)[1:], rtol=1e-2, atol=0)
+    forced = ortb.build_int8(model, x, ortb.Options(reduce_range=False), mode="dynamic")
+    assert forced.info["weight_bits"] == 8 and not any(n.startswith("7-bit") for n in forced.notes)
+    if saturates:  # what 8-bit weights give on such a CPU: the saturated sum
+        with torch.inference_mode():
+            assert float(forced.runnable(x)[1, 0]) < 0.9 * float(model(x)[1, 0])
 
 
 def test_int8_static_needs_calibration(_digits_cnn):

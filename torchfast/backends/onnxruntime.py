@@ -16,6 +16,7 @@ the file alone. Loading parses protobuf only (no pickle, no Python from the file
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import tempfile
@@ -29,7 +30,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from ..config import Config, ConfigError, check_choice, check_range
+from ..config import Config, ConfigError, check_choice, check_flag, check_range
 from ..modules import batches_list, describe_batch, model_dtype, split_batch
 from ..specs import InputSpec, dtype_name
 from .compiled import Built
@@ -39,7 +40,7 @@ from .native import (FlatModule, FlatSignature, NativeRunner, numpy_to_torch_dty
 from .registry import BackendError
 
 __all__ = ["Options", "OnnxArtifact", "build", "build_int8", "export_onnx", "save_artifact", "load_artifact",
-           "resolve_providers", "SIGNATURE_KEY"]
+           "resolve_providers", "int8_saturates", "SIGNATURE_KEY"]
 
 SIGNATURE_KEY = "torchfast.signature"
 GRAPH_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
@@ -63,7 +64,7 @@ class Options(Config):
     calibrate_method: str = "minmax"         # minmax | percentile | entropy
     activation_type: str = "uint8"           # uint8 | int8 activations for static int8 (weights are always int8)
     per_channel: bool = True                 # per-output-channel weight scales
-    reduce_range: bool = False               # 7-bit weights: for x86 CPUs without VNNI (u8s8 saturation)
+    reduce_range: bool | None = None         # 7-bit weights; None: where a probe finds this CPU's int8 kernel saturating
 
     def validate(self) -> None:
         if self.threads is not None:
@@ -85,6 +86,7 @@ class Options(Config):
         check_choice("OnnxRuntimeOptions", "quant_preset", self.quant_preset, PRESETS)
         check_choice("OnnxRuntimeOptions", "calibrate_method", self.calibrate_method, CALIBRATE_METHODS)
         check_choice("OnnxRuntimeOptions", "activation_type", self.activation_type, ("uint8", "int8"))
+        check_flag("OnnxRuntimeOptions", "reduce_range", self.reduce_range, none="where this CPU's kernel saturates")
 
 
 # ---------------------------------------------------------------- lazy imports, small helpers
@@ -507,12 +509,18 @@ def build_int8(model: nn.Module, example_inputs: Any, options: Options, *, dynam
     if preset == "auto":
         preset = _preset_for(proto)
     keep_float = _excluded_nodes(proto, exclude, name) if exclude else []
-    qproto, qnotes = _quantize(proto, sig, feeds, options, mode, per_channel, preset, name, keep_float)
+    reduce_range = options.reduce_range
+    if reduce_range is None:  # 7-bit weights only where 8 x 8 would saturate (ONNX Runtime's CPU kernels without VNNI)
+        reduce_range = _device_of(example_inputs).type == "cpu" and int8_saturates()
+    qproto, qnotes = _quantize(proto, sig, feeds, options, mode, per_channel, preset, name, keep_float, reduce_range)
+    if reduce_range and options.reduce_range is None:
+        qnotes.append("7-bit weights: this CPU's int8 kernel saturates 8 x 8-bit products (no VNNI)")
     if keep_float:
         qnotes.append(f"kept float on ONNX Runtime (exclude): {len(keep_float)} nodes of {', '.join(exclude)}")
     q_nodes = sum(1 for nd in qproto.graph.node
                   if nd.op_type in ("QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"))
-    info = {"exporter": exporter, "int8": mode, "int8_preset": preset, "per_channel": per_channel, "quant_nodes": q_nodes}
+    info = {"exporter": exporter, "int8": mode, "int8_preset": preset, "per_channel": per_channel, "quant_nodes": q_nodes,
+            "weight_bits": 7 if reduce_range else 8}
     if mode == "static":
         info.update(calibration_batches=len(feeds), calibrate_method=options.calibrate_method,
                     activation_type=options.activation_type)
@@ -549,8 +557,43 @@ def _excluded_nodes(proto: Any, exclude: Sequence[str], name: str) -> list[str]:
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def int8_saturates() -> bool:
+    """Does ONNX Runtime's int8 kernel on this CPU saturate 8-bit activations x 8-bit weights?
+
+    On x86 without VNNI, its u8 x s8 kernels sum pairs of products in int16 (``vpmaddubsw``): 2 x 255 x 127
+    overflows, and ONNX Runtime's own advice is 7-bit weights there. A MatMul with every activation at 255 and
+    every weight at 127 tells, on the CPU at hand."""
+    onnx = _onnx()
+    ort = _ort()
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime import quantization as q
+
+    k = 256
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+                              [numpy_helper.from_array(np.ones((k, 4), np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = np.ones((2, k), np.float32)
+    x[0, 0] = 0.0  # range [0, 1]: every other activation quantizes to 255
+    try:
+        with tempfile.TemporaryDirectory(prefix="torchfast-ort-probe-") as d, warnings.catch_warnings(), \
+                contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            src, out = Path(d, "probe.onnx"), Path(d, "probe-int8.onnx")
+            onnx.save_model(model, str(src))
+            q.quantize_dynamic(str(src), str(out), weight_type=q.QuantType.QInt8, reduce_range=False)
+            y = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        return not np.allclose(y[1], float(k), rtol=1e-2)
+    except Exception:  # noqa: BLE001 - a probe: unknown means the plain setting
+        return False
+
+
 def _quantize(proto: Any, sig: FlatSignature, feeds: list[list[np.ndarray]], options: Options, mode: str,
-              per_channel: bool, preset: str, name: str, keep_float: Sequence[str] = ()) -> tuple[Any, list[str]]:
+              per_channel: bool, preset: str, name: str, keep_float: Sequence[str] = (),
+              reduce_range: bool = False) -> tuple[Any, list[str]]:
     onnx = _onnx()
     _ort()
     from onnxruntime import quantization as q
@@ -575,7 +618,7 @@ def _quantize(proto: Any, sig: FlatSignature, feeds: list[list[np.ndarray]], opt
                 warnings.simplefilter("ignore")
                 if mode == "dynamic":
                     q.quantize_dynamic(str(src), str(out), op_types_to_quantize=["MatMul", "Gemm"],
-                                       nodes_to_exclude=list(keep_float) or None, per_channel=per_channel, reduce_range=options.reduce_range,
+                                       nodes_to_exclude=list(keep_float) or None, per_channel=per_channel, reduce_range=reduce_range,
                                        weight_type=q.QuantType.QInt8,
                                        extra_options={"MatMulConstBOnly": True})
                 else:
@@ -587,7 +630,7 @@ def _quantize(proto: Any, sig: FlatSignature, feeds: list[list[np.ndarray]], opt
                     exclude = (_after_gelu(onnx.load_model(str(src))) if preset == "transformer" else []) + list(keep_float)
                     q.quantize_static(str(src), str(out), reader, quant_format=q.QuantFormat.QDQ,
                                       op_types_to_quantize=op_types, nodes_to_exclude=exclude or None, per_channel=per_channel,
-                                      reduce_range=options.reduce_range, activation_type=act,
+                                      reduce_range=reduce_range, activation_type=act,
                                       weight_type=q.QuantType.QInt8, calibrate_method=method, extra_options=extra)
             qproto = onnx.load_model(str(out))
         except BackendError:
