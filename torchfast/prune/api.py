@@ -25,6 +25,7 @@ from .graph import DependencyGraph, Family, TraceError, _tensors
 from .importance import family_scores
 from .structured import describe, keep_indices, rebuild_module
 from .recalibrate import recalibrate_batchnorm
+from .reconstruct import reconstruct_layers
 from .trace import trace
 from ..config import ConfigError
 from ..errors import TorchfastError
@@ -196,6 +197,9 @@ def prune(model: nn.Module, config: ChannelPruning | None = None, *, example_inp
     if cfg.recalibrate_bn is True and calibration is None:
         raise ConfigError("ChannelPruning(recalibrate_bn=True) re-estimates BatchNorm statistics on calibration "
                           "batches: pass calibration=[batch, ...]")
+    if cfg.reconstruct is True and len(batches_list(calibration)) < 2:
+        raise ConfigError("ChannelPruning(reconstruct=True) refits layers on calibration batches and checks the "
+                          "refit on the last one: pass calibration=[batch, batch, ...] (two or more)")
 
     # in place, a structural twin sharing every tensor is enough to build and check the pruned model on: the
     # rebuilt layers are new modules and the swap into ``model`` comes last (taylor scores write grads: a copy)
@@ -236,6 +240,18 @@ def prune(model: nn.Module, config: ChannelPruning | None = None, *, example_inp
         old = old_by_name[mod]
         report.add_row(layer=mod, type=type(old).__name__, before=describe(old), after=describe(new), applied=True,
                        reason="channels removed" if "head" not in keep[mod] else "heads removed")
+
+    if new_modules and cfg.reconstruct is not False and calibration is not None:
+        rc = reconstruct_layers(work, model, keep, batches_list(calibration), skip=exclusion,
+                                force=cfg.reconstruct is True)
+        if rc["error before"] is not None:
+            how = (f"{len(rc['layers'])} layers by least squares; output error vs the original on the held-out "
+                   f"batch {rc['error before']:.4g} -> {rc['error after']:.4g}")
+            report.summary["layers refit"] = ("yes, " if rc["kept"] else "no (not closer), ") + how
+            for row in report.rows:
+                if row.get("layer") in rc["layers"]:
+                    e0, e1 = rc["layers"][row["layer"]]
+                    row["reason"] += f"; refit: layer error {e0:.3g} -> {e1:.3g}"
 
     restated: dict[str, nn.Module] = {}
     if new_modules and cfg.recalibrate_bn is not False and calibration is not None:

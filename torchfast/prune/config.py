@@ -26,6 +26,11 @@ class ChannelPruning(Config):
         feeding them lost channels, so the statistics they were trained with no longer fit). ``None``
         (default): whenever calibration batches are given, kept where it brings the outputs closer to the
         original's on the last batch (held out); ``True``: always (needs calibration); ``False``: never.
+    reconstruct: refit each Conv2d / Linear that lost input channels by least squares, so the kept channels
+        reproduce the original layer's output on the calibration batches (``torchfast.prune.reconstruct``;
+        runs before the BatchNorm re-estimation). ``None`` (default): whenever two or more calibration batches
+        are given, per layer where it lowers the held-out error, and only if the outputs come closer to the
+        original's on the held-out batch; ``True``: always (needs calibration); ``False``: never.
     ``loss_fn`` is a callable: ``to_dict`` shows its type and ``from_dict`` leaves it unset.
     """
     _transform = "prune"
@@ -38,6 +43,7 @@ class ChannelPruning(Config):
     max_amount: float = 0.9
     loss_fn: Callable[[Any], Any] | None = opaque()
     recalibrate_bn: bool | None = None
+    reconstruct: bool | None = None
 
     def __post_init__(self) -> None:
         la = self.layer_amounts
@@ -53,6 +59,7 @@ class ChannelPruning(Config):
         check_choice(n, "scope", self.scope, ("local", "global"))
         check_range(n, "max_amount", self.max_amount, 0.0, 1.0, hi_inclusive=False)
         check_flag(n, "recalibrate_bn", self.recalibrate_bn, none="where it helps")
+        check_flag(n, "reconstruct", self.reconstruct, none="where it helps")
         if not isinstance(self.round_to, int) or self.round_to < 1:
             raise ConfigError(f"{n}.round_to must be a positive int, got {self.round_to!r}")
         excluded = Exclusion(self.exclude)
