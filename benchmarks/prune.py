@@ -4,7 +4,9 @@ Run under the shared lock (2 cores for everyone):
     flock /tmp/torchfast-bench.lock .venv/bin/python benchmarks/prune.py
 Sections: vision (resnet50 / mobilenet_v3_large / vit_b_16, batch 1 and 8, 30% and 50%), digits
 (trained CNN accuracy vs ratio, before/after fine-tune), minilm (embedding cosine vs heads/neurons
-removed), sparse (CSR/BSR Linear vs dense on MiniLM shapes), tp (Torch-Pruning on resnet50 as reference).
+removed), sparse (CSR/BSR Linear vs dense on MiniLM shapes), tp (Torch-Pruning on resnet50 as reference),
+refit (least-squares refit of the layers that lost inputs vs slicing alone, on torchvision nets trained on
+the digits and on all-MiniLM-L6-v2; no labels, no training).
 Latency ratios are interleaved medians (torchfast.measure.compare_latency) in one run.
 """
 from __future__ import annotations
@@ -153,9 +155,51 @@ def sparse(runs: int) -> str:
     return format_table(rows)
 
 
+def refit(models: tuple[str, ...] = ("resnet18", "mobilenet_v3_large", "resnet50")) -> str:
+    """Fidelity on held-out data after pruning, with BatchNorm re-estimation only vs with the refit first."""
+    from torchfast.measure import fidelity
+    from torchfast.zoo.minilm import batches, embedding_cosine, load_minilm
+    from torchfast.zoo.vision import trained_torchvision
+    rows = []
+    settings = [(name, a) for name in models for a in (0.3, 0.5)] + [("all-MiniLM-L6-v2", a) for a in (0.25, 0.5)]
+    bar = tqdm(total=len(settings) * 2, desc="refit")
+    for name in models:
+        m, d = trained_torchvision(name)
+        unlabeled = [d.x_train[i:i + 64] for i in range(0, len(d.x_train), 64)]
+        for amount in (0.3, 0.5):
+            for how in (False, None):
+                t0 = time.perf_counter()
+                pm, rep = tf.prune(m, tf.ChannelPruning(amount=amount, reconstruct=how), example_inputs=unlabeled[0],
+                                   calibration=unlabeled)
+                took = time.perf_counter() - t0
+                f = fidelity(m, pm, d.x_test)
+                rows.append({"model": f"{name} (trained on digits)", "amount": amount,
+                             "after pruning": "refit + BN re-estimated" if how is None else "BN re-estimated",
+                             "FLOPs ratio": 1 / rep.summary["FLOPs: x fewer"], "test cosine": f.cosine,
+                             "worst cosine": f.worst_cosine, "accuracy (%)": 100 * d.eval_fn(pm),
+                             "accuracy unpruned (%)": 100 * d.eval_fn(m), "prune time (s)": took,
+                             "note": rep.summary.get("layers refit", "-")})
+                bar.update(1)
+    m, tok = load_minilm()
+    cal = batches(tok, n_batches=8, batch_size=8, seq_len=128)
+    held = batches(tok, n_batches=6, batch_size=8, seq_len=128, offset=64)
+    layers = [f"encoder.layer.{i}.{part}" for i in range(6) for part in ("attention.self", "intermediate.dense")]
+    for amount in (0.25, 0.5):
+        for how in (False, None):
+            t0 = time.perf_counter()
+            pm, rep = tf.prune(m, tf.ChannelPruning(amount=0.0, layer_amounts={n: amount for n in layers},
+                                                    reconstruct=how), example_inputs=cal[0], calibration=cal)
+            rows.append({"model": "all-MiniLM-L6-v2 (heads + MLP neurons)", "amount": amount,
+                         "after pruning": "refit" if how is None else "sliced",
+                         "FLOPs ratio": 1 / rep.summary["FLOPs: x fewer"], "test cosine": embedding_cosine(m, pm, held),
+                         "prune time (s)": time.perf_counter() - t0, "note": rep.summary.get("layers refit", "-")})
+            bar.update(1)
+    return format_table(rows)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="vision,tp,digits,minilm,sparse")
+    p.add_argument("--sections", default="vision,tp,digits,minilm,sparse,refit")
     p.add_argument("--runs", type=int, default=15)
     a = p.parse_args(argv)
     torch.set_num_threads(2)
@@ -172,6 +216,8 @@ def main(argv=None) -> None:
             out = minilm(max(5, a.runs // 2))
         elif s == "sparse":
             out = sparse(a.runs)
+        elif s == "refit":
+            out = refit()
         else:
             raise SystemExit(f"unknown section {s!r}")
         print(f"\n### {s} ({time.perf_counter() - t:.0f}s)\n\n{out}\n", flush=True)

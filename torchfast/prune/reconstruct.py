@@ -5,10 +5,12 @@ the kept ones can usually stand in for much of it. For each such Conv2d / Linear
 ridge regression from the kept input channels (as the original model computes them on unlabeled batches)
 to the original layer's output on its kept output channels: the reconstruction step of channel pruning
 (He, Zhang & Sun, "Channel Pruning for Accelerating Very Deep Neural Networks", ICCV 2017; Luo et al.,
-ThiNet, ICCV 2017). It costs one forward pass of the original model plus one solve per layer, no training.
+ThiNet, ICCV 2017). Layers are refit in the order the model calls them, each on its input as the pruned
+model computes it with the layers before it already refit, so a layer also corrects the error that reaches
+it from upstream. No training: per layer, forward passes up to that layer and one solve.
 
-Statistics are sufficient: every layer keeps only its Gram matrix X'X, the cross term X'Y and ||Y||^2, for
-the fitting batches and for a held-out one. The ridge strength is picked per layer on the held-out batch,
+Statistics are sufficient: a layer keeps only its Gram matrix X'X, the cross term X'Y and ||Y||^2, for the
+fitting batches and for a held-out one. The ridge strength is picked per layer on the held-out batch,
 and a layer is refit only where that brings its held-out error below plain slicing; the whole refit is then
 kept only if the pruned model's outputs come closer to the original's on the held-out batch.
 """
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
 
 from ..measure import compare_outputs, outputs
 from ..modules import Batch, call_model, evaluating
@@ -28,8 +31,9 @@ from ..modules import Batch, call_model, evaluating
 __all__ = ["reconstructable", "reconstruct_layers"]
 
 RIDGE = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)   # times the mean diagonal of the Gram matrix
-MAX_ROWS = 8192                          # rows (positions x images) sampled per layer per batch
-MAX_STATS_BYTES = 1 << 30                # statistics held at once; more layers take more passes
+MAX_ROWS = 8192                          # rows (positions x images) sampled per layer per batch ...
+MAX_FIT_ROWS = 65536                     # ... and over all the fitting batches
+TARGET_BYTES = 2 << 30                   # the original's layer outputs kept from its one pass
 
 
 def reconstructable(m: nn.Module) -> bool:
@@ -47,83 +51,146 @@ def reconstructable(m: nn.Module) -> bool:
 @dataclass
 class _Stats:
     """Sufficient statistics of one layer's regression, for the fitting batches and the held-out one."""
-    cols: torch.Tensor           # columns of the unfolded input the pruned layer keeps
-    rows: torch.Tensor           # output channels it keeps
+    rows: torch.Tensor           # output channels the pruned layer keeps
     bias: bool
     gram: list = field(default_factory=lambda: [None, None])
     cross: list = field(default_factory=lambda: [None, None])
     norm: list = field(default_factory=lambda: [0.0, 0.0])
 
     def add(self, part: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        x = x.double()
         if self.bias:
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
-        y = y.double()
-        g, c = x.T @ x, x.T @ y
+        g, c = (x.T @ x).double(), (x.T @ y).double()   # float32 products of a few thousand rows, summed in float64
         self.gram[part] = g if self.gram[part] is None else self.gram[part] + g
         self.cross[part] = c if self.cross[part] is None else self.cross[part] + c
-        self.norm[part] += float(y.pow(2).sum())
+        self.norm[part] += float(y.double().pow(2).sum())
 
     def error(self, w: torch.Tensor, part: int = 1) -> float:
         """||X w - Y||^2 on ``part`` from the statistics (w: features x outputs)."""
         g, c = self.gram[part], self.cross[part]
         return float((w * (g @ w)).sum() - 2 * (w * c).sum()) + self.norm[part]
 
-    def nbytes(self) -> int:
-        d = len(self.cols) + int(self.bias)
-        return 2 * 8 * (d * d + d * len(self.rows))
 
 
-def _columns(m: nn.Module, keep_in: torch.Tensor) -> torch.Tensor:
-    if isinstance(m, nn.Conv2d):
-        kk = m.kernel_size[0] * m.kernel_size[1]
-        return (keep_in[:, None] * kk + torch.arange(kk)[None, :]).reshape(-1)
-    return keep_in
-
-
-def _design(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _design(m: nn.Module, x: torch.Tensor, y: torch.Tensor | None,
+            need_x: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(inputs as rows of features, outputs as rows without the bias) for one call of ``m``."""
-    if isinstance(m, nn.Conv2d):
-        if x.dim() == 3:
-            x, y = x[None], y[None]
+    conv = isinstance(m, nn.Conv2d)
+    if conv and x.dim() == 3:
+        x, y = x[None], None if y is None else y[None]
+    if not need_x:
+        xs = None
+    elif conv:
         cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
         xs = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-        ys = y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
     else:
-        xs, ys = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-    if m.bias is not None:
-        ys = ys - m.bias.detach()
-    return xs, ys
+        xs = x.reshape(-1, x.shape[-1])
+    if y is None:
+        return xs, None
+    ys = y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1]) if conv else y.reshape(-1, y.shape[-1])
+    return xs, (ys - m.bias.detach() if m.bias is not None else ys)
 
 
-def _collect(original: nn.Module, layers: dict[str, _Stats], fit: list[Batch], judge: list[Batch],
-             gen: torch.Generator) -> None:
-    mods = dict(original.named_modules())
-    part = [0]
+class _Stop(Exception):
+    """Raised by a capture hook once it has what it needs: the rest of the forward is not run."""
+
+
+def _first_calls(model: nn.Module, names: list[str], batch: Batch, fn: Callable) -> None:
+    """``fn(name, layer, input, output)`` at the first call of each of ``names`` while ``model`` runs
+    ``batch``; the forward stops once all of them have run."""
+    seen: set[str] = set()
 
     def hook(name: str) -> Callable:
-        st = layers[name]
-
         def run(m, args, out):
             x = args[0] if args else None
-            if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor):
-                return
-            xs, ys = _design(m, x.detach(), out.detach())
-            if xs.shape[0] > MAX_ROWS:
-                pick = torch.randperm(xs.shape[0], generator=gen)[:MAX_ROWS]
-                xs, ys = xs[pick], ys[pick]
-            st.add(part[0], xs[:, st.cols].float(), ys[:, st.rows].float())
+            if name not in seen and isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor):
+                seen.add(name)
+                fn(name, m, x.detach(), out.detach())
+                if len(seen) == len(names):
+                    raise _Stop
         return run
 
-    handles = [mods[n].register_forward_hook(hook(n)) for n in layers]
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
     try:
         with torch.no_grad():
-            for part[0], batches in ((0, fit), (1, judge)):
-                for b in batches:
-                    call_model(original, b)
+            call_model(model, batch)
+    except _Stop:
+        pass
     finally:
         for h in handles:
             h.remove()
+
+
+def _capture(model: nn.Module, name: str, batch: Batch) -> tuple[nn.Module, torch.Tensor, torch.Tensor] | None:
+    """(layer, its input, its output) at the first call of layer ``name`` while ``model`` runs ``batch``."""
+    got: list = []
+    _first_calls(model, [name], batch, lambda n, m, x, y: got.append((m, x, y)))
+    return got[0] if got else None
+
+
+def _rows(n: int, cap: int, key: int) -> torch.Tensor | None:
+    """The rows of a layer's call that enter its statistics (None: all); the same for both models' passes."""
+    if n <= cap:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(key))[:cap]
+
+
+class _Targets:
+    """The original layers' outputs (kept channels, sampled rows) for every batch, from one pass of the
+    original model, up to a memory budget; layers past it are computed again when their turn comes."""
+
+    def __init__(self, original: nn.Module, layers: dict[str, _Stats], batches: list[Batch], cap: int,
+                 seed: int, budget: int = TARGET_BYTES) -> None:
+        self.original, self.layers, self.batches, self.cap, self.seed = original, layers, batches, cap, seed
+        self.index = {n: i for i, n in enumerate(layers)}
+        self.cache: dict[tuple[str, int], torch.Tensor] = {}
+        self.left = budget
+        self.uncached: set[str] = set()
+        for j, b in enumerate(batches):
+            _first_calls(original, list(layers), b, lambda n, m, x, y, j=j: self._keep(n, j, m, x, y))
+
+    def _keep(self, name: str, j: int, m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        if name in self.uncached:
+            return
+        ys = self.rows_of(name, j, m, x, y)
+        if ys.numel() * 4 > self.left:
+            self.uncached.add(name)
+            for k in [k for k in self.cache if k[0] == name]:
+                self.left += self.cache.pop(k).numel() * 4
+            return
+        self.cache[name, j] = ys
+        self.left -= ys.numel() * 4
+
+    def key(self, name: str, j: int) -> int:
+        return self.seed * 1_000_003 + self.index[name] * 10_007 + j
+
+    def rows_of(self, name: str, j: int, m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        _, ys = _design(m, x, y, need_x=False)
+        pick = _rows(ys.shape[0], self.cap, self.key(name, j))
+        ys = ys if pick is None else ys[pick]
+        return ys[:, self.layers[name].rows].float()
+
+    def get(self, name: str, j: int) -> torch.Tensor | None:
+        if name not in self.uncached:
+            return self.cache.pop((name, j), None)
+        got = _capture(self.original, name, self.batches[j])
+        return None if got is None else self.rows_of(name, j, *got)
+
+
+def _collect(pruned: nn.Module, name: str, st: _Stats, targets: _Targets, n_fit: int) -> None:
+    """The statistics of layer ``name``: its input as the pruned model (refit up to it) computes it, against
+    the original layer's output on the kept output channels, on the same rows."""
+    for j, b in enumerate(targets.batches):
+        ys = targets.get(name, j)
+        got = _capture(pruned, name, b)
+        if ys is None or got is None:
+            continue
+        m, x, _ = got
+        xs, _ = _design(m, x, None)
+        pick = _rows(xs.shape[0], targets.cap, targets.key(name, j))
+        xs = xs if pick is None else xs[pick]
+        if xs.shape[0] == ys.shape[0]:
+            st.add(0 if j < n_fit else 1, xs.float(), ys)
 
 
 def _solve(st: _Stats, w0: torch.Tensor) -> tuple[torch.Tensor | None, float, float]:
@@ -136,10 +203,10 @@ def _solve(st: _Stats, w0: torch.Tensor) -> tuple[torch.Tensor | None, float, fl
     eye = torch.eye(g.shape[0], dtype=g.dtype)
     best, best_err = None, base
     for r in RIDGE:
-        try:
-            w = torch.linalg.solve(g + r * scale * eye, st.cross[0])
-        except RuntimeError:  # singular even with the ridge: a larger one may still do
+        chol, info = torch.linalg.cholesky_ex(g + r * scale * eye)
+        if int(info) != 0:  # not positive definite even with this ridge: a larger one may do
             continue
+        w = torch.cholesky_solve(st.cross[0], chol)
         if not torch.isfinite(w).all():
             continue
         err = st.error(w)
@@ -148,6 +215,21 @@ def _solve(st: _Stats, w0: torch.Tensor) -> tuple[torch.Tensor | None, float, fl
     if best is not None and best_err > base * (1 - 1e-3):
         best, best_err = None, base
     return best, base, best_err
+
+
+def _in_call_order(model: nn.Module, names: list[str], batch: Batch) -> list[str]:
+    """``names`` in the order ``model`` first calls them on ``batch`` (never called: last, by name)."""
+    seen: list[str] = []
+    mods = {n: model.get_submodule(n) for n in names}
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: seen.append(n) if n not in seen else None)
+             for n, m in mods.items()]
+    try:
+        with torch.no_grad():
+            call_model(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen + sorted(set(names) - set(seen))
 
 
 def _sliced_weights(pruned: nn.Module, st: _Stats) -> torch.Tensor:
@@ -174,38 +256,33 @@ def reconstruct_layers(pruned: nn.Module, original: nn.Module, keep: dict[str, d
     fit, judge = batches[:-1], batches[-1:]
     omods, pmods = dict(original.named_modules()), dict(pruned.named_modules())
     todo: dict[str, _Stats] = {}
-    for name, k in sorted(keep.items()):
+    for name, k in keep.items():
         o, p = omods.get(name), pmods.get(name)
         if "in" not in k or o is None or p is None or skip(name) or not (reconstructable(o) and reconstructable(p)):
             continue
-        rows = k.get("out", torch.arange(o.weight.shape[0]))
-        todo[name] = _Stats(_columns(o, k["in"]), rows, o.bias is not None)
+        todo[name] = _Stats(k.get("out", torch.arange(o.weight.shape[0])), o.bias is not None)
     if not todo:
         return done
-    gen = torch.Generator().manual_seed(seed)
     old = {n: (pmods[n].weight.detach().clone(), None if pmods[n].bias is None else pmods[n].bias.detach().clone())
            for n in todo}
     with evaluating(original, pruned):
         reference = outputs(original, judge)
         before = compare_outputs(reference, outputs(pruned, judge)).rel_err
-        names = list(todo)
-        while names:   # as many layers per pass as the statistics' memory allows
-            chunk, used = [], 0
-            while names and (not chunk or used + todo[names[0]].nbytes() <= MAX_STATS_BYTES):
-                used += todo[names[0]].nbytes()
-                chunk.append(names.pop(0))
-            _collect(original, {n: todo[n] for n in chunk}, fit, judge, gen)
-            for n in chunk:
-                st, p = todo.pop(n), pmods[n]
-                w, e0, e1 = _solve(st, _sliced_weights(p, st))
+        order = _in_call_order(original, list(todo), batches[0])   # each layer sees the ones before it refit
+        cap = max(1, min(MAX_ROWS, -(-MAX_FIT_ROWS // len(fit))))
+        targets = _Targets(original, {n: todo[n] for n in order}, fit + judge, cap, seed)
+        for n in tqdm(order, desc="refit pruned layers", unit="layer", disable=None, leave=False):
+            st, p = todo.pop(n), pmods[n]
+            _collect(pruned, n, st, targets, len(fit))
+            w, e0, e1 = _solve(st, _sliced_weights(p, st))
+            if w is not None:
+                with torch.no_grad():
+                    wt = w[:-1] if st.bias else w
+                    p.weight.copy_(wt.T.reshape(p.weight.shape).to(p.weight.dtype))
+                    if st.bias:
+                        p.bias.add_(w[-1].to(p.bias.dtype))
                 energy = st.norm[1] or 1.0
-                if w is not None:
-                    with torch.no_grad():
-                        wt = w[:len(st.cols)] if st.bias else w
-                        p.weight.copy_(wt.T.reshape(p.weight.shape).to(p.weight.dtype))
-                        if st.bias:
-                            p.bias.add_(w[-1].to(p.bias.dtype))
-                    done["layers"][n] = (e0 / energy, e1 / energy)
+                done["layers"][n] = (e0 / energy, e1 / energy)
         after = compare_outputs(reference, outputs(pruned, judge)).rel_err
     done.update({"error before": before, "error after": after, "kept": bool(done["layers"]) and (force or after < before)})
     if not done["kept"]:
