@@ -193,20 +193,23 @@ def test_optimize_recovers_a_pruned_stage_that_would_be_rolled_back():
     x, calib = _batches(1, seed=5)[0], _batches(12)
     tol = tf.Tolerance(min_cosine=0.94, max_metric_drop=None)
     kw = dict(calibration=calib, tolerance=tol, runs=2, warmup=1, progress=False)
+    prune = tf.ChannelPruning(amount=0.6, reconstruct=False)   # the least-squares refit alone would recover it
     before = state_snapshot(teacher)
-    off = tf.optimize(teacher, x, [tf.ChannelPruning(amount=0.6)], recover=None, **kw)
+    off = tf.optimize(teacher, x, [prune], recover=None, **kw)
     assert off.report.rows[1]["applied"] is False and "rolled back" in off.report.rows[1]["note"]
-    on = tf.optimize(teacher, x, [tf.ChannelPruning(amount=0.6)], recover={"steps": 200, "threads": 1}, **kw)
+    on = tf.optimize(teacher, x, [prune], recover={"steps": 200, "threads": 1}, **kw)
     row = on.report.rows[1]
     assert row["applied"] is True, row["note"]
     assert row["cosine before recovery"] < 0.94 <= row["cosine"]
     assert row["cosine before recovery"] == pytest.approx(off.report.rows[1]["cosine"])
     assert "distilled 200 steps without labels" in row["note"]
-    assert on.report.summary["distilled (kept)"] == "ChannelPruning(amount=0.6) (yes)"
+    assert on.report.summary["distilled (kept)"] == "ChannelPruning(amount=0.6, reconstruct=False) (yes)"
     assert any(c.title == "distill" for c in on.report.children[0].children)
     assert _same(before, state_snapshot(teacher))
     assert sum(p.numel() for p in on.transformed.parameters()) < sum(p.numel() for p in teacher.parameters())
-    bare = tf.optimize(teacher, x, [tf.ChannelPruning(amount=0.6)], tolerance=tol, runs=2, warmup=1, progress=False)
+    bare = tf.optimize(teacher, x, [prune], tolerance=tol, runs=2, warmup=1, progress=False)
     assert "with calibration batches, optimize would distill it" in bare.report.rows[1]["note"]
     with pytest.raises(DistillError, match="unknown distill option"):
-        tf.optimize(teacher, x, [tf.ChannelPruning(amount=0.6)], recover={"step": 3}, **kw)
+        tf.optimize(teacher, x, [prune], recover={"step": 3}, **kw)
+    refit = tf.optimize(teacher, x, [tf.ChannelPruning(amount=0.6)], recover=None, **kw)
+    assert refit.report.rows[1]["applied"] is True, refit.report.rows[1]["note"]   # no training at all
