@@ -147,3 +147,17 @@ def test_layers_with_their_own_forward_are_left_as_sliced():
     refit, rep = tf.prune(m, tf.ChannelPruning(amount=0.5), example_inputs=cal[0], calibration=cal)
     assert type(refit[2]) is Scaled and torch.equal(refit[2].weight, plain[2].weight)
     assert "layers refit" not in rep.summary
+
+
+def test_a_failing_refit_leaves_the_sliced_weights(monkeypatch):
+    import torchfast.prune.reconstruct as rc
+
+    def boom(*a, **k):
+        raise RuntimeError("no solver today")
+    m, cal = _redundant_mlp(), _batches((64, 6))
+    plain, _ = tf.prune(m, tf.ChannelPruning(amount=0.5, reconstruct=False), example_inputs=cal[0], calibration=cal)
+    monkeypatch.setattr(rc, "_solve", boom)
+    out, rep = tf.prune(m, tf.ChannelPruning(amount=0.5, reconstruct=True), example_inputs=cal[0], calibration=cal)
+    assert "the refit failed" in rep.summary["layers refit"] and "no solver today" in rep.summary["layers refit"]
+    assert torch.equal(out[2].weight, plain[2].weight) and torch.equal(out[2].bias, plain[2].bias)
+    assert not any(mod._forward_hooks for mod in m.modules())

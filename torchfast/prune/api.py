@@ -244,7 +244,9 @@ def prune(model: nn.Module, config: ChannelPruning | None = None, *, example_inp
     if new_modules and cfg.reconstruct is not False and calibration is not None:
         rc = reconstruct_layers(work, model, keep, batches_list(calibration), skip=exclusion,
                                 force=cfg.reconstruct is True)
-        if rc["error before"] is not None:
+        if "failed" in rc:
+            report.summary["layers refit"] = f"no (the refit failed, the layers keep their sliced weights: {rc['failed']})"
+        elif rc["error before"] is not None:
             how = (f"{len(rc['layers'])} layers by least squares; output error vs the original on the held-out "
                    f"batch {rc['error before']:.4g} -> {rc['error after']:.4g}")
             report.summary["layers refit"] = ("yes, " if rc["kept"] else "no (not closer), ") + how

@@ -34,6 +34,7 @@ RIDGE = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)   # times the mean diagonal of the Gram m
 MAX_ROWS = 8192                          # rows (positions x images) sampled per layer per batch ...
 MAX_FIT_ROWS = 65536                     # ... and over all the fitting batches
 TARGET_BYTES = 2 << 30                   # the original's layer outputs kept from its one pass
+MAX_FEATURES = 8192                      # wider inputs (a Gram matrix over 0.5 GB) keep their sliced weights
 
 
 def reconstructable(m: nn.Module) -> bool:
@@ -167,8 +168,8 @@ class _Targets:
     def rows_of(self, name: str, j: int, m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         _, ys = _design(m, x, y, need_x=False)
         pick = _rows(ys.shape[0], self.cap, self.key(name, j))
-        ys = ys if pick is None else ys[pick]
-        return ys[:, self.layers[name].rows].float()
+        ys = ys if pick is None else ys[pick.to(ys.device)]
+        return ys[:, self.layers[name].rows.to(ys.device)].float()
 
     def get(self, name: str, j: int) -> torch.Tensor | None:
         if name not in self.uncached:
@@ -188,7 +189,7 @@ def _collect(pruned: nn.Module, name: str, st: _Stats, targets: _Targets, n_fit:
         m, x, _ = got
         xs, _ = _design(m, x, None)
         pick = _rows(xs.shape[0], targets.cap, targets.key(name, j))
-        xs = xs if pick is None else xs[pick]
+        xs = xs if pick is None else xs[pick.to(xs.device)]
         if xs.shape[0] == ys.shape[0]:
             st.add(0 if j < n_fit else 1, xs.float(), ys)
 
@@ -200,7 +201,7 @@ def _solve(st: _Stats, w0: torch.Tensor) -> tuple[torch.Tensor | None, float, fl
     base = st.error(w0)
     g = st.gram[0]
     scale = float(g.diagonal().mean()) or 1.0
-    eye = torch.eye(g.shape[0], dtype=g.dtype)
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
     best, best_err = None, base
     for r in RIDGE:
         chol, info = torch.linalg.cholesky_ex(g + r * scale * eye)
@@ -260,6 +261,8 @@ def reconstruct_layers(pruned: nn.Module, original: nn.Module, keep: dict[str, d
         o, p = omods.get(name), pmods.get(name)
         if "in" not in k or o is None or p is None or skip(name) or not (reconstructable(o) and reconstructable(p)):
             continue
+        if p.weight[0].numel() > MAX_FEATURES:
+            continue
         todo[name] = _Stats(k.get("out", torch.arange(o.weight.shape[0])), o.bias is not None)
     if not todo:
         return done
@@ -268,22 +271,11 @@ def reconstruct_layers(pruned: nn.Module, original: nn.Module, keep: dict[str, d
     with evaluating(original, pruned):
         reference = outputs(original, judge)
         before = compare_outputs(reference, outputs(pruned, judge)).rel_err
-        order = _in_call_order(original, list(todo), batches[0])   # each layer sees the ones before it refit
-        cap = max(1, min(MAX_ROWS, -(-MAX_FIT_ROWS // len(fit))))
-        targets = _Targets(original, {n: todo[n] for n in order}, fit + judge, cap, seed)
-        for n in tqdm(order, desc="refit pruned layers", unit="layer", disable=None, leave=False):
-            st, p = todo.pop(n), pmods[n]
-            _collect(pruned, n, st, targets, len(fit))
-            w, e0, e1 = _solve(st, _sliced_weights(p, st))
-            if w is not None:
-                with torch.no_grad():
-                    wt = w[:-1] if st.bias else w
-                    p.weight.copy_(wt.T.reshape(p.weight.shape).to(p.weight.dtype))
-                    if st.bias:
-                        p.bias.add_(w[-1].to(p.bias.dtype))
-                energy = st.norm[1] or 1.0
-                done["layers"][n] = (e0 / energy, e1 / energy)
-        after = compare_outputs(reference, outputs(pruned, judge)).rel_err
+        try:
+            after = _refit(original, pruned, todo, pmods, fit, judge, seed, done["layers"], reference)
+        except Exception as e:  # noqa: BLE001 - a model the refit cannot run on keeps its sliced weights
+            done["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            after = float("inf")
     done.update({"error before": before, "error after": after, "kept": bool(done["layers"]) and (force or after < before)})
     if not done["kept"]:
         with torch.no_grad():
@@ -291,5 +283,27 @@ def reconstruct_layers(pruned: nn.Module, original: nn.Module, keep: dict[str, d
                 pmods[n].weight.copy_(w)
                 if b is not None:
                     pmods[n].bias.copy_(b)
-        done["layers"] = {} if not force else done["layers"]
+        done["layers"] = {} if not force or "failed" in done else done["layers"]
     return done
+
+
+def _refit(original: nn.Module, pruned: nn.Module, todo: dict[str, _Stats], pmods: dict[str, nn.Module],
+           fit: list[Batch], judge: list[Batch], seed: int, errors: dict, reference: list) -> float:
+    """Refit the layers of ``todo`` in call order (writing their per-layer errors into ``errors``); returns
+    the pruned model's output error on ``judge`` afterwards."""
+    order = _in_call_order(original, list(todo), fit[0])   # each layer sees the ones before it refit
+    cap = max(1, min(MAX_ROWS, -(-MAX_FIT_ROWS // len(fit))))
+    targets = _Targets(original, {n: todo[n] for n in order}, fit + judge, cap, seed)
+    for n in tqdm(order, desc="refit pruned layers", unit="layer", disable=None, leave=False):
+        st, p = todo.pop(n), pmods[n]
+        _collect(pruned, n, st, targets, len(fit))
+        w, e0, e1 = _solve(st, _sliced_weights(p, st))
+        if w is not None:
+            with torch.no_grad():
+                wt = w[:-1] if st.bias else w
+                p.weight.copy_(wt.T.reshape(p.weight.shape).to(p.weight.dtype))
+                if st.bias:
+                    p.bias.add_(w[-1].to(p.bias.dtype))
+            energy = st.norm[1] or 1.0
+            errors[n] = (e0 / energy, e1 / energy)
+    return compare_outputs(reference, outputs(pruned, judge)).rel_err
