@@ -161,3 +161,23 @@ def test_a_failing_refit_leaves_the_sliced_weights(monkeypatch):
     assert "the refit failed" in rep.summary["layers refit"] and "no solver today" in rep.summary["layers refit"]
     assert torch.equal(out[2].weight, plain[2].weight) and torch.equal(out[2].bias, plain[2].bias)
     assert not any(mod._forward_hooks for mod in m.modules())
+
+
+def test_a_refit_failing_part_way_keeps_no_layer_even_when_forced(monkeypatch):
+    import torchfast.prune.reconstruct as rc
+    real, calls = rc._solve, []
+
+    def second_fails(*a, **k):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("no solver today")
+        return real(*a, **k)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 5)).eval()
+    cal = _batches((64, 6))
+    plain, _ = tf.prune(m, tf.ChannelPruning(amount=0.5, reconstruct=False), example_inputs=cal[0], calibration=cal)
+    monkeypatch.setattr(rc, "_solve", second_fails)
+    out, rep = tf.prune(m, tf.ChannelPruning(amount=0.5, reconstruct=True), example_inputs=cal[0], calibration=cal)
+    assert len(calls) == 2 and "the refit failed" in rep.summary["layers refit"]
+    for i in (2, 4):
+        assert torch.equal(out[i].weight, plain[i].weight) and torch.equal(out[i].bias, plain[i].bias)

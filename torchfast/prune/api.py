@@ -188,8 +188,9 @@ def prune(model: nn.Module, config: ChannelPruning | None = None, *, example_inp
     cfg = config if config is not None else ChannelPruning()
     if not isinstance(cfg, ChannelPruning):
         raise TypeError(f"prune() takes a ChannelPruning config, got {type(cfg).__name__}")
-    if example_inputs is None and calibration is not None:
-        example_inputs = next(iter(batches_list(calibration)), None)
+    calib = batches_list(calibration)   # once: a generator of batches is read a single time
+    if example_inputs is None and calib:
+        example_inputs = calib[0]
     if example_inputs is None:
         raise ValueError("prune() needs example_inputs: the dependency graph is traced from one forward pass")
     exclusion = Exclusion.resolve(model, cfg)
@@ -197,7 +198,7 @@ def prune(model: nn.Module, config: ChannelPruning | None = None, *, example_inp
     if cfg.recalibrate_bn is True and calibration is None:
         raise ConfigError("ChannelPruning(recalibrate_bn=True) re-estimates BatchNorm statistics on calibration "
                           "batches: pass calibration=[batch, ...]")
-    if cfg.reconstruct is True and len(batches_list(calibration)) < 2:
+    if cfg.reconstruct is True and len(calib) < 2:
         raise ConfigError("ChannelPruning(reconstruct=True) refits layers on calibration batches and checks the "
                           "refit on the last one: pass calibration=[batch, batch, ...] (two or more)")
 
@@ -206,7 +207,7 @@ def prune(model: nn.Module, config: ChannelPruning | None = None, *, example_inp
     work_is_twin = inplace and cfg.importance != "taylor"
     work = shared_twin(model) if work_is_twin else copy.deepcopy(model)
     report = Report(f"prune: {type(model).__name__}", columns=["layer", "type", "before", "after", "applied", "reason"])
-    g, fams, blocked, removed = plan(work, example_inputs, cfg, calibration=calibration, report=report)
+    g, fams, blocked, removed = plan(work, example_inputs, cfg, calibration=calib, report=report)
 
     ref_shapes = _shapes(g.output)
     keep = keep_indices(g, removed)
@@ -242,7 +243,7 @@ def prune(model: nn.Module, config: ChannelPruning | None = None, *, example_inp
                        reason="channels removed" if "head" not in keep[mod] else "heads removed")
 
     if new_modules and cfg.reconstruct is not False and calibration is not None:
-        rc = reconstruct_layers(work, model, keep, batches_list(calibration), skip=exclusion,
+        rc = reconstruct_layers(work, model, keep, calib, skip=exclusion,
                                 force=cfg.reconstruct is True)
         if "failed" in rc:
             report.summary["layers refit"] = f"no (the refit failed, the layers keep their sliced weights: {rc['failed']})"
@@ -257,7 +258,7 @@ def prune(model: nn.Module, config: ChannelPruning | None = None, *, example_inp
 
     restated: dict[str, nn.Module] = {}
     if new_modules and cfg.recalibrate_bn is not False and calibration is not None:
-        bn = recalibrate_batchnorm(work, model, batches_list(calibration), skip=exclusion,
+        bn = recalibrate_batchnorm(work, model, calib, skip=exclusion,
                                    force=cfg.recalibrate_bn is True)
         if bn["layers"]:
             how = (f"{len(bn['layers'])} layers on {bn['batches']} calibration batch(es); output error vs the original "

@@ -72,24 +72,23 @@ class _Stats:
         return float((w * (g @ w)).sum() - 2 * (w * c).sum()) + self.norm[part]
 
 
+def _input_rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One call's input as rows of features (a conv's unfolded patches, channel-major like its weight)."""
+    if not isinstance(m, nn.Conv2d):
+        return x.reshape(-1, x.shape[-1])
+    cols = F.unfold(x if x.dim() == 4 else x[None], m.kernel_size, dilation=m.dilation, padding=m.padding,
+                    stride=m.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
-def _design(m: nn.Module, x: torch.Tensor, y: torch.Tensor | None,
-            need_x: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(inputs as rows of features, outputs as rows without the bias) for one call of ``m``."""
-    conv = isinstance(m, nn.Conv2d)
-    if conv and x.dim() == 3:
-        x, y = x[None], None if y is None else y[None]
-    if not need_x:
-        xs = None
-    elif conv:
-        cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
-        xs = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+def _output_rows(m: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """One call's output as rows, without the layer's bias (the regression's target)."""
+    if isinstance(m, nn.Conv2d):
+        y = y if y.dim() == 4 else y[None]
+        ys = y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
     else:
-        xs = x.reshape(-1, x.shape[-1])
-    if y is None:
-        return xs, None
-    ys = y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1]) if conv else y.reshape(-1, y.shape[-1])
-    return xs, (ys - m.bias.detach() if m.bias is not None else ys)
+        ys = y.reshape(-1, y.shape[-1])
+    return ys - m.bias.detach() if m.bias is not None else ys
 
 
 class _Stop(Exception):
@@ -166,7 +165,7 @@ class _Targets:
         return self.seed * 1_000_003 + self.index[name] * 10_007 + j
 
     def rows_of(self, name: str, j: int, m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        _, ys = _design(m, x, y, need_x=False)
+        ys = _output_rows(m, y)
         pick = _rows(ys.shape[0], self.cap, self.key(name, j))
         ys = ys if pick is None else ys[pick.to(ys.device)]
         return ys[:, self.layers[name].rows.to(ys.device)].float()
@@ -183,11 +182,11 @@ def _collect(pruned: nn.Module, name: str, st: _Stats, targets: _Targets, n_fit:
     the original layer's output on the kept output channels, on the same rows."""
     for j, b in enumerate(targets.batches):
         ys = targets.get(name, j)
-        got = _capture(pruned, name, b)
-        if ys is None or got is None:
+        got = None if ys is None else _capture(pruned, name, b)
+        if got is None:
             continue
         m, x, _ = got
-        xs, _ = _design(m, x, None)
+        xs = _input_rows(m, x)
         pick = _rows(xs.shape[0], targets.cap, targets.key(name, j))
         xs = xs if pick is None else xs[pick.to(xs.device)]
         if xs.shape[0] == ys.shape[0]:
@@ -221,15 +220,7 @@ def _solve(st: _Stats, w0: torch.Tensor) -> tuple[torch.Tensor | None, float, fl
 def _in_call_order(model: nn.Module, names: list[str], batch: Batch) -> list[str]:
     """``names`` in the order ``model`` first calls them on ``batch`` (never called: last, by name)."""
     seen: list[str] = []
-    mods = {n: model.get_submodule(n) for n in names}
-    hooks = [m.register_forward_hook(lambda m, a, o, n=n: seen.append(n) if n not in seen else None)
-             for n, m in mods.items()]
-    try:
-        with torch.no_grad():
-            call_model(model, batch)
-    finally:
-        for h in hooks:
-            h.remove()
+    _first_calls(model, names, batch, lambda n, m, x, y: seen.append(n))
     return seen + sorted(set(names) - set(seen))
 
 
@@ -276,14 +267,15 @@ def reconstruct_layers(pruned: nn.Module, original: nn.Module, keep: dict[str, d
         except Exception as e:  # noqa: BLE001 - a model the refit cannot run on keeps its sliced weights
             done["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             after = float("inf")
-    done.update({"error before": before, "error after": after, "kept": bool(done["layers"]) and (force or after < before)})
-    if not done["kept"]:
+    kept = "failed" not in done and bool(done["layers"]) and (force or after < before)
+    done.update({"error before": before, "error after": after, "kept": kept})
+    if not kept:   # a failure part-way keeps no partial refit, even when forced
         with torch.no_grad():
             for n, (w, b) in old.items():
                 pmods[n].weight.copy_(w)
                 if b is not None:
                     pmods[n].bias.copy_(b)
-        done["layers"] = {} if not force or "failed" in done else done["layers"]
+        done["layers"] = {}
     return done
 
 
