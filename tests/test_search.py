@@ -147,6 +147,26 @@ def test_a_backend_that_fails_is_a_row(monkeypatch):
     assert res.chosen is not None and res.chosen.backend == "eager"
 
 
+def _combination(res) -> search_rungs.Trial:
+    (t,) = [t for t in res.trials if t.prune == 0.5 and t.lowrank == 2.0 and t.backend is None and t.int8 == "none"]
+    return t
+
+
+def test_a_factor_another_single_beats_on_speed_and_fidelity_is_not_combined(monkeypatch):
+    # pruning half of _mlp's units is both faster and more faithful than factorizing it: no combination
+    _fake_timing(monkeypatch, _fast_when_pruned)
+    res = tf.optimize(_mlp(), X, SMALL, calibration=_data(), tolerance=LOOSE, **QUICK)
+    single = {(t.prune, t.lowrank): t for t in res.trials if t.backend is None and t.int8 == "none"}
+    assert single[0.5, None].fidelity.cosine > single[0.0, 2.0].fidelity.cosine   # the premise
+    combo = _combination(res)
+    assert combo.status == "dropped" and combo.model is None and combo.fidelity is None
+    assert combo.note.startswith("not built: prune 0.5 alone is both faster (2.00x vs 1.20x in eager)")
+    # the same factor racing faster than any pruning is a better trade in its own right: combined
+    _fake_timing(monkeypatch, lambda name: 3.0 if "lowrank" in name else 2.0)
+    res = tf.optimize(_mlp(), X, SMALL, calibration=_data(), tolerance=LOOSE, **QUICK)
+    assert _combination(res).fidelity is not None and not _combination(res).note.startswith("not built")
+
+
 # ---------------------------------------------------------------- never slower, nothing to gain
 def test_nothing_to_gain_returns_the_original_with_the_reason(monkeypatch):
     _fake_timing(monkeypatch, lambda name: 0.8)   # every candidate measures slower than the original

@@ -168,11 +168,29 @@ def _race(cx: Context, trials: list[Trial]) -> bool:
     return True
 
 
+def _beaten_by(t: Trial, singles: list[Trial]) -> Trial | None:
+    """A single factor that raced at least as fast as ``t`` and probed at least as faithful (cosine, and the
+    metric where there is one), better in one of them: then combining ``t`` with anything buys its speed at a
+    higher fidelity cost than that factor would, and combinations with ``t`` are not built."""
+    if t.speedup is None or t.fidelity is None:
+        return None
+    for o in singles:
+        if o is t or o.speedup is None or o.fidelity is None or o.status not in ("ok", "needs recovery"):
+            continue
+        if t.metric is not None and (o.metric is None or o.metric < t.metric):
+            continue
+        if o.speedup >= t.speedup and o.fidelity.cosine >= t.fidelity.cosine and \
+                (o.speedup > t.speedup or o.fidelity.cosine > t.fidelity.cosine):
+            return o
+    return None
+
+
 def structures(cx: Context, origin: Trial) -> tuple[list[Trial], list[Trial]]:
     """All structure trials (for the report) and the survivors of the race, fastest first.
 
     Pruning alone and low-rank alone are probed and raced first; a combination is built only from a pruning
-    amount and a low-rank setting that each beat the original on their own (halving over the factors)."""
+    amount and a low-rank setting that each beat the original on their own and that no other single factor
+    beats on both speed and fidelity (halving over the factors)."""
     space = cx.space
     pruned: dict = {}
     singles = [Trial(a, None, configs=space.structure_configs(a, None)) for a in space.prune if a]
@@ -180,7 +198,7 @@ def structures(cx: Context, origin: Trial) -> tuple[list[Trial], list[Trial]]:
     for t in singles:
         _build_structure(cx, t, origin, pruned)
     raced = _race(cx, singles)
-    wins = {(t.prune, t.lowrank): t for t in singles if (t.speedup or 0.0) > 1.0}
+    wins = {(t.prune, t.lowrank): t for t in singles if (t.speedup or 0.0) > 1.0 and _beaten_by(t, singles) is None}
     combos = []
     for a in (a for a in space.prune if a):
         for r in (r for r in space.lowrank if r is not None):
@@ -191,8 +209,14 @@ def structures(cx: Context, origin: Trial) -> tuple[list[Trial], list[Trial]]:
                 t.status, t.note = "not evaluated", "time budget ran out"
             elif losers:
                 s = losers[0]
-                why = f"{s.speedup:.2f}x in eager" if s.speedup is not None else s.status
-                t.status, t.note = "dropped", f"not built: {s.name} alone did not beat the original ({why})"
+                better = _beaten_by(s, singles) if (s.speedup or 0.0) > 1.0 else None
+                if better is not None:
+                    why = (f"{better.name} alone is both faster ({better.speedup:.2f}x vs {s.speedup:.2f}x in eager) "
+                           f"and more faithful than {s.name}")
+                else:
+                    why = f"{s.name} alone did not beat the original (" + \
+                        (f"{s.speedup:.2f}x in eager)" if s.speedup is not None else f"{s.status})")
+                t.status, t.note = "dropped", f"not built: {why}"
             else:
                 _build_structure(cx, t, origin, pruned)
     trials = [*singles, *combos]
