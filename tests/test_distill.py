@@ -213,3 +213,32 @@ def test_optimize_recovers_a_pruned_stage_that_would_be_rolled_back():
         tf.optimize(teacher, x, [prune], recover={"step": 3}, **kw)
     refit = tf.optimize(teacher, x, [tf.ChannelPruning(amount=0.6)], recover=None, **kw)
     assert refit.report.rows[1]["applied"] is True, refit.report.rows[1]["note"]   # no training at all
+
+
+def _stats(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+
+
+def test_batchnorm_frozen_trains_the_student_as_it_runs_and_auto_reestimates_stale_statistics():
+    teacher = _teacher()
+    student = _pruned(teacher)
+    with torch.no_grad():   # statistics that no longer fit the layer feeding them
+        student[1].running_mean += 1.0
+        student[1].running_var *= 4.0
+    stale = _stats(student)
+    frozen, rep = tf.distill(student, teacher, _batches(), batchnorm="frozen", **FAST)
+    assert rep.summary["batchnorm"] == "frozen" and _same(stale, _stats(frozen))   # statistics never moved
+    trained, rep = tf.distill(student, teacher, _batches(), batchnorm="train", **FAST)
+    assert rep.summary["batchnorm"] == "train" and not _same(stale, _stats(trained))
+    auto, rep = tf.distill(student, teacher, _batches(), **FAST)
+    assert rep.summary["batchnorm"] == "frozen, statistics re-estimated first"
+    fresh = _stats(auto)
+    assert not _same(stale, fresh)
+    # re-estimated once, then fixed: distilling the result again on the same batches keeps its statistics
+    again, rep = tf.distill(auto, teacher, _batches(), **FAST)
+    assert rep.summary["batchnorm"] == "frozen" and _same(fresh, _stats(again))
+    held = _batches(3, seed=7)
+    assert fidelity(teacher, auto, held).cosine > fidelity(teacher, student, held).cosine
+    with pytest.raises(DistillError, match="batchnorm must be one of 'auto', 'frozen', 'train', got 'eval'"):
+        tf.distill(student, teacher, _batches(), batchnorm="eval", **FAST)
+    assert _same(stale, _stats(student))

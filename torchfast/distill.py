@@ -120,7 +120,8 @@ def recoverable(config: Any) -> bool:
 
 
 _RECOVER_KEYS = ("steps", "epochs", "lr", "loss", "temperature", "features", "feature_weight", "val_fraction",
-                 "eval_every", "patience", "weight_decay", "seed", "max_cache_mb", "threads")
+                 "eval_every", "patience", "weight_decay", "batchnorm", "seed", "max_cache_mb", "threads")
+BATCHNORM = ("auto", "frozen", "train")
 
 
 def recover_options(recover: Any) -> dict[str, Any] | None:
@@ -167,7 +168,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch] | B
             loss: str | Callable[[Any, Any], torch.Tensor] = "auto", temperature: float = 4.0,
             features: Sequence[str] | Mapping[str, str] | None = None, feature_weight: float = 1.0,
             validation: Iterable[Batch] | None = None, val_fraction: float = 0.2, eval_every: int | None = None,
-            patience: int | None = 5, weight_decay: float = 0.0, seed: int = 0,
+            patience: int | None = 5, weight_decay: float = 0.0, batchnorm: str = "auto", seed: int = 0,
             output_fn: Callable[[Any], torch.Tensor] | None = None,
             eval_fn: Callable[[nn.Module], float] | None = None, max_cache_mb: float = 256.0,
             threads: int | None = None, progress: bool | None = None,
@@ -193,8 +194,15 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch] | B
     ``features``: layer names (or ``{student layer: teacher layer}``) whose outputs must match too
     (scale-free MSE, weighted by ``feature_weight``); their shapes must be equal.
 
+    ``batchnorm``: how the student's BatchNorm layers train. ``"frozen"``: in eval mode, their statistics
+    fixed and their scale and shift trained, so the student trains as it will run (batch statistics of small
+    batches are noisy, and running averages with a small momentum lag far behind the weights they follow).
+    ``"auto"`` (default): first re-estimate the statistics on the training batches where that brings the
+    student closer to the teacher on a validation batch (stale statistics after a transform), then frozen.
+    ``"train"``: train mode, the statistics estimated as it trains.
+
     The teacher is run in eval mode without gradients and left as it was. The student trains in train
-    mode (BatchNorm statistics re-estimated) and comes back in eval mode; ``inplace=False`` (default)
+    mode (its BatchNorm layers as ``batchnorm`` says) and comes back in eval mode; ``inplace=False`` (default)
     trains a copy, ``inplace=True`` trains ``student`` itself. A failure raises DistillError and changes
     nothing. The report holds the fidelity to the teacher on the validation batches before and after.
     """
@@ -204,6 +212,8 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch] | B
         raise DistillError("student and teacher are the same module: distill a transformed copy "
                            "(prune/decompose with inplace=False) against the original")
     _check_args(steps, epochs, lr, loss, temperature, val_fraction, eval_every, patience, weight_decay)
+    if not isinstance(batchnorm, str) or batchnorm not in BATCHNORM:
+        raise DistillError(f"distill: batchnorm must be one of {', '.join(map(repr, BATCHNORM))}, got {batchnorm!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise DistillError(f"distill: threads must be an integer >= 1 or None, got {threads!r}")
     if isinstance(feature_weight, bool) or not isinstance(feature_weight, (int, float)) or feature_weight < 0:
@@ -248,7 +258,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch] | B
         with torch.inference_mode(False), torch.random.fork_rng(devices=gpus), fixed_threads(threads):
             rows, summary, before = _train(work, teacher, train, val, pairs, total, every, patience, lr,
                                            weight_decay, loss, temperature, feature_weight, seed, output_fn,
-                                           max_cache_mb, progress)
+                                           max_cache_mb, progress, batchnorm)
         work.eval()
         with evaluating(teacher):
             after = fidelity(teacher, work, val, output_fn=output_fn)
@@ -290,8 +300,23 @@ def _schedule(total: int) -> Callable[[int], float]:
     return factor
 
 
+def _batchnorm_mode(work: nn.Module, teacher: nn.Module, train: list, val: list, mode: str) -> dict[str, Any]:
+    """The student's BatchNorm layers to keep in eval mode while it trains, and what was done to them."""
+    from .prune.recalibrate import batchnorms, recalibrate_batchnorm
+    bns = batchnorms(work)
+    done: dict[str, Any] = {"mode": mode if bns else "none", "layers": [], "re-estimated": False}
+    if not bns or mode == "train":
+        return done
+    done["layers"] = list(bns.values())
+    if mode == "auto":
+        with evaluating(teacher):
+            done["re-estimated"] = recalibrate_batchnorm(work, teacher, [*train, val[-1]])["kept"]
+        done["mode"] = "frozen, statistics re-estimated first" if done["re-estimated"] else "frozen"
+    return done
+
+
 def _train(work, teacher, train, val, pairs, total, every, patience, lr, weight_decay, loss, temperature,
-           feature_weight, seed, output_fn, max_cache_mb, progress):
+           feature_weight, seed, output_fn, max_cache_mb, progress, batchnorm):
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
@@ -374,6 +399,9 @@ def _train(work, teacher, train, val, pairs, total, every, patience, lr, weight_
     try:
         with evaluating(teacher):
             best = val_loss()   # also checks both models, the outputs and the features before any training
+            norms = _batchnorm_mode(work, teacher, train, val, batchnorm)
+            if norms["re-estimated"]:
+                best = val_loss()
             first = best
             best_state = {k: v.detach().clone() for k, v in work.state_dict().items()}
             with evaluating(work):
@@ -385,6 +413,8 @@ def _train(work, teacher, train, val, pairs, total, every, patience, lr, weight_
             step, best_step, stale, stopped, run = 0, 0, 0, "all steps", []
             perm: list[int] = []
             work.train()
+            for m in norms["layers"]:
+                m.eval()
             while step < total:
                 if not perm:
                     perm = torch.randperm(len(train), generator=order).tolist()
@@ -429,7 +459,7 @@ def _train(work, teacher, train, val, pairs, total, every, patience, lr, weight_
         "loss": "callable" if callable(loss) else kinds_text,
         "features": ", ".join(s if s == t else f"{s} -> {t}" for s, t in pairs) or "none",
         "steps": step, "planned steps": total, "epochs": step / len(train), "stopped": stopped,
-        "best step": best_step, "training batches": len(train), "validation batches": len(val),
+        "best step": best_step, "batchnorm": norms["mode"], "training batches": len(train), "validation batches": len(val),
         "validation loss before": first, "validation loss after": best, "lr": lr, "seed": seed,
         "time (s)": time.perf_counter() - t_start,
     }
