@@ -242,3 +242,39 @@ def test_batchnorm_frozen_trains_the_student_as_it_runs_and_auto_reestimates_sta
     with pytest.raises(DistillError, match="batchnorm must be one of 'auto', 'frozen', 'train', got 'eval'"):
         tf.distill(student, teacher, _batches(), batchnorm="eval", **FAST)
     assert _same(stale, _stats(student))
+
+
+def test_mixup_blends_pairs_of_samples_of_a_batch_the_same_way_across_its_inputs():
+    from torchfast.distill_mixup import mixable, mixed_copies
+    eye = torch.eye(8)
+    torch.manual_seed(0)
+    (one,), (a, b) = mixed_copies([eye]), mixed_copies([(eye, 2 * eye)])[0]
+    for m in (one, a):   # each row: w * e_i + (1 - w) * e_j, 0 <= w <= 1
+        assert (m >= 0).all() and torch.allclose(m.sum(1), torch.ones(8)) and ((m > 0).sum(1) <= 2).all()
+    torch.testing.assert_close(b, 2 * a)   # one weight and one partner per sample, for every input
+    assert mixable(torch.randn(4, 3)) is None and mixable({"x": torch.randn(4, 3), "y": torch.randn(4)}) is None
+    assert "non-floating-point" in mixable((torch.zeros(4, 3, dtype=torch.long),))
+    assert "batch dimension" in mixable((torch.randn(4, 3), torch.randn(5, 3)))
+
+
+def test_augment_auto_blends_float_inputs_and_leaves_token_ids_alone():
+    teacher = _teacher()
+    _, rep = tf.distill(_pruned(teacher), teacher, _batches(), **FAST)
+    assert rep.summary["augment"] == "mixup (+8 blended batches)" and rep.summary["training batches"] == 8
+    _, rep = tf.distill(_pruned(teacher), teacher, _batches(), augment="none", **FAST)
+    assert rep.summary["augment"] == "none"
+
+    torch.manual_seed(0)
+    words = nn.Sequential(nn.Embedding(50, 8), nn.Flatten(), nn.Linear(32, 10)).eval()
+    student = copy.deepcopy(words)
+    with torch.no_grad():
+        student[2].weight.mul_(0.5)
+    ids = [torch.randint(0, 50, (16, 4), generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    _, rep = tf.distill(student, words, ids, **FAST)
+    assert rep.summary["augment"] == "none"
+    s_state = state_snapshot(student)
+    with pytest.raises(DistillError, match="augment='mixup' cannot blend training batch 0: it holds non-floating"):
+        tf.distill(student, words, ids, augment="mixup", **FAST)
+    with pytest.raises(DistillError, match="augment must be one of 'auto', 'mixup', 'none', got 'cutmix'"):
+        tf.distill(student, words, ids, augment="cutmix", **FAST)
+    assert _same(s_state, state_snapshot(student))

@@ -24,6 +24,7 @@ from .measure import fidelity, fixed_threads
 from .modules import (Batch, batches_list, call_model, check_module, describe_batch, evaluating, first_tensor,
                       model_device, move_batch, restore_training_flags, training_flags)
 from .report import Report
+from .distill_mixup import mixable, mixed_copies
 from .distill_losses import LOSSES, DistillError, Taps, feature_pairs, loss_kind, pair_loss, targets, token_mask
 
 __all__ = ["distill", "DistillError", "LOSSES", "recoverable", "recover_options"]
@@ -120,8 +121,9 @@ def recoverable(config: Any) -> bool:
 
 
 _RECOVER_KEYS = ("steps", "epochs", "lr", "loss", "temperature", "features", "feature_weight", "val_fraction",
-                 "eval_every", "patience", "weight_decay", "batchnorm", "seed", "max_cache_mb", "threads")
+                 "eval_every", "patience", "weight_decay", "batchnorm", "augment", "seed", "max_cache_mb", "threads")
 BATCHNORM = ("auto", "frozen", "train")
+AUGMENT = ("auto", "mixup", "none")
 
 
 def recover_options(recover: Any) -> dict[str, Any] | None:
@@ -168,7 +170,8 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch] | B
             loss: str | Callable[[Any, Any], torch.Tensor] = "auto", temperature: float = 4.0,
             features: Sequence[str] | Mapping[str, str] | None = None, feature_weight: float = 1.0,
             validation: Iterable[Batch] | None = None, val_fraction: float = 0.2, eval_every: int | None = None,
-            patience: int | None = 5, weight_decay: float = 0.0, batchnorm: str = "auto", seed: int = 0,
+            patience: int | None = 5, weight_decay: float = 0.0, batchnorm: str = "auto", augment: str = "auto",
+            seed: int = 0,
             output_fn: Callable[[Any], torch.Tensor] | None = None,
             eval_fn: Callable[[nn.Module], float] | None = None, max_cache_mb: float = 256.0,
             threads: int | None = None, progress: bool | None = None,
@@ -201,6 +204,12 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch] | B
     student closer to the teacher on a validation batch (stale statistics after a transform), then frozen.
     ``"train"``: train mode, the statistics estimated as it trains.
 
+    ``augment``: ``"mixup"`` adds to the training batches one blended copy of each (every sample mixed with
+    another of its batch, ``torchfast.distill_mixup``), the teacher's outputs on the blends as targets: the
+    student then matches the teacher between the given inputs too, which is what carries over to inputs it
+    never saw (the validation batches are never blended). ``"auto"`` (default): mixup where every training
+    batch holds only floating-point tensors (images, audio, features), none for token ids. ``"none"``: off.
+
     The teacher is run in eval mode without gradients and left as it was. The student trains in train
     mode (its BatchNorm layers as ``batchnorm`` says) and comes back in eval mode; ``inplace=False`` (default)
     trains a copy, ``inplace=True`` trains ``student`` itself. A failure raises DistillError and changes
@@ -214,6 +223,8 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch] | B
     _check_args(steps, epochs, lr, loss, temperature, val_fraction, eval_every, patience, weight_decay)
     if not isinstance(batchnorm, str) or batchnorm not in BATCHNORM:
         raise DistillError(f"distill: batchnorm must be one of {', '.join(map(repr, BATCHNORM))}, got {batchnorm!r}")
+    if not isinstance(augment, str) or augment not in AUGMENT:
+        raise DistillError(f"distill: augment must be one of {', '.join(map(repr, AUGMENT))}, got {augment!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise DistillError(f"distill: threads must be an integer >= 1 or None, got {threads!r}")
     if isinstance(feature_weight, bool) or not isinstance(feature_weight, (int, float)) or feature_weight < 0:
@@ -231,6 +242,10 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch] | B
         train, val = data, data
         held = "the training batches (too few to hold any out)"
     total = steps if steps is not None else (epochs * len(train) if epochs is not None else DEFAULT_STEPS)
+    why_not = next((f"training batch {i}: {w}" for i, w in ((i, mixable(b)) for i, b in enumerate(train)) if w), None)
+    if augment == "mixup" and why_not:
+        raise DistillError(f"distill: augment='mixup' cannot blend {why_not}; use augment='none'")
+    mixup = augment == "mixup" or (augment == "auto" and why_not is None)
     every = eval_every or max(1, total // 20)
     if inplace:
         shared = {p.data_ptr() for p in teacher.parameters()} & {p.data_ptr() for p in student.parameters()}
@@ -256,9 +271,15 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch] | B
         gpus = sorted({d.index if d.index is not None else torch.cuda.current_device()
                        for d in (model_device(work), model_device(teacher)) if d.type == "cuda"})
         with torch.inference_mode(False), torch.random.fork_rng(devices=gpus), fixed_threads(threads):
+            n_real = len(train)
+            if mixup:
+                torch.manual_seed(seed + 7919)
+                train = train + mixed_copies(train)
             rows, summary, before = _train(work, teacher, train, val, pairs, total, every, patience, lr,
                                            weight_decay, loss, temperature, feature_weight, seed, output_fn,
-                                           max_cache_mb, progress, batchnorm)
+                                           max_cache_mb, progress, batchnorm, n_real)
+            summary["training batches"] = n_real
+            summary["augment"] = f"mixup (+{n_real} blended batches)" if mixup else "none"
         work.eval()
         with evaluating(teacher):
             after = fidelity(teacher, work, val, output_fn=output_fn)
@@ -316,7 +337,7 @@ def _batchnorm_mode(work: nn.Module, teacher: nn.Module, train: list, val: list,
 
 
 def _train(work, teacher, train, val, pairs, total, every, patience, lr, weight_decay, loss, temperature,
-           feature_weight, seed, output_fn, max_cache_mb, progress, batchnorm):
+           feature_weight, seed, output_fn, max_cache_mb, progress, batchnorm, n_real):
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
@@ -399,7 +420,7 @@ def _train(work, teacher, train, val, pairs, total, every, patience, lr, weight_
     try:
         with evaluating(teacher):
             best = val_loss()   # also checks both models, the outputs and the features before any training
-            norms = _batchnorm_mode(work, teacher, train, val, batchnorm)
+            norms = _batchnorm_mode(work, teacher, train[:n_real], val, batchnorm)   # statistics of real inputs
             if norms["re-estimated"]:
                 best = val_loss()
             first = best
