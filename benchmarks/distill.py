@@ -7,7 +7,8 @@ the original on the training images alone: labels are used only to report test a
 the same student fine-tuned 2 epochs on the labelled training set (torchfast.finetune). Last, optimize()
 with the unlabeled calibration batches: the pruning stage it used to roll back, recovered.
 ``--sections batchnorm``: mobilenet_v3_large trained on the digits, pruned 50% and refit, distilled with its
-BatchNorm layers in train mode vs with their statistics fixed (``distill(batchnorm=...)``).
+BatchNorm layers in train mode vs with their statistics fixed (``distill(batchnorm=...)``), and with mixup
+copies of the batches (``augment=...``).
 """
 from __future__ import annotations
 
@@ -93,11 +94,12 @@ def batchnorm_modes(steps: int, models: tuple[str, ...] = ("mobilenet_v3_large",
         rows.append({"model": f"{name} (trained on digits), pruned 50% + refit", "batchnorm": "-", "steps": 0,
                      "test cosine": f.cosine, "test acc (%)": 100 * d.eval_fn(pruned),
                      "unpruned acc (%)": 100 * d.eval_fn(m)})
-        for mode in ("train", "auto"):
+        for mode, augment in (("train", "none"), ("auto", "none"), ("auto", "auto")):
             t0 = time.perf_counter()
-            s, rep = tf.distill(pruned, m, calib, steps=steps, batchnorm=mode, progress=False)
+            s, rep = tf.distill(pruned, m, calib, steps=steps, batchnorm=mode, augment=augment, progress=False)
             f = fidelity(m, s, d.x_test)
-            rows.append({"model": "", "batchnorm": rep.summary["batchnorm"], "steps": rep.summary["steps"],
+            rows.append({"model": "", "batchnorm": rep.summary["batchnorm"], "augment": rep.summary["augment"],
+                         "steps": rep.summary["steps"],
                          "best step": rep.summary["best step"], "test cosine": f.cosine,
                          "test acc (%)": 100 * d.eval_fn(s), "time (s)": time.perf_counter() - t0})
         print(f"{name}: done", flush=True)
