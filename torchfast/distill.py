@@ -242,7 +242,8 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch] | B
         train, val = data, data
         held = "the training batches (too few to hold any out)"
     total = steps if steps is not None else (epochs * len(train) if epochs is not None else DEFAULT_STEPS)
-    why_not = next((f"training batch {i}: {w}" for i, w in ((i, mixable(b)) for i, b in enumerate(train)) if w), None)
+    why_not = None if augment == "none" else \
+        next((f"training batch {i}: {w}" for i, w in ((i, mixable(b)) for i, b in enumerate(train)) if w), None)
     if augment == "mixup" and why_not:
         raise DistillError(f"distill: augment='mixup' cannot blend {why_not}; use augment='none'")
     mixup = augment == "mixup" or (augment == "auto" and why_not is None)
@@ -278,7 +279,6 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch] | B
             rows, summary, before = _train(work, teacher, train, val, pairs, total, every, patience, lr,
                                            weight_decay, loss, temperature, feature_weight, seed, output_fn,
                                            max_cache_mb, progress, batchnorm, n_real)
-            summary["training batches"] = n_real
             summary["augment"] = f"mixup (+{n_real} blended batches)" if mixup else "none"
         work.eval()
         with evaluating(teacher):
@@ -479,8 +479,8 @@ def _train(work, teacher, train, val, pairs, total, every, patience, lr, weight_
     summary = {
         "loss": "callable" if callable(loss) else kinds_text,
         "features": ", ".join(s if s == t else f"{s} -> {t}" for s, t in pairs) or "none",
-        "steps": step, "planned steps": total, "epochs": step / len(train), "stopped": stopped,
-        "best step": best_step, "batchnorm": norms["mode"], "training batches": len(train), "validation batches": len(val),
+        "steps": step, "planned steps": total, "epochs": step / n_real, "stopped": stopped,
+        "best step": best_step, "batchnorm": norms["mode"], "training batches": n_real, "validation batches": len(val),
         "validation loss before": first, "validation loss after": best, "lr": lr, "seed": seed,
         "time (s)": time.perf_counter() - t_start,
     }

@@ -9,7 +9,7 @@ differently can read the alternative off the table and rerun it as an explicit r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .config import Config
 from .measure import Fidelity
@@ -87,6 +87,11 @@ def spell(config: Config) -> str:
     return text
 
 
+def beats(o: Trial, t: Trial, fid: Callable[[Trial], float], eps: float = 0.0) -> bool:
+    """``o`` is at least as fast and as faithful as ``t`` (fidelities within ``eps`` are equal), better in one."""
+    return o.speedup >= t.speedup and fid(o) >= fid(t) - eps and (o.speedup > t.speedup or fid(o) > fid(t) + eps)
+
+
 def pareto_front(trials: list[Trial], key: str) -> list[Trial]:
     """Fully measured trials no other one beats on both speed and fidelity (``key``: "cosine" or "metric")."""
     def fid(t: Trial) -> float | None:
@@ -95,8 +100,7 @@ def pareto_front(trials: list[Trial], key: str) -> list[Trial]:
     eps = 1e-6   # fidelities this close are equal (float noise of engines that compute the same thing)
     front = []
     for t in pts:
-        dominated = any(o is not t and o.speedup >= t.speedup and fid(o) >= fid(t) - eps
-                        and (o.speedup > t.speedup or fid(o) > fid(t) + eps) for o in pts)
+        dominated = any(o is not t and beats(o, t, fid, eps) for o in pts)
         if not dominated:
             front.append(t)
     return sorted(front, key=lambda t: t.speedup)

@@ -18,7 +18,7 @@ from torch import nn
 
 from .measure import Fidelity, compare_many, compare_outputs, outputs
 from .modules import call_model
-from .search_report import Trial
+from .search_report import Trial, beats
 from .tolerance import Tolerance
 
 if TYPE_CHECKING:
@@ -179,8 +179,7 @@ def _beaten_by(t: Trial, singles: list[Trial]) -> Trial | None:
             continue
         if t.metric is not None and (o.metric is None or o.metric < t.metric):
             continue
-        if o.speedup >= t.speedup and o.fidelity.cosine >= t.fidelity.cosine and \
-                (o.speedup > t.speedup or o.fidelity.cosine > t.fidelity.cosine):
+        if beats(o, t, lambda x: x.fidelity.cosine):
             return o
     return None
 
