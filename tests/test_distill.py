@@ -259,8 +259,17 @@ def test_mixup_blends_pairs_of_samples_of_a_batch_the_same_way_across_its_inputs
 
 def test_augment_auto_blends_float_inputs_and_leaves_token_ids_alone():
     teacher = _teacher()
-    _, rep = tf.distill(_pruned(teacher), teacher, _batches(), **FAST)
-    assert rep.summary["augment"] == "mixup (+8 blended batches)" and rep.summary["training batches"] == 8
+    data, student = _batches(), _pruned(teacher)
+    seen = []
+    hook = teacher.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    _, rep = tf.distill(student, teacher, data, **FAST)
+    hook.remove()
+    blended = [x for x in seen if not any(x.shape == b.shape and torch.equal(x, b) for b in data)]
+    n = len(blended)
+    # each pass over the 8 training batches: every one once as it is, once freshly blended (never cached)
+    assert rep.summary["augment"] == f"mixup ({n} freshly blended batches)" and rep.summary["training batches"] == 8
+    assert n >= rep.summary["steps"] // 2 - 8 and n > 8
+    assert len({tuple(x.flatten()[:4].tolist()) for x in blended}) == n   # no blend drawn twice
     _, rep = tf.distill(_pruned(teacher), teacher, _batches(), augment="none", **FAST)
     assert rep.summary["augment"] == "none"
 
@@ -278,3 +287,12 @@ def test_augment_auto_blends_float_inputs_and_leaves_token_ids_alone():
     with pytest.raises(DistillError, match="augment must be one of 'auto', 'mixup', 'none', got 'cutmix'"):
         tf.distill(student, words, ids, augment="cutmix", **FAST)
     assert _same(s_state, state_snapshot(student))
+
+
+def test_patience_counts_from_a_quarter_of_the_steps():
+    teacher = _teacher()
+    # an lr too small to move anything: no check ever improves on the start
+    _, rep = tf.distill(_pruned(teacher), teacher, _batches(), steps=100, eval_every=5, patience=2, lr=1e-12,
+                        threads=1, progress=False)
+    assert rep.summary["steps"] == 30 and rep.summary["best step"] == 0, rep.summary   # checks at 25 and 30
+    assert rep.summary["stopped"] == "early at step 30: no better validation loss in 2 checks"

@@ -183,9 +183,10 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch] | B
     outputs on them are cached (up to ``max_cache_mb``). ``validation`` (default: the last
     ``val_fraction`` of the batches, held out from training) is checked every ``eval_every`` steps; the
     weights with the lowest validation loss are kept and training stops after ``patience`` checks
-    without improvement (``None``: never early). ``steps`` or ``epochs`` (one of them; default
-    300 steps). AdamW, ``lr`` warmed up over 5% of the steps then decayed along a cosine, no early stop
-    in the first quarter; deterministic for a given ``seed`` (and ``threads``:
+    without improvement (``None``: never early), counted from a quarter of the steps on (the first updates,
+    warming up, may do worse for a while). ``steps`` or ``epochs`` (one of them; default 300 steps).
+    AdamW, ``lr`` warmed up over 5% of the steps then decayed along a cosine; deterministic for a given
+    ``seed`` (and ``threads``:
     torch's intra-op threads while training, None leaves them; small models train fastest on 1).
 
     ``loss="auto"``: for classifier logits (a ``logits`` output, or a [batch, classes] tensor) the KL
@@ -204,8 +205,9 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch] | B
     student closer to the teacher on a validation batch (stale statistics after a transform), then frozen.
     ``"train"``: train mode, the statistics estimated as it trains.
 
-    ``augment``: ``"mixup"`` adds to the training batches one blended copy of each (every sample mixed with
-    another of its batch, ``torchfast.distill_mixup``), the teacher's outputs on the blends as targets: the
+    ``augment``: ``"mixup"`` trains on blends as well: each pass over the training batches takes every batch
+    once as it is and once freshly blended (every sample mixed with another of its batch, new weights each
+    time, ``torchfast.distill_mixup``), the teacher's outputs on the blends as targets: the
     student then matches the teacher between the given inputs too, which is what carries over to inputs it
     never saw (the validation batches are never blended). ``"auto"`` (default): mixup where every training
     batch holds only floating-point tensors (images, audio, features), none for token ids. ``"none"``: off.
@@ -272,14 +274,9 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Batch] | B
         gpus = sorted({d.index if d.index is not None else torch.cuda.current_device()
                        for d in (model_device(work), model_device(teacher)) if d.type == "cuda"})
         with torch.inference_mode(False), torch.random.fork_rng(devices=gpus), fixed_threads(threads):
-            n_real = len(train)
-            if mixup:
-                torch.manual_seed(seed + 7919)
-                train = train + mixed_copies(train)
             rows, summary, before = _train(work, teacher, train, val, pairs, total, every, patience, lr,
                                            weight_decay, loss, temperature, feature_weight, seed, output_fn,
-                                           max_cache_mb, progress, batchnorm, n_real)
-            summary["augment"] = f"mixup (+{n_real} blended batches)" if mixup else "none"
+                                           max_cache_mb, progress, batchnorm, mixup)
         work.eval()
         with evaluating(teacher):
             after = fidelity(teacher, work, val, output_fn=output_fn)
@@ -337,7 +334,7 @@ def _batchnorm_mode(work: nn.Module, teacher: nn.Module, train: list, val: list,
 
 
 def _train(work, teacher, train, val, pairs, total, every, patience, lr, weight_decay, loss, temperature,
-           feature_weight, seed, output_fn, max_cache_mb, progress, batchnorm, n_real):
+           feature_weight, seed, output_fn, max_cache_mb, progress, batchnorm, mixup):
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
@@ -350,7 +347,8 @@ def _train(work, teacher, train, val, pairs, total, every, patience, lr, weight_
     cached_bytes = [0]
 
     def teacher_out(split: str, i: int, b: Batch) -> tuple[Any, dict]:
-        hit = cache.get((split, i))
+        keep = split != "blended training"   # a fresh blend is never drawn twice
+        hit = cache.get((split, i)) if keep else None
         if hit is not None:
             return hit
         try:
@@ -364,7 +362,7 @@ def _train(work, teacher, train, val, pairs, total, every, patience, lr, weight_
             raw = {k: v.detach() for k, v in targets(out, output_fn).items()}
         size = sum(v.numel() * v.element_size() for v in [*feats.values(), *(raw.values() if isinstance(raw, dict)
                                                                              else [])])
-        if cached_bytes[0] + size <= max_cache_mb * 2 ** 20:
+        if keep and cached_bytes[0] + size <= max_cache_mb * 2 ** 20:
             cache[(split, i)] = (raw, feats)
             cached_bytes[0] += size
         return raw, feats
@@ -420,7 +418,7 @@ def _train(work, teacher, train, val, pairs, total, every, patience, lr, weight_
     try:
         with evaluating(teacher):
             best = val_loss()   # also checks both models, the outputs and the features before any training
-            norms = _batchnorm_mode(work, teacher, train[:n_real], val, batchnorm)   # statistics of real inputs
+            norms = _batchnorm_mode(work, teacher, train, val, batchnorm)   # statistics of real inputs
             if norms["re-estimated"]:
                 best = val_loss()
             first = best
@@ -436,12 +434,18 @@ def _train(work, teacher, train, val, pairs, total, every, patience, lr, weight_
             work.train()
             for m in norms["layers"]:
                 m.eval()
+            n, blends = len(train), 0
             while step < total:
-                if not perm:
-                    perm = torch.randperm(len(train), generator=order).tolist()
+                if not perm:   # each pass: every batch once as it is, and with mixup once freshly blended
+                    perm = torch.randperm(2 * n if mixup else n, generator=order).tolist()
                 i = perm.pop()
                 with torch.enable_grad():
-                    l = batch_loss("training", i, train[i])
+                    if i < n:
+                        l = batch_loss("training", i, train[i])
+                    else:
+                        i -= n
+                        blends += 1
+                        l = batch_loss("blended training", i, mixed_copies([train[i]])[0])
                     if not torch.isfinite(l):
                         raise DistillError(f"the distillation loss is {float(l.detach())} at step {step + 1} (training "
                                            f"batch {i}): lower lr (now {lr})")
@@ -462,10 +466,9 @@ def _train(work, teacher, train, val, pairs, total, every, patience, lr, weight_
                     if improved:
                         best, best_step, stale = v, step, 0
                         best_state = {k: x.detach().clone() for k, x in work.state_dict().items()}
-                    else:
-                        stale += 1
-                        # not before a quarter of the steps: the first updates may well do worse
-                        if patience is not None and stale >= patience and total // 4 <= step < total:
+                    elif step >= total // 4:   # patience counts from a quarter of the steps: the first
+                        stale += 1             # updates, warming up, may well do worse for a while
+                        if patience is not None and stale >= patience and step < total:
                             stopped = f"early at step {step}: no better validation loss in {patience} checks"
                             break
     finally:
@@ -479,8 +482,9 @@ def _train(work, teacher, train, val, pairs, total, every, patience, lr, weight_
     summary = {
         "loss": "callable" if callable(loss) else kinds_text,
         "features": ", ".join(s if s == t else f"{s} -> {t}" for s, t in pairs) or "none",
-        "steps": step, "planned steps": total, "epochs": step / n_real, "stopped": stopped,
-        "best step": best_step, "batchnorm": norms["mode"], "training batches": n_real, "validation batches": len(val),
+        "steps": step, "planned steps": total, "epochs": step / len(train), "stopped": stopped,
+        "best step": best_step, "batchnorm": norms["mode"], "training batches": len(train), "validation batches": len(val),
+        "augment": f"mixup ({blends} freshly blended batches)" if mixup else "none",
         "validation loss before": first, "validation loss after": best, "lr": lr, "seed": seed,
         "time (s)": time.perf_counter() - t_start,
     }
