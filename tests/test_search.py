@@ -160,7 +160,13 @@ def test_a_factor_another_single_beats_on_speed_and_fidelity_is_not_combined(mon
     assert single[0.5, None].fidelity.cosine > single[0.0, 2.0].fidelity.cosine   # the premise
     combo = _combination(res)
     assert combo.status == "dropped" and combo.model is None and combo.fidelity is None
-    assert combo.note.startswith("not built: prune 0.5 alone is both faster (2.00x vs 1.20x in eager)")
+    assert combo.note.startswith("not built: prune 0.5 alone is faster (2.00x vs 1.20x in eager) and more faithful "
+                                 "(cosine ")
+    # as fast and more faithful beats it too, and the note says so
+    _fake_timing(monkeypatch, lambda name: 2.0)
+    res = tf.optimize(_mlp(), X, SMALL, calibration=_data(), tolerance=LOOSE, **QUICK)
+    assert _combination(res).note.startswith("not built: prune 0.5 alone is as fast (2.00x vs 2.00x in eager) and "
+                                             "more faithful (cosine ")
     # the same factor racing faster than any pruning is a better trade in its own right: combined
     _fake_timing(monkeypatch, lambda name: 3.0 if "lowrank" in name else 2.0)
     res = tf.optimize(_mlp(), X, SMALL, calibration=_data(), tolerance=LOOSE, **QUICK)

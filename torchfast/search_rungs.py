@@ -168,6 +168,10 @@ def _race(cx: Context, trials: list[Trial]) -> bool:
     return True
 
 
+def _edge(a: float, b: float, better: str, equal: str) -> str:
+    return better if a > b else equal
+
+
 def _beaten_by(t: Trial, singles: list[Trial]) -> Trial | None:
     """A single factor that raced at least as fast as ``t`` and probed at least as faithful (cosine, and the
     metric where there is one), better in one of them: then combining ``t`` with anything buys its speed at a
@@ -210,8 +214,10 @@ def structures(cx: Context, origin: Trial) -> tuple[list[Trial], list[Trial]]:
                 s = losers[0]
                 better = _beaten_by(s, singles) if (s.speedup or 0.0) > 1.0 else None
                 if better is not None:
-                    why = (f"{better.name} alone is both faster ({better.speedup:.2f}x vs {s.speedup:.2f}x in eager) "
-                           f"and more faithful than {s.name}")
+                    why = (f"{better.name} alone is {_edge(better.speedup, s.speedup, 'faster', 'as fast')} "
+                           f"({better.speedup:.2f}x vs {s.speedup:.2f}x in eager) and "
+                           f"{_edge(better.fidelity.cosine, s.fidelity.cosine, 'more faithful', 'as faithful')} "
+                           f"(cosine {better.fidelity.cosine:.4f} vs {s.fidelity.cosine:.4f}) than {s.name}")
                 else:
                     why = f"{s.name} alone did not beat the original (" + \
                         (f"{s.speedup:.2f}x in eager)" if s.speedup is not None else f"{s.status})")
