@@ -15,7 +15,7 @@ from torch import nn
 import torchfast as tf
 from torchfast import search_rungs
 from torchfast.config import ConfigError
-from torchfast.measure import Latency, fidelity
+from torchfast.measure import Fidelity, Latency, fidelity
 from torchfast.modules import state_snapshot
 from torchfast.search import SearchSpace
 from torchfast.search_report import Searched, pareto_front
@@ -152,25 +152,44 @@ def _combination(res) -> search_rungs.Trial:
     return t
 
 
-def test_a_factor_another_single_beats_on_speed_and_fidelity_is_not_combined(monkeypatch):
-    # pruning half of _mlp's units is both faster and more faithful than factorizing it: no combination
+def test_a_factor_of_the_other_kind_never_rules_out_a_combination(monkeypatch):
+    # pruning half of _mlp's units is both faster and more faithful than factorizing it, yet the two compose
     _fake_timing(monkeypatch, _fast_when_pruned)
     res = tf.optimize(_mlp(), X, SMALL, calibration=_data(), tolerance=LOOSE, **QUICK)
     single = {(t.prune, t.lowrank): t for t in res.trials if t.backend is None and t.int8 == "none"}
     assert single[0.5, None].fidelity.cosine > single[0.0, 2.0].fidelity.cosine   # the premise
+    assert single[0.5, None].speedup > single[0.0, 2.0].speedup
     combo = _combination(res)
-    assert combo.status == "dropped" and combo.model is None and combo.fidelity is None
-    assert combo.note.startswith("not built: prune 0.5 alone is faster (2.00x vs 1.20x in eager) and more faithful "
-                                 "(cosine ")
-    # as fast and more faithful beats it too, and the note says so
-    _fake_timing(monkeypatch, lambda name: 2.0)
-    res = tf.optimize(_mlp(), X, SMALL, calibration=_data(), tolerance=LOOSE, **QUICK)
-    assert _combination(res).note.startswith("not built: prune 0.5 alone is as fast (2.00x vs 2.00x in eager) and "
-                                             "more faithful (cosine ")
-    # the same factor racing faster than any pruning is a better trade in its own right: combined
-    _fake_timing(monkeypatch, lambda name: 3.0 if "lowrank" in name else 2.0)
-    res = tf.optimize(_mlp(), X, SMALL, calibration=_data(), tolerance=LOOSE, **QUICK)
-    assert _combination(res).fidelity is not None and not _combination(res).note.startswith("not built")
+    assert combo.fidelity is not None and not combo.note.startswith("not built")
+
+
+def _single(prune, lowrank, speedup, cosine) -> search_rungs.Trial:
+    return search_rungs.Trial(prune, lowrank, status="ok", speedup=speedup,
+                              fidelity=Fidelity(0.0, 0.0, cosine, None, 8))
+
+
+def test_a_factor_another_of_its_kind_beats_on_speed_and_fidelity_is_not_combined(monkeypatch):
+    uniform, glob = _single(0.0, 2.0, 1.5, 0.97), _single(0.0, "global", 1.6, 0.98)
+    half, third = _single(0.5, None, 2.0, 0.96), _single(0.3, None, 1.3, 0.99)
+    singles = [uniform, glob, half, third]
+    assert search_rungs._beaten_by(uniform, singles) is glob
+    assert search_rungs._beaten_by(glob, singles) is None and search_rungs._beaten_by(half, singles) is None
+    assert search_rungs._beaten_by(third, singles) is None         # slower but more faithful: a trade
+    assert search_rungs._beaten_by(_single(0.0, 1.5, 1.6, 0.98), singles) is None   # as fast, as faithful
+    assert search_rungs._beaten_by(_single(0.0, 1.5, 1.6, 0.975), singles) is glob  # as fast, less faithful
+    # in a search: the uniform 2x factorization races as fast as the data-aware one and probes less faithful
+    space = SearchSpace(prune=(0.0, 0.5), lowrank=(None, 2.0, "global"), int8=("none",), backends=("eager",),
+                        finalists=2)
+    _fake_timing(monkeypatch, lambda name: 2.0 if "prune" in name else 1.5)
+    res = tf.optimize(_mlp(), X, space, calibration=_data(), tolerance=LOOSE, **QUICK)
+    single = {(t.prune, t.lowrank): t for t in res.trials if t.backend is None and t.int8 == "none" and
+              t.prune * (t.lowrank is not None) == 0}
+    u, g = single[0.0, 2.0], single[0.0, "global"]
+    worse, better = (u, g) if u.fidelity.cosine < g.fidelity.cosine else (g, u)
+    (dropped,) = [t for t in res.trials if t.prune == 0.5 and t.lowrank == worse.lowrank and t.backend is None]
+    assert dropped.status == "dropped" and dropped.fidelity is None
+    assert dropped.note.startswith(f"not built: {better.name} alone is as fast (1.50x vs 1.50x in eager) and "
+                                   f"more faithful (cosine ")
 
 
 # ---------------------------------------------------------------- never slower, nothing to gain

@@ -8,8 +8,8 @@ the search only decides which points deserve the next, dearer piece of evidence:
 1. probe    every structure (pruning amount x low-rank setting) is built and compared with the original
             on a few validation batches; no timing. One outside the tolerance is marked for recovery.
             Pruning alone and low-rank alone go first; a combination is built only from factors that
-            each beat the original in the race and are not beaten by another single factor on both
-            speed and fidelity (then that factor is the better trade).
+            each beat the original in the race and are not beaten by another factor of the same kind
+            (pruning amount, low-rank setting) on both speed and fidelity (then that one is the better partner).
 2. race     the structures are timed briefly in eager, round-robin with the original; the faster half
             goes on.
 3. measure  the original and the raced structures that need no recovery get their int8 variants

@@ -173,13 +173,16 @@ def _edge(a: float, b: float, better: str, equal: str) -> str:
 
 
 def _beaten_by(t: Trial, singles: list[Trial]) -> Trial | None:
-    """A single factor that raced at least as fast as ``t`` and probed at least as faithful (cosine, and the
-    metric where there is one), better in one of them: then combining ``t`` with anything buys its speed at a
-    higher fidelity cost than that factor would, and combinations with ``t`` are not built."""
+    """A single factor of the same kind (another pruning amount, another low-rank setting) that raced at least
+    as fast as ``t`` and probed at least as faithful (cosine, and the metric where there is one), better in
+    one of them: that factor is the better partner for every combination, so those with ``t`` are not built.
+    A factor of the other kind never rules ``t`` out: pruning and low-rank compose, their gains multiply."""
     if t.speedup is None or t.fidelity is None:
         return None
     for o in singles:
         if o is t or o.speedup is None or o.fidelity is None or o.status not in ("ok", "needs recovery"):
+            continue
+        if (o.lowrank is None) != (t.lowrank is None):
             continue
         if t.metric is not None and (o.metric is None or o.metric < t.metric):
             continue
@@ -192,8 +195,8 @@ def structures(cx: Context, origin: Trial) -> tuple[list[Trial], list[Trial]]:
     """All structure trials (for the report) and the survivors of the race, fastest first.
 
     Pruning alone and low-rank alone are probed and raced first; a combination is built only from a pruning
-    amount and a low-rank setting that each beat the original on their own and that no other single factor
-    beats on both speed and fidelity (halving over the factors)."""
+    amount and a low-rank setting that each beat the original on their own and that no other factor of the
+    same kind beats on both speed and fidelity (halving over the factors)."""
     space = cx.space
     pruned: dict = {}
     singles = [Trial(a, None, configs=space.structure_configs(a, None)) for a in space.prune if a]
