@@ -150,9 +150,12 @@ def test_no_request_lost_or_duplicated_under_concurrency():
     assert snap["in_flight"] == 0 and snap["queue_depth"] == 0, info
     assert snap["accepted"] == snap["ok"] + snap["error"] + snap["timeout"] + snap["cancelled"], info
     assert snap["accepted"] + snap["rejected"] == 12 * 40 + 400, info
-    assert snap["timeout"] == outcomes["timeout"] and snap["rejected"] == outcomes["rejected"], info
-    # a task cancelled after its batch started still has its answer computed (counted ok/error by the batcher)
+    assert snap["rejected"] == outcomes["rejected"], info
+    # a task cancelled after the batcher resolved its request (an answer computed, an error, or its deadline
+    # expired) but before the task resumed is cancelled for its client and counted ok/error/timeout by the batcher
     late = outcomes["cancelled"] - snap["cancelled"]
-    assert late >= 0 and snap["ok"] + snap["error"] == outcomes["ok"] + outcomes["error"] + late, info
+    answered = ("ok", "error", "timeout")
+    assert late >= 0 and sum(snap[k] for k in answered) == sum(outcomes[k] for k in answered) + late, info
+    assert all(outcomes[k] <= snap[k] for k in answered), info
     assert outcomes["ok"] > 50 and outcomes["error"] > 0 and outcomes["cancelled"] > 0, info
     assert snap["max_batch_size_seen"] > 1, info  # it really batched
