@@ -99,10 +99,11 @@ def test_inputs_move_to_the_model_device_and_back():
         tf.wrap(m, x.cuda(), move_inputs=False)(x)
 
 
-def test_keywords_reach_the_wrapped_model_as_keywords():
-    # engines compiled from a dict batch (OpenVINO, ONNX Runtime) take keyword inputs only
+def test_inputs_reach_the_wrapped_model_in_the_form_of_the_example():
+    # engines compiled from a dict batch (OpenVINO, ONNX Runtime) take keyword inputs only, traced ones
+    # positionals only: a call that names the same inputs is passed on as the example was given
     class Pair(nn.Module):
-        def forward(self, input_ids, attention_mask):
+        def forward(self, input_ids, attention_mask, **kwargs):   # Hugging Face forwards take **kwargs
             return (input_ids * attention_mask).float()
     calls = []
 
@@ -114,4 +115,35 @@ def test_keywords_reach_the_wrapped_model_as_keywords():
     w(input_ids=ids, attention_mask=mask)
     w(ids, attention_mask=mask)
     w(ids, mask)
-    assert calls == [(0, ["attention_mask", "input_ids"]), (1, ["attention_mask"]), (2, [])]
+    assert calls == [(0, ["attention_mask", "input_ids"])] * 3
+    calls.clear()
+    w = tf.wrap(engine, (ids, mask), like=Pair())
+    w(input_ids=ids, attention_mask=mask)
+    w(ids, mask)
+    assert calls == [(2, [])] * 2
+    calls.clear()
+    w(ids, mask, extra=ids)   # other inputs than the example's: passed on as called
+    assert calls == [(2, ["extra"])]
+
+
+def test_a_model_with_kwargs_compiled_from_a_dict_runs_however_it_is_called():
+    pytest.importorskip("onnxruntime")
+
+    class Encoder(nn.Module):   # the shape of a Hugging Face encoder's forward
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 8)
+            self.out = nn.Linear(8, 8)
+
+        def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
+            h = self.emb(input_ids) * attention_mask.unsqueeze(-1)
+            return {"last_hidden_state": self.out(h)}
+    m = Encoder().eval()
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    w = tf.wrap(tf.compile(m, batch, backend="onnxruntime"), batch, like=m)
+    ref = m(**batch)["last_hidden_state"]
+    for out in (w(**batch), w(ids, batch["attention_mask"]), w(ids, attention_mask=batch["attention_mask"])):
+        torch.testing.assert_close(out["last_hidden_state"], ref, atol=1e-5, rtol=1e-4)
+    with pytest.raises(TypeError, match="token_type_ids"):
+        w(**batch, token_type_ids=ids)

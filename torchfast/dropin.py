@@ -67,6 +67,9 @@ def _map(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 class Wrapped(nn.Module):
     """The drop-in module ``wrap()`` returns. ``module`` is the wrapped model; ``input_spec`` the checks."""
 
+    # (positional names, keyword names) of the example call; None: the caller's form is passed on as it is
+    _example_form: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+
     def __init__(self, model: Callable, signature: inspect.Signature | None, specs: dict[str, InputSpec],
                  device: torch.device | None, move_inputs: bool, cast_inputs: bool, outputs_to_input_device: bool,
                  inference_mode: bool) -> None:
@@ -155,18 +158,58 @@ class Wrapped(nn.Module):
         return out
 
     def _as_called(self, bound: inspect.BoundArguments, n_positional: int) -> tuple[tuple, dict]:
-        """The bound (checked) arguments in the form the caller used: what came by keyword goes on by keyword,
-        for engines compiled from keyword inputs (a dict batch) that take nothing else."""
+        """The bound (checked) arguments in the form the example was given when they name the same inputs
+        (engines compiled from a dict batch take keywords only, traced ones positionals only), else in the
+        form the caller used."""
         params = self._sig.parameters
-        if any(p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) for p in params.values()):
-            return bound.args, bound.kwargs
-        names = list(bound.arguments)
-        return (tuple(bound.arguments[n] for n in names[:n_positional]),
-                {n: bound.arguments[n] for n in names[n_positional:]})
+        by_name: dict[str, Any] = {}
+        for name, value in bound.arguments.items():
+            kind = params[name].kind
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                by_name.update(value)
+            elif kind is not inspect.Parameter.VAR_POSITIONAL:
+                by_name[name] = value
+            elif value:
+                by_name = {}
+                break
+        form = self._example_form
+        if form is not None and by_name and set(by_name) == set(form[0]) | set(form[1]):
+            return tuple(by_name[n] for n in form[0]), {n: by_name[n] for n in form[1]}
+        return _caller_form(self._sig, bound, n_positional)
 
     def extra_repr(self) -> str:
         spec = ", ".join(f"{s.name}: {s.shape_str()} {s.dtype}" for s in self.input_spec.values())
         return f"inputs=({spec}), device={self.device}"
+
+
+def _caller_form(sig: inspect.Signature, bound: inspect.BoundArguments, n_positional: int) -> tuple[tuple, dict]:
+    """What came by position goes on by position (``*args`` included), what came by keyword by keyword."""
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    i = 0
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            args.extend(value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            kwargs.update(value)
+        elif kind in positional and (kind is inspect.Parameter.POSITIONAL_ONLY or i < n_positional):
+            args.append(value)
+        else:
+            kwargs[name] = value
+        i += kind in positional
+    return tuple(args), kwargs
+
+
+def _form_of(sig: inspect.Signature, bound: inspect.BoundArguments,
+                  n_positional: int) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    args, kwargs = _caller_form(sig, bound, n_positional)
+    names = [n for n, v in bound.arguments.items() if sig.parameters[n].kind not in
+             (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+    if len(args) > len(names):   # extra positionals went to *args: they have no names to map calls by
+        return None
+    return tuple(names[:len(args)]), tuple(kwargs)
 
 
 def wrap(model: Callable, example_inputs: Any = None, *, like: nn.Module | None = None,
@@ -197,6 +240,7 @@ def wrap(model: Callable, example_inputs: Any = None, *, like: nn.Module | None 
     else:
         dev = None
     specs: dict[str, InputSpec] = {}
+    form = None
     if example_inputs is not None:
         args, kwargs = split_batch(example_inputs)
         named: list[tuple[str, Any]]
@@ -205,6 +249,7 @@ def wrap(model: Callable, example_inputs: Any = None, *, like: nn.Module | None 
                 bound = sig.bind(*args, **kwargs)
             except TypeError as e:
                 raise TypeError(f"example_inputs do not fit the model's forward{sig}: {e}") from None
+            form = _form_of(sig, bound, len(args))
             named = []
             for name, value in bound.arguments.items():
                 kind = sig.parameters[name].kind
@@ -220,4 +265,6 @@ def wrap(model: Callable, example_inputs: Any = None, *, like: nn.Module | None 
         if dev is None:
             devs = {t.device for name, value in named for _, t in named_tensors(name, value)}
             dev = devs.pop() if len(devs) == 1 else None
-    return Wrapped(model, sig, specs, dev, move_inputs, cast_inputs, outputs_to_input_device, inference_mode)
+    wrapped = Wrapped(model, sig, specs, dev, move_inputs, cast_inputs, outputs_to_input_device, inference_mode)
+    wrapped._example_form = form
+    return wrapped
