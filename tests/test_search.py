@@ -249,6 +249,54 @@ def test_the_time_budget_stops_the_search_and_returns_the_best_so_far(monkeypatc
         assert res.reason
 
 
+def _slow_structures(monkeypatch, seconds: float):
+    """A clock that moves only when a pruning or low-rank step runs: each takes ``seconds``."""
+    import torchfast.recipe as recipe
+    now = [0.0]
+    monkeypatch.setattr(search_rungs, "_now", lambda: now[0])
+    real = recipe.apply_stage
+
+    def apply_stage(*args, **kwargs):
+        now[0] += seconds
+        return real(*args, **kwargs)
+    monkeypatch.setattr(recipe, "apply_stage", apply_stage)
+    return now
+
+
+def test_a_step_its_kind_says_would_end_past_the_budget_is_not_started(monkeypatch):
+    _fake_timing(monkeypatch, _fast_when_pruned)
+    now = _slow_structures(monkeypatch, 10.0)
+    space = SearchSpace(prune=(0.0, 0.2, 0.3, 0.5), lowrank=(None,), int8=("none",), backends=("eager",))
+    res = tf.optimize(_mlp(), X, space, calibration=_data(), time_budget_s=25, **QUICK)
+    probes = {t.prune: t for t in res.trials if t.backend is None and t.prune}
+    # 0.2 and 0.3 took 10 s each; 0.5 would have ended at 30 s of 25: it is not started
+    assert probes[0.2].status != "not evaluated" and probes[0.3].status != "not evaluated"
+    assert probes[0.5].status == "not evaluated" and "time budget" in probes[0.5].note
+    assert now[0] <= 25 and res.budget_exhausted and "ran out during 'probe'" in res.report.summary["time budget"]
+
+
+def test_the_original_is_measured_on_every_engine_before_the_structures(monkeypatch):
+    # a budget spent by the first structure still returns the fastest engine of the original
+    _fake_timing(monkeypatch, lambda name: 2.0 if name == "original @ torchscript" else 1.0)
+    _slow_structures(monkeypatch, 100.0)
+    space = SearchSpace(prune=(0.0, 0.5), lowrank=(None, 2.0), int8=("none",), backends=("eager", "torchscript"))
+    res = tf.optimize(_mlp(), X, space, calibration=_data(), time_budget_s=50, **QUICK)
+    assert res.budget_exhausted and res.chosen is not None and res.chosen.name == "original @ torchscript"
+    assert any(t.status == "not evaluated" for t in res.trials if t.backend is None)
+
+
+def test_the_clock_expects_the_median_of_its_kind():
+    clock = search_rungs.Clock(100.0)
+    assert clock.expect("build openvino static") == 0.0
+    for s in (4.0, 30.0, 6.0):
+        clock.took("build openvino static", s)
+    assert clock.expect("build openvino static") == 6.0 and clock.expect("other") == 0.0
+    clock.reserve = 95.0   # what the final timing needs
+    assert not clock.out("probe", 1.0) and clock.ran_out_at is None
+    assert clock.out("measure", clock.expect("build openvino static")) and clock.ran_out_at == "measure"
+    assert not search_rungs.Clock(None).out("measure", 1e9)
+
+
 def test_an_unbounded_search_says_its_budget_was_not_exhausted(monkeypatch):
     _fake_timing(monkeypatch, _fast_when_pruned)
     space = dataclasses.replace(SMALL, prune=(0.0,), lowrank=(None,))

@@ -5,6 +5,10 @@ Every point of the space is a composition of torchfast's own steps (``ChannelPru
 ``quantize`` with its per-layer float fallback, ``distill``, ``compile``), measured with ``torchfast.measure``;
 the search only decides which points deserve the next, dearer piece of evidence:
 
+0. engines  the original and its int8 variants (``quantize`` with per-layer float fallback to the
+            tolerance) are built on every backend (float, torch int8, the engines' own int8 lowering),
+            checked on every validation batch (and ``eval_fn``) and timed round-robin with the original;
+            the ``engines`` fastest kinds go on. A measured best candidate exists from here on.
 1. probe    every structure (pruning amount x low-rank setting) is built and compared with the original
             on a few validation batches; no timing. One outside the tolerance is marked for recovery.
             Pruning alone and low-rank alone go first; a combination is built only from factors that
@@ -12,11 +16,8 @@ the search only decides which points deserve the next, dearer piece of evidence:
             (pruning amount, low-rank setting) on both speed and fidelity (then that one is the better partner).
 2. race     the structures are timed briefly in eager, round-robin with the original; the faster half
             goes on.
-3. measure  the original and the raced structures that need no recovery get their int8 variants
-            (``quantize`` with per-layer float fallback to the tolerance) and are built on every backend
-            (float, torch int8, the engines' own int8 lowering), checked on every validation batch (and
-            ``eval_fn``), and timed: the original tries every engine, the others the ``engines`` fastest
-            ones on it. A measured best candidate exists from here on.
+3. measure  the raced structures that need no recovery get their int8 variants and are built as the
+            original was, on the kinds of engine kept in 0.
 4. recover  fastest first, the structures that raced faster than those and need it are distilled toward
             the original on the (unlabeled) calibration batches, checked again, and measured as in 3,
             until ``finalists`` structures are in.
@@ -24,8 +25,10 @@ the search only decides which points deserve the next, dearer piece of evidence:
             closest again for twice as long.
 
 The fastest candidate within the tolerance that beats the original is returned; otherwise the original,
-with the reason. A time budget stops the search between two steps: the best candidate found so far is
-returned and the report says where it stopped. A step that raises is a row with its error.
+with the reason. A time budget stops the search between two steps: a step is not started when the steps
+of its kind so far say it would end past the budget, less what the final timing needs (sized from the
+timing in 0); the best candidate found so far is returned and the report says where it stopped. A step
+that raises is a row with its error.
 """
 from __future__ import annotations
 
@@ -208,15 +211,19 @@ def run_search(original: nn.Module, example: Any, space: SearchSpace, *, backend
         cx = rungs.Context(original, example, space, tol, calib, val, outputs(original, val, output_fn), output_fn,
                            eval_fn, base_metric, clock, bar, threads)
         origin = rungs.origin_trial(cx)
-        trials, survivors = rungs.structures(cx, origin)
         origin.status = "finalist"
-        trials.insert(0, origin)
+        trials = [origin]
         measure = rungs.Measure(cx, trials, backend, options, _batch_is_dynamic(dynamic_dims), runs, warmup)
-        # first what needs no recovery, the original first: a measured best candidate exists early
+        # the original on every engine first: a measured best candidate exists before the structures are
+        # searched, and the timing of that round sizes what the final timing needs of the budget
+        measure.add([origin], rungs.int8_probes(cx, [origin], trials))
+        structure_trials, survivors = rungs.structures(cx, origin)
+        trials[1:1] = structure_trials
+        # then what needs no recovery
         sure = [t for t in survivors if t.status == "ok"][:space.finalists]
         for t in sure:
             t.status = "finalist"
-        measure.add([origin, *sure], rungs.int8_probes(cx, [origin, *sure], trials))
+        measure.add(sure, rungs.int8_probes(cx, sure, trials))
         # then, fastest first, the structures that need distillation and raced faster than those
         pending = [t for t in survivors if t.status == "needs recovery"]
         bar_speed = max((t.speedup or 0.0 for t in sure), default=1.0)
@@ -259,8 +266,7 @@ def run_search(original: nn.Module, example: Any, space: SearchSpace, *, backend
     summary.update({
         "tolerance": ", ".join(f"{k}={v}" for k, v in tol.to_dict().items() if k != "type" and v is not None) or "off",
         "time": f"{clock.used():.0f}s" + (f" of a {time_budget_s:g}s budget" if time_budget_s is not None else ""),
-        "time budget": (f"ran out during '{clock.ran_out_at}': the best candidate found so far is returned"
-                        if ran_out else "not exhausted"),
+        "time budget": _budget_note(clock, time_budget_s),
         "candidates": ", ".join(f"{n} {k}" for k, n in counts.items()),
         "backends": ", ".join(sorted({t.backend for t in trials if t.backend})) or "none",
         "threads": threads if threads is not None else torch.get_num_threads(),
@@ -285,6 +291,14 @@ def run_search(original: nn.Module, example: Any, space: SearchSpace, *, backend
     drop_in = wrap(compiled, example, like=original, dynamic_dims=dynamic_dims)
     return Searched(model=drop_in, report=report, transformed=transformed, backend=used, stages=stages,
                     example_inputs=example, trials=trials, chosen=chosen, reason=reason, budget_exhausted=ran_out)
+
+
+def _budget_note(clock: Any, budget_s: float | None) -> str:
+    past = clock.used() - budget_s if budget_s is not None else 0.0
+    over = f"; the steps under way ended {past:.0f}s past it" if past >= 1.0 else ""
+    if clock.ran_out_at is not None:
+        return f"ran out during '{clock.ran_out_at}': the best candidate found so far is returned{over}"
+    return f"not exhausted when the last step began{over}" if over else "not exhausted"
 
 
 def _stages_original(origin: Trial, base_metric: float | None, reason: str) -> list:

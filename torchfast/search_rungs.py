@@ -29,17 +29,29 @@ _now = time.perf_counter    # the search's clock (tests replace it to exhaust a 
 
 
 class Clock:
-    """The time budget: checked between steps, never inside one."""
+    """The time budget, checked between steps, never inside one. A step is not started when steps of its kind
+    so far say it would end past the budget, less what the final timing of the kept candidates will need
+    (``reserve``): a short budget ends near its mark instead of one long step past it."""
 
     def __init__(self, budget_s: float | None) -> None:
         self.start, self.budget = _now(), budget_s
         self.ran_out_at: str | None = None
+        self.reserve = 0.0
+        self._took: dict[str, list[float]] = {}
 
     def used(self) -> float:
         return _now() - self.start
 
-    def out(self, where: str) -> bool:
-        if self.budget is not None and self.used() >= self.budget:
+    def took(self, kind: str, seconds: float) -> None:
+        self._took.setdefault(kind, []).append(seconds)
+
+    def expect(self, kind: str) -> float:
+        """The median duration of the steps of ``kind`` so far (0 before the first)."""
+        done = sorted(self._took.get(kind, ()))
+        return done[len(done) // 2] if done else 0.0
+
+    def out(self, where: str, expected_s: float = 0.0) -> bool:
+        if self.budget is not None and self.used() + expected_s + self.reserve >= self.budget:
             self.ran_out_at = self.ran_out_at or where
             return True
         return False
@@ -111,7 +123,10 @@ def _build_structure(cx: Context, t: Trial, origin: Trial, pruned: dict) -> None
     from .dropin import eval_mode
     from .pipeline import _flops, _size
     from .recipe import apply_stage
-    if cx.clock.out("probe"):
+    clock = cx.clock
+    expected = ((clock.expect("prune") if t.prune and t.prune not in pruned else 0.0)
+                + (clock.expect(f"lowrank {t.lowrank}") if t.lowrank is not None else 0.0))
+    if clock.out("probe", expected):
         t.status, t.note = "not evaluated", "time budget ran out"
         return
     cx.step(f"probe {t.name}")
@@ -120,16 +135,22 @@ def _build_structure(cx: Context, t: Trial, origin: Trial, pruned: dict) -> None
         model, reports = cx.original, []
         if t.prune:
             if t.prune not in pruned:
+                t1 = _now()
                 try:
                     pruned[t.prune] = apply_stage(copy.deepcopy(cx.original), t.configs[0], cx.example, cx.calib)
                 except Exception as e:  # noqa: BLE001 - every structure with this amount fails alike
                     pruned[t.prune] = e
+                clock.took("prune", _now() - t1)
             if isinstance(pruned[t.prune], BaseException):
                 raise pruned[t.prune]
             model, rep = pruned[t.prune]
             reports.append(rep)
         if t.lowrank is not None:
-            model, rep = apply_stage(copy.deepcopy(model), t.configs[-1], cx.example, cx.calib)
+            t1 = _now()
+            try:
+                model, rep = apply_stage(copy.deepcopy(model), t.configs[-1], cx.example, cx.calib)
+            finally:
+                clock.took(f"lowrank {t.lowrank}", _now() - t1)
             reports.append(rep)
         elif t.prune:
             model = copy.deepcopy(model)  # the shared pruned model stays as it was for the low-rank ones
@@ -159,10 +180,12 @@ def _race(cx: Context, trials: list[Trial]) -> bool:
     alive = _alive(trials)
     if not alive:
         return True
-    if cx.clock.out("race"):
+    if cx.clock.out("race", cx.clock.expect("race") * (len(alive) + 1)):
         return False
     cx.step(f"race {len(alive)} structures")
+    t0 = _now()
     cx.time(alive, cx.space.race_runs, warmup=2)
+    cx.clock.took("race", (_now() - t0) / (len(alive) + 1))   # per model timed
     for t in alive:
         t.rung = "race"
     return True
@@ -264,7 +287,7 @@ def recover(cx: Context, pending: list[Trial], recovery: dict | None, slots: int
             why = "recover=None" if recovery is None else "no calibration batches to distill on"
             t.status, t.note, t.model = "rejected", f"{t.note} ({why})", None
             continue
-        if cx.clock.out("recover"):
+        if cx.clock.out("recover", cx.clock.expect("recover")):
             t.status, t.note, t.model = "not evaluated", "time budget ran out before its recovery", None
             continue
         cx.step(f"distill {t.name}")
@@ -279,6 +302,7 @@ def recover(cx: Context, pending: list[Trial], recovery: dict | None, slots: int
             continue
         finally:
             t.seconds += _now() - t0
+            cx.clock.took("recover", _now() - t0)
         t.recovered = f"cosine {before.cosine:.4f} -> {t.fidelity.cosine:.4f} ({rep.summary.get('steps')} steps)"
         if bad:
             t.status, t.note, t.model = "rejected", "after recovery: " + "; ".join(bad), None
@@ -303,7 +327,7 @@ def int8_probes(cx: Context, ready: list[Trial], trials: list[Trial]) -> dict[in
             t = Trial(s.prune, s.lowrank, mode, configs=[*s.configs, cfg], flops=s.flops)
             trials.append(t)
             out[id(s)][mode] = None
-            if cx.clock.out("int8 probe"):
+            if cx.clock.out("int8 probe", cx.clock.expect(f"int8 {mode}")):
                 t.status, t.note = "not evaluated", "time budget ran out"
                 continue
             cx.step(f"probe {t.name}")
@@ -324,6 +348,7 @@ def int8_probes(cx: Context, ready: list[Trial], trials: list[Trial]) -> dict[in
                 continue
             finally:
                 t.seconds += _now() - t0
+                cx.clock.took(f"int8 {mode}", _now() - t0)
             if bad:
                 t.status, t.note = "rejected", "; ".join(bad)
                 continue
@@ -408,6 +433,7 @@ class Measure:
         self.names = backends_here(cx, backend, device)
         self.kinds: list[tuple[str, str]] | None = None
         self.kept: list[Trial] = []
+        self.per_model_s = 0.0   # one model's share of a timing round (from the first one)
 
     def add(self, finalists: list[Trial], int8s: dict[int, dict[str, Any]]) -> None:
         cx = self.cx
@@ -417,18 +443,22 @@ class Measure:
                 engines = [e for e in engines if e in self.kinds] or engines[:cx.space.engines]
             built = []
             for b, mode in engines:
-                if b != "eager" and cx.clock.out("measure"):   # eager costs nothing to build: always measured
+                # eager costs nothing to build: always measured
+                if b != "eager" and cx.clock.out("measure", cx.clock.expect(f"build {b} {mode}")):
                     self.trials.append(Trial(s.prune, s.lowrank, mode, b, rung="measure", status="not evaluated",
                                              note="time budget ran out"))
                     continue
                 t = _build(cx, s, int8s.get(id(s), {}), b, mode, self.options, self.dynamic_batch)
+                cx.clock.took(f"build {b} {mode}", t.seconds)
                 self.trials.append(t)
                 if t.status == "measured":
                     built.append(t)
             if self.kinds is None and len(built) > cx.space.engines:
                 # successive halving over the engines: the first finalist's, timed in full; the fastest go on
                 cx.step(f"time {len(built)} engines of {s.structure}")
+                t0 = _now()
                 cx.time(built, self.runs, self.warmup, settle=1)
+                self.per_model_s = (_now() - t0) / (len(built) + 1)
                 built.sort(key=lambda t: -(t.speedup or 0.0))
                 for t in built[cx.space.engines:]:
                     t.status, t.model = "dropped", None
@@ -438,6 +468,8 @@ class Measure:
             if self.kinds is None and built:
                 self.kinds = [(t.backend, t.int8) for t in built]
             self.kept += built
+            # the final timing of everything kept, its run-off and the head-to-head confirmation
+            cx.clock.reserve = self.per_model_s * (2 * (len(self.kept) + 1) + 4)
 
     def finish(self) -> list[Trial]:
         cx, kept = self.cx, self.kept
