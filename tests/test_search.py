@@ -285,6 +285,20 @@ def test_the_original_is_measured_on_every_engine_before_the_structures(monkeypa
     assert any(t.status == "not evaluated" for t in res.trials if t.backend is None)
 
 
+def test_later_finalists_probe_only_the_torch_int8_a_kept_engine_runs(monkeypatch):
+    # the original's engines: float TorchScript is fastest and the only kind kept, so the pruned finalist
+    # gets no torch int8 probe (quantize costs minutes on a large model) and is built on TorchScript only
+    _fake_timing(monkeypatch, lambda n: 5.0 if n == "prune 0.5 @ torchscript" else 3.0 if n == "original @ torchscript"
+                 else 2.0 if n == "prune 0.5" else 1.0)
+    space = dataclasses.replace(SMALL, lowrank=(None,), engines=1)
+    res = tf.optimize(_mlp(), X, space, calibration=_data(), tolerance=LOOSE, **QUICK)
+    probes = [(t.prune, t.int8) for t in res.trials if t.backend is None and t.int8 != "none"]
+    assert probes == [(0.0, "dynamic")]
+    built = sorted(t.name for t in res.trials if t.backend is not None and t.prune)
+    assert built == ["prune 0.5 @ torchscript"]
+    assert res.chosen is not None and res.chosen.name == "prune 0.5 @ torchscript"
+
+
 def test_the_clock_expects_the_median_of_its_kind():
     clock = search_rungs.Clock(100.0)
     assert clock.expect("build openvino static") == 0.0

@@ -5,8 +5,8 @@ Every point of the space is a composition of torchfast's own steps (``ChannelPru
 ``quantize`` with its per-layer float fallback, ``distill``, ``compile``), measured with ``torchfast.measure``;
 the search only decides which points deserve the next, dearer piece of evidence:
 
-0. engines  the original and its int8 variants (``quantize`` with per-layer float fallback to the
-            tolerance) are built on every backend (float, torch int8, the engines' own int8 lowering),
+0. engines  the original is built on every backend, float and through the engines' own int8 lowering,
+            then as its torch int8 variants (``quantize`` with per-layer float fallback to the tolerance),
             checked on every validation batch (and ``eval_fn``) and timed round-robin with the original;
             the ``engines`` fastest kinds go on. A measured best candidate exists from here on.
 1. probe    every structure (pruning amount x low-rank setting) is built and compared with the original
@@ -16,8 +16,8 @@ the search only decides which points deserve the next, dearer piece of evidence:
             (pruning amount, low-rank setting) on both speed and fidelity (then that one is the better partner).
 2. race     the structures are timed briefly in eager, round-robin with the original; the faster half
             goes on.
-3. measure  the raced structures that need no recovery get their int8 variants and are built as the
-            original was, on the kinds of engine kept in 0.
+3. measure  the raced structures that need no recovery are built as the original was, on the kinds of
+            engine kept in 0 (a torch int8 variant only where a kept kind runs it).
 4. recover  fastest first, the structures that raced faster than those and need it are distilled toward
             the original on the (unlabeled) calibration batches, checked again, and measured as in 3,
             until ``finalists`` structures are in.
@@ -216,14 +216,14 @@ def run_search(original: nn.Module, example: Any, space: SearchSpace, *, backend
         measure = rungs.Measure(cx, trials, backend, options, _batch_is_dynamic(dynamic_dims), runs, warmup)
         # the original on every engine first: a measured best candidate exists before the structures are
         # searched, and the timing of that round sizes what the final timing needs of the budget
-        measure.add([origin], rungs.int8_probes(cx, [origin], trials))
+        measure.add([origin])
         structure_trials, survivors = rungs.structures(cx, origin)
         trials[1:1] = structure_trials
         # then what needs no recovery
         sure = [t for t in survivors if t.status == "ok"][:space.finalists]
         for t in sure:
             t.status = "finalist"
-        measure.add(sure, rungs.int8_probes(cx, sure, trials))
+        measure.add(sure)
         # then, fastest first, the structures that need distillation and raced faster than those
         pending = [t for t in survivors if t.status == "needs recovery"]
         bar_speed = max((t.speedup or 0.0 for t in sure), default=1.0)
@@ -231,7 +231,7 @@ def run_search(original: nn.Module, example: Any, space: SearchSpace, *, backend
             t.status, t.model = "dropped", None
             t.note = f"not needed: {space.finalists} faster structures are ready"
         ready = rungs.recover(cx, pending, recovery, space.finalists - len(sure), bar_speed)
-        measure.add(ready, rungs.int8_probes(cx, ready, trials))
+        measure.add(ready)
         measured = measure.finish()
         chosen, reason = _choose(measured, tol)
         if chosen is not None:

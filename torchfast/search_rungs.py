@@ -312,17 +312,18 @@ def recover(cx: Context, pending: list[Trial], recovery: dict | None, slots: int
     return ready
 
 
-def int8_probes(cx: Context, ready: list[Trial], trials: list[Trial]) -> dict[int, dict[str, Any]]:
+def int8_probes(cx: Context, ready: list[Trial], trials: list[Trial],
+                modes: tuple[str, ...] | None = None) -> dict[int, dict[str, Any]]:
     """Per ready structure: {int8 mode: its torch int8 model (quantize() with per-layer float fallback to
-    the tolerance), or None}. A torch int8 that fails or leaves the model float still lets the engines try
-    their own int8 lowering in the measure rung."""
+    the tolerance), or None}, for ``modes`` (default: every int8 mode of the space). A torch int8 that fails
+    or leaves the model float still lets the engines try their own int8 lowering in the measure rung."""
     from .backends.registry import quantization_kind
     from .pipeline import _size
     from .quant import quantize
     out: dict[int, dict[str, Any]] = {}
     for s in ready:
         out[id(s)] = {}
-        for mode in (m for m in cx.space.int8 if m != "none"):
+        for mode in (m for m in cx.space.int8 if m != "none" and (modes is None or m in modes)):
             cfg = int8_config(mode)
             t = Trial(s.prune, s.lowrank, mode, configs=[*s.configs, cfg], flops=s.flops)
             trials.append(t)
@@ -435,24 +436,24 @@ class Measure:
         self.kept: list[Trial] = []
         self.per_model_s = 0.0   # one model's share of a timing round (from the first one)
 
-    def add(self, finalists: list[Trial], int8s: dict[int, dict[str, Any]]) -> None:
+    def add(self, finalists: list[Trial]) -> None:
+        """Build each finalist on its engines: float and the engines' own int8 first, then (after its torch int8
+        probes, only for the modes a kept kind of engine runs) the torch int8 models; the first finalist's
+        builds are timed and the ``engines`` fastest kinds kept for the others."""
+        from .backends import INT8_NATIVE
         cx = self.cx
         for s in finalists:
-            engines = _engines(cx, s, int8s.get(id(s), {}), self.names)
-            if self.kinds is not None:
-                engines = [e for e in engines if e in self.kinds] or engines[:cx.space.engines]
-            built = []
-            for b, mode in engines:
-                # eager costs nothing to build: always measured
-                if b != "eager" and cx.clock.out("measure", cx.clock.expect(f"build {b} {mode}")):
-                    self.trials.append(Trial(s.prune, s.lowrank, mode, b, rung="measure", status="not evaluated",
-                                             note="time budget ran out"))
-                    continue
-                t = _build(cx, s, int8s.get(id(s), {}), b, mode, self.options, self.dynamic_batch)
-                cx.clock.took(f"build {b} {mode}", t.seconds)
-                self.trials.append(t)
-                if t.status == "measured":
-                    built.append(t)
+            first = self._wanted(s, {})
+            built = self._build_each(s, {}, first)
+            if self.kinds is None:
+                modes = None
+            else:
+                modes = tuple(sorted({m for b, m in self.kinds if m != "none" and b not in INT8_NATIVE}))
+            int8s = int8_probes(cx, [s], self.trials, modes)[id(s)] if modes != () else {}
+            second = [e for e in self._wanted(s, int8s) if e not in first]
+            built += self._build_each(s, int8s, second)
+            if self.kinds is not None and not first and not second:   # none of the kept kinds takes it
+                built += self._build_each(s, int8s, _engines(cx, s, int8s, self.names)[:cx.space.engines])
             if self.kinds is None and len(built) > cx.space.engines:
                 # successive halving over the engines: the first finalist's, timed in full; the fastest go on
                 cx.step(f"time {len(built)} engines of {s.structure}")
@@ -470,6 +471,25 @@ class Measure:
             self.kept += built
             # the final timing of everything kept, its run-off and the head-to-head confirmation
             cx.clock.reserve = self.per_model_s * (2 * (len(self.kept) + 1) + 4)
+
+    def _wanted(self, s: Trial, int8s: dict[str, Any]) -> list[tuple[str, str]]:
+        engines = _engines(self.cx, s, int8s, self.names)
+        return engines if self.kinds is None else [e for e in engines if e in self.kinds]
+
+    def _build_each(self, s: Trial, int8s: dict[str, Any], engines: list[tuple[str, str]]) -> list[Trial]:
+        cx, built = self.cx, []
+        for b, mode in engines:
+            # eager costs nothing to build: always measured
+            if b != "eager" and cx.clock.out("measure", cx.clock.expect(f"build {b} {mode}")):
+                self.trials.append(Trial(s.prune, s.lowrank, mode, b, rung="measure", status="not evaluated",
+                                         note="time budget ran out"))
+                continue
+            t = _build(cx, s, int8s, b, mode, self.options, self.dynamic_batch)
+            cx.clock.took(f"build {b} {mode}", t.seconds)
+            self.trials.append(t)
+            if t.status == "measured":
+                built.append(t)
+        return built
 
     def finish(self) -> list[Trial]:
         cx, kept = self.cx, self.kept
