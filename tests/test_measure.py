@@ -49,6 +49,21 @@ def test_fidelity_identical_and_different():
     assert g.max_abs_err > 0 and g.cosine < 0.99
 
 
+def test_cosine_does_not_depend_on_the_scale_of_the_outputs():
+    # a deep net with vanishing activations (random-weight efficientnet_b0) outputs logits near 1e-14
+    g = torch.Generator().manual_seed(0)
+    ref = [torch.randn(4, 10, generator=g) for _ in range(2)]
+    cand = [r + 0.3 * torch.randn(4, 10, generator=g) for r in ref]
+    at_one = measure.compare_outputs(ref, cand)
+    tiny = measure.compare_outputs([r * 1e-14 for r in ref], [c * 1e-14 for c in cand])
+    assert tiny.cosine == pytest.approx(at_one.cosine, abs=1e-6) and at_one.cosine < 0.99
+    assert tiny.worst_cosine == pytest.approx(at_one.worst_cosine, abs=1e-6)
+    same = measure.compare_outputs([r * 1e-14 for r in ref], [r * 1e-14 for r in ref])
+    assert same.cosine == pytest.approx(1.0)
+    zero = measure.compare_outputs([torch.zeros(2, 3)], [torch.zeros(2, 3)])
+    assert zero.max_abs_err == 0 and zero.cosine == 0.0   # no direction to agree on
+
+
 def test_fidelity_eval_fn_and_shape_mismatch(digits_cnn):
     model, data = digits_cnn
     f = measure.fidelity(model, model, data.x_test[:32], eval_fn=data.eval_fn)

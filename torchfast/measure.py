@@ -320,7 +320,10 @@ def compare_outputs(ref: list[torch.Tensor], cand: list[torch.Tensor]) -> Fideli
     diff = (r - c)
     max_abs = diff.abs().max().item()
     rel = (diff.norm() / r.norm().clamp_min(1e-12)).item()
-    per_sample = torch.nn.functional.cosine_similarity(r.double(), c.double(), dim=1, eps=1e-12)
+    # cosine is scale-free: scaled to the reference's range first, so outputs of tiny magnitude (1e-14, a deep
+    # net with vanishing activations) are compared as they are, not flattened by the zero-norm guard
+    scale = r.abs().max().double().clamp_min(1e-300)
+    per_sample = torch.nn.functional.cosine_similarity(r.double() / scale, c.double() / scale, dim=1, eps=1e-12)
     cos, worst = per_sample.mean().item(), per_sample.min().item()
     top1 = None
     if ref[0].dim() == 2 and ref[0].shape[-1] > 1:
