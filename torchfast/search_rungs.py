@@ -45,9 +45,12 @@ class Clock:
     def took(self, kind: str, seconds: float) -> None:
         self._took.setdefault(kind, []).append(seconds)
 
-    def expect(self, kind: str) -> float:
-        """The median duration of the steps of ``kind`` so far (0 before the first)."""
+    def expect(self, kind: str, like: str | None = None) -> float:
+        """The median duration of the steps of ``kind`` so far; before the first, of the kinds starting with
+        ``like``; 0 without any."""
         done = sorted(self._took.get(kind, ()))
+        if not done and like is not None:
+            done = sorted(x for k, xs in self._took.items() if k.startswith(like) for x in xs)
         return done[len(done) // 2] if done else 0.0
 
     def out(self, where: str, expected_s: float = 0.0) -> bool:
@@ -420,6 +423,18 @@ def _build(cx: Context, s: Trial, int8s: dict[str, Any], b: str, mode: str, opti
     return t
 
 
+def _one_call_s(model: nn.Module, example: Any) -> float:
+    """One warm eager call of ``model`` (the first call pays for allocations and lazy initialization)."""
+    with torch.inference_mode():
+        call_model(model, example)
+        t0 = _now()
+        call_model(model, example)
+        return max(0.0, _now() - t0)
+
+
+SLOW_TO_BUILD = ("inductor",)   # C++ code generation and compilation per graph: built after the others
+
+
 class Measure:
     """Rung 4, fed finalists in two waves (those needing no recovery, then the recovered ones): the first
     finalist (the original) is built on every engine and timed, the later ones only on the ``engines``
@@ -434,7 +449,10 @@ class Measure:
         self.names = backends_here(cx, backend, device)
         self.kinds: list[tuple[str, str]] | None = None
         self.kept: list[Trial] = []
-        self.per_model_s = 0.0   # one model's share of a timing round (from the first one)
+        # a model's share of a timing round (its warm-up, settle and timed calls): the original's from one warm
+        # call; a candidate's is taken as half that until the first round measures it
+        self.original_s = (warmup + runs * 2) * _one_call_s(cx.original, cx.example)
+        self.candidate_s = self.original_s / 2
 
     def add(self, finalists: list[Trial]) -> None:
         """Build each finalist on its engines: float and the engines' own int8 first, then (after its torch int8
@@ -459,7 +477,7 @@ class Measure:
                 cx.step(f"time {len(built)} engines of {s.structure}")
                 t0 = _now()
                 cx.time(built, self.runs, self.warmup, settle=1)
-                self.per_model_s = (_now() - t0) / (len(built) + 1)
+                self.candidate_s = max(0.0, _now() - t0 - self.original_s) / len(built)
                 built.sort(key=lambda t: -(t.speedup or 0.0))
                 for t in built[cx.space.engines:]:
                     t.status, t.model = "dropped", None
@@ -469,18 +487,33 @@ class Measure:
             if self.kinds is None and built:
                 self.kinds = [(t.backend, t.int8) for t in built]
             self.kept += built
-            # the final timing of everything kept, its run-off and the head-to-head confirmation
-            cx.clock.reserve = self.per_model_s * (2 * (len(self.kept) + 1) + 4)
+            self._reserve()
+
+    def _reserve(self, first_round: int = 0) -> None:
+        """Keep the budget's time for the first engine round (``first_round`` candidates, while it is pending),
+        the final timing of everything kept and the head-to-head confirmation (twice as long)."""
+        engines = self.cx.space.engines
+        pending = self.original_s + self.candidate_s * first_round if first_round > engines else 0.0
+        kept = len(self.kept) if self.kinds is not None else min(engines, max(first_round, 1))
+        self.cx.clock.reserve = pending + 3 * self.original_s + self.candidate_s * (kept + 2)
 
     def _wanted(self, s: Trial, int8s: dict[str, Any]) -> list[tuple[str, str]]:
+        """The engines to build ``s`` on, quickest to build first: a budget that runs out has spent itself on
+        the most builds (inductor's compile takes a minute where OpenVINO's takes seconds)."""
+        from .backends import INT8_NATIVE
         engines = _engines(self.cx, s, int8s, self.names)
-        return engines if self.kinds is None else [e for e in engines if e in self.kinds]
+        if self.kinds is not None:
+            engines = [e for e in engines if e in self.kinds]
+        return sorted(engines, key=lambda e: (e[0] in SLOW_TO_BUILD, e[0] in INT8_NATIVE and e[1] != "none"))
 
     def _build_each(self, s: Trial, int8s: dict[str, Any], engines: list[tuple[str, str]]) -> list[Trial]:
         cx, built = self.cx, []
         for b, mode in engines:
-            # eager costs nothing to build: always measured
-            if b != "eager" and cx.clock.out("measure", cx.clock.expect(f"build {b} {mode}")):
+            if self.kinds is None:
+                self._reserve(first_round=len([t for t in self.trials if t.status == "measured"]) + 1)
+            # eager costs nothing to build: always measured; an engine not built yet is expected to take
+            # what the builds so far took
+            if b != "eager" and cx.clock.out("measure", cx.clock.expect(f"build {b} {mode}", like="build ")):
                 self.trials.append(Trial(s.prune, s.lowrank, mode, b, rung="measure", status="not evaluated",
                                          note="time budget ran out"))
                 continue
