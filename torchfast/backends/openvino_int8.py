@@ -58,16 +58,25 @@ def _calibration_shapes(flat: list[torch.Tensor], calib: list[list[torch.Tensor]
 
 
 def _quiet_nncf():
-    """NNCF logs per-step INFO lines and progress bars; keep warnings and errors."""
+    """NNCF logs per-step INFO lines and draws progress bars (on rich's shared console); keep its warnings
+    and errors, which go through its logger."""
     from nncf.common.logging import nncf_logger
 
     class _Quiet:
         def __enter__(self):
             self.level = nncf_logger.level
             nncf_logger.setLevel(logging.WARNING)
+            try:
+                import rich
+                self.console = rich.get_console()
+                self.was_quiet, self.console.quiet = self.console.quiet, True
+            except ImportError:
+                self.console = None
 
         def __exit__(self, *exc):
             nncf_logger.setLevel(self.level)
+            if self.console is not None:
+                self.console.quiet = self.was_quiet
     return _Quiet()
 
 
