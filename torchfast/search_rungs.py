@@ -53,6 +53,10 @@ class Clock:
             done = sorted(x for k, xs in self._took.items() if k.startswith(like) for x in xs)
         return done[len(done) // 2] if done else 0.0
 
+    def left(self) -> float | None:
+        """Seconds left for the steps before the final timing (None: no budget)."""
+        return None if self.budget is None else max(0.0, self.budget - self.used() - self.reserve)
+
     def out(self, where: str, expected_s: float = 0.0) -> bool:
         if self.budget is not None and self.used() + expected_s + self.reserve >= self.budget:
             self.ran_out_at = self.ran_out_at or where
@@ -323,6 +327,7 @@ def int8_probes(cx: Context, ready: list[Trial], trials: list[Trial],
     from .backends.registry import quantization_kind
     from .pipeline import _size
     from .quant import quantize
+    from .quant.budget import time_limit
     out: dict[int, dict[str, Any]] = {}
     for s in ready:
         out[id(s)] = {}
@@ -337,8 +342,9 @@ def int8_probes(cx: Context, ready: list[Trial], trials: list[Trial],
             cx.step(f"probe {t.name}")
             t0 = _now()
             try:
-                q, rep = quantize(s.model, cfg, example_inputs=cx.example, calibration=cx.calib or [cx.example],
-                                  validation=cx.val[:2], tolerance=cx.tol)
+                with time_limit(cx.clock.left()):
+                    q, rep = quantize(s.model, cfg, example_inputs=cx.example, calibration=cx.calib or [cx.example],
+                                      validation=cx.val[:2], tolerance=cx.tol)
                 t.reports.append(rep)
                 if quantization_kind(q) is None:
                     t.status = "dropped"

@@ -69,6 +69,24 @@ def test_budget_that_no_mix_meets_returns_the_float_model():
     assert "no int8 mix" in rep.summary["result"]
 
 
+def test_a_time_limit_stops_the_budget_search_and_loses_nothing():
+    from torchfast.quant.budget import time_limit
+    model = OutlierMLP().eval()
+    val = _data(2, 1)
+    cfg = tf.Int8Dynamic(keep_slower=True, per_channel=True, smooth=False)
+    tol = tf.Tolerance(min_cosine=0.999, max_metric_drop=None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with time_limit(0.0):   # spent before the search starts: no layer is kept float, the float model returns
+        out, rep = tf.quantize(model, cfg, example_inputs=val[0], validation=val, tolerance=tol)
+    assert quantization_of(out) is None and torch.equal(out(val[0]), model(val[0]))
+    budget = next(c for c in rep.children if c.title == "int8 accuracy budget")
+    assert "time limit" in budget.summary["result"] and len(budget.rows) == 1   # only the all-int8 check
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with time_limit(None):  # no limit: the search runs as without
+        out, _ = tf.quantize(model, cfg, example_inputs=val[0], validation=val, tolerance=tol)
+    assert quantization_of(out) is not None and fidelity(model, out, val).cosine >= 0.999
+
+
 def test_budget_met_at_once_changes_nothing():
     model = OutlierMLP().eval()
     val = _data(2, 1)

@@ -5,11 +5,19 @@ one scan (each layer's weights and inputs fake-quantized alone in the float mode
 outputs measured) and the most sensitive ones are kept float, fewest first: 1, 2, 4, ... layers until the
 bound holds, then bisection back down to the smallest count that holds. Every tried mix is a row of the
 report; if no mix with any int8 layer meets the budget, the caller returns the float model.
+
+A caller with a clock of its own (``optimize(recipe="auto")`` under a time budget) bounds the search with
+``time_limit``: past it, no new scan step or mix is started; the smallest mix found to hold is returned (not
+minimized), or none.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+import time
 from dataclasses import dataclass
+from typing import Iterator
 from typing import Callable
 
 import torch
@@ -58,6 +66,24 @@ def _score(fid: Fidelity, tolerance: Tolerance) -> float:
     return fid.rel_err
 
 
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("torchfast_budget_deadline", default=None)
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Within the block, the budget search starts no scan step or mix after ``seconds`` (None: no limit)."""
+    token = _DEADLINE.set(None if seconds is None else time.perf_counter() + max(0.0, seconds))
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def _out_of_time() -> bool:
+    deadline = _DEADLINE.get()
+    return deadline is not None and time.perf_counter() >= deadline
+
+
 def sensitivity(model: nn.Module, layers: list[str], calibration: list[Batch], validation: list[Batch],
                 tolerance: Tolerance, *, dynamic: bool = False, precision: Precision = Precision(8, 8),
                 progress: bool = True) -> dict[str, float]:
@@ -70,6 +96,8 @@ def sensitivity(model: nn.Module, layers: list[str], calibration: list[Batch], v
     reference = outputs(model, validation)
     scores: dict[str, float] = {}
     for n in tqdm(names, desc="int8 sensitivity scan", unit="layer", disable=not progress, leave=False):
+        if _out_of_time():   # the layers not scanned rank after the scanned ones
+            break
         mod = model.get_submodule(n)
 
         def hook(m, args, _n=n):
@@ -145,6 +173,9 @@ def fit_budget(model: nn.Module, quantized: nn.Module, layers: list[str], build:
     if not broken:
         report.summary["result"] = "every quantized layer stays int8"
         return BudgetResult(quantized, [], fid, report)
+    if _out_of_time():
+        report.summary["result"] = "the time limit was reached before any layer was kept float"
+        return BudgetResult(None, list(layers), None, report)
     scores = sensitivity(model, layers, calibration, validation, tolerance, dynamic=dynamic,
                          precision=precision, progress=progress)
     ranked = sorted(scores, key=scores.get, reverse=True) + [n for n in layers if n not in scores]
@@ -160,18 +191,19 @@ def fit_budget(model: nn.Module, quantized: nn.Module, layers: list[str], build:
         return tried[k]
 
     low, high, k = 0, None, 1
-    while k < len(ranked):  # grow: 1, 2, 4, ... float layers until the budget holds
+    while k < len(ranked) and not _out_of_time():  # grow: 1, 2, 4, ... float layers until the budget holds
         if not attempt(k)[2]:
             high = k
             break
         low, k = k, k * 2
-    if high is None and len(ranked) > 1 and low < len(ranked) - 1 and not attempt(len(ranked) - 1)[2]:
+    if (high is None and len(ranked) > 1 and low < len(ranked) - 1 and not _out_of_time()
+            and not attempt(len(ranked) - 1)[2]):
         high = len(ranked) - 1
     if high is None:
-        report.summary["result"] = (f"no mix with an int8 layer meets the budget (kept float up to "
-                                    f"{max(tried) if tried else 0} of {len(ranked)} layers)")
+        why = "the time limit was reached" if _out_of_time() else "no mix with an int8 layer meets the budget"
+        report.summary["result"] = f"{why} (kept float up to {max(tried) if tried else 0} of {len(ranked)} layers)"
         return BudgetResult(None, list(ranked), None, report)
-    while high - low > 1:  # the smallest count that holds
+    while high - low > 1 and not _out_of_time():  # the smallest count that holds
         mid = (low + high) // 2
         if attempt(mid)[2]:
             low = mid
@@ -179,4 +211,6 @@ def fit_budget(model: nn.Module, quantized: nn.Module, layers: list[str], build:
             high = mid
     q, f, _ = tried[high]
     report.summary["result"] = f"{high} of {len(ranked)} quantized layers kept float: " + ", ".join(ranked[:high])
+    if high - low > 1:
+        report.summary["result"] += f" (the time limit stopped the search between {low + 1} and {high})"
     return BudgetResult(q, ranked[:high], f, report)
