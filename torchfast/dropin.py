@@ -72,7 +72,7 @@ class Wrapped(nn.Module):
 
     def __init__(self, model: Callable, signature: inspect.Signature | None, specs: dict[str, InputSpec],
                  device: torch.device | None, move_inputs: bool, cast_inputs: bool, outputs_to_input_device: bool,
-                 inference_mode: bool) -> None:
+                 inference_mode: bool, example_form: tuple[tuple[str, ...], tuple[str, ...]] | None = None) -> None:
         super().__init__()
         if isinstance(model, nn.Module):
             self.module = model
@@ -87,6 +87,7 @@ class Wrapped(nn.Module):
         self.cast_inputs = cast_inputs
         self.outputs_to_input_device = outputs_to_input_device
         self.use_inference_mode = inference_mode
+        self._example_form = example_form
 
     @property
     def inner(self) -> Callable:
@@ -203,13 +204,12 @@ def _caller_form(sig: inspect.Signature, bound: inspect.BoundArguments, n_positi
 
 
 def _form_of(sig: inspect.Signature, bound: inspect.BoundArguments,
-                  n_positional: int) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
-    args, kwargs = _caller_form(sig, bound, n_positional)
-    names = [n for n, v in bound.arguments.items() if sig.parameters[n].kind not in
-             (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
-    if len(args) > len(names):   # extra positionals went to *args: they have no names to map calls by
+             n_positional: int) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """(positional names, keyword names) of a call; None where positionals went to ``*args`` (no names)."""
+    if any(sig.parameters[n].kind is inspect.Parameter.VAR_POSITIONAL and v for n, v in bound.arguments.items()):
         return None
-    return tuple(names[:len(args)]), tuple(kwargs)
+    args, kwargs = _caller_form(sig, bound, n_positional)
+    return tuple(list(bound.arguments)[:len(args)]), tuple(kwargs)
 
 
 def wrap(model: Callable, example_inputs: Any = None, *, like: nn.Module | None = None,
@@ -265,6 +265,4 @@ def wrap(model: Callable, example_inputs: Any = None, *, like: nn.Module | None 
         if dev is None:
             devs = {t.device for name, value in named for _, t in named_tensors(name, value)}
             dev = devs.pop() if len(devs) == 1 else None
-    wrapped = Wrapped(model, sig, specs, dev, move_inputs, cast_inputs, outputs_to_input_device, inference_mode)
-    wrapped._example_form = form
-    return wrapped
+    return Wrapped(model, sig, specs, dev, move_inputs, cast_inputs, outputs_to_input_device, inference_mode, form)

@@ -17,8 +17,7 @@ import contextvars
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterator
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -191,16 +190,21 @@ def fit_budget(model: nn.Module, quantized: nn.Module, layers: list[str], build:
         return tried[k]
 
     low, high, k = 0, None, 1
-    while k < len(ranked) and not _out_of_time():  # grow: 1, 2, 4, ... float layers until the budget holds
+    timed_out = False
+    while k < len(ranked):  # grow: 1, 2, 4, ... float layers until the budget holds
+        if _out_of_time():
+            timed_out = True
+            break
         if not attempt(k)[2]:
             high = k
             break
         low, k = k, k * 2
-    if (high is None and len(ranked) > 1 and low < len(ranked) - 1 and not _out_of_time()
-            and not attempt(len(ranked) - 1)[2]):
-        high = len(ranked) - 1
+    if high is None and not timed_out and len(ranked) > 1 and low < len(ranked) - 1:
+        timed_out = _out_of_time()
+        if not timed_out and not attempt(len(ranked) - 1)[2]:
+            high = len(ranked) - 1
     if high is None:
-        why = "the time limit was reached" if _out_of_time() else "no mix with an int8 layer meets the budget"
+        why = "the time limit was reached" if timed_out else "no mix with an int8 layer meets the budget"
         report.summary["result"] = f"{why} (kept float up to {max(tried) if tried else 0} of {len(ranked)} layers)"
         return BudgetResult(None, list(ranked), None, report)
     while high - low > 1 and not _out_of_time():  # the smallest count that holds
